@@ -1,0 +1,1 @@
+"""Pure tensor math of optbrain: Hessians, grids, exact OBS/OBQ solvers. No modules, no I/O."""

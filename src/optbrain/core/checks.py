@@ -1,0 +1,79 @@
+"""Argument validation shared by the core solvers: every failure is a ValueError naming the argument."""
+
+from __future__ import annotations
+
+import torch
+
+
+def check_weight_hessian(W: torch.Tensor, H: torch.Tensor) -> None:
+    """Validate a layer problem: ``W (rows, cols)`` and ``H (cols, cols)``, finite, floating."""
+    if not isinstance(W, torch.Tensor):
+        raise ValueError(f"W must be a torch.Tensor, got {type(W).__name__}")
+    if not isinstance(H, torch.Tensor):
+        raise ValueError(f"H must be a torch.Tensor, got {type(H).__name__}")
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D (rows, cols), got shape {tuple(W.shape)}")
+    if H.dim() != 2 or H.shape[0] != H.shape[1]:
+        raise ValueError(f"H must be square (cols, cols), got shape {tuple(H.shape)}")
+    if H.shape[0] != W.shape[1]:
+        raise ValueError(
+            f"H has shape {tuple(H.shape)} but W has {W.shape[1]} columns; H must be (cols, cols)"
+        )
+    if W.numel() == 0:
+        raise ValueError(f"W is empty (shape {tuple(W.shape)})")
+    if not W.is_floating_point():
+        raise ValueError(f"W must be a floating-point tensor, got dtype {W.dtype}")
+    if not H.is_floating_point():
+        raise ValueError(f"H must be a floating-point tensor, got dtype {H.dtype}")
+    if not torch.isfinite(W).all():
+        bad = (~torch.isfinite(W)).nonzero()[0].tolist()
+        raise ValueError(f"W contains NaN or Inf (first at row {bad[0]}, col {bad[1]})")
+    if not torch.isfinite(H).all():
+        bad = (~torch.isfinite(H)).nonzero()[0].tolist()
+        raise ValueError(f"H contains NaN or Inf (first at [{bad[0]}, {bad[1]}])")
+    if W.device != H.device:
+        raise ValueError(f"W is on {W.device} but H is on {H.device}; put both on one device")
+    Hd = H.double()
+    scale = Hd.abs().max().clamp_min(1e-30)
+    if (Hd - Hd.T).abs().max() > 1e-4 * scale:
+        raise ValueError("H must be symmetric (H = 2 X X^T / N); got an asymmetric matrix")
+    if (torch.diagonal(Hd) < -1e-6 * scale).any():
+        raise ValueError("H has negative diagonal entries; it is not a valid Hessian 2 X X^T / N")
+
+
+def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
+    """Sparsity is the pruned fraction, in [0, 1)."""
+    try:
+        s = float(sparsity)
+    except (TypeError, ValueError):
+        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}") from None
+    if not (0.0 <= s < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
+    return s
+
+
+def check_bits(bits: int) -> int:
+    """Bit width: an integer >= 1 (at most 16)."""
+    if isinstance(bits, bool) or not isinstance(bits, int | float) or int(bits) != bits:
+        raise ValueError(f"bits must be an integer >= 1, got {bits!r}")
+    if not (1 <= int(bits) <= 16):
+        raise ValueError(f"bits must be an integer in [1, 16], got {bits!r}")
+    return int(bits)
+
+
+def check_damp(damp: float) -> float:
+    """Relative damping: a finite number >= 0."""
+    try:
+        d = float(damp)
+    except (TypeError, ValueError):
+        raise ValueError(f"damp must be a number >= 0, got {damp!r}") from None
+    if not (d >= 0.0) or d != d or d == float("inf"):
+        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+    return d
+
+
+def check_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Compute dtype: float32 (default) or float64."""
+    if dtype not in (torch.float32, torch.float64):
+        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
+    return dtype

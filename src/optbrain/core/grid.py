@@ -1,0 +1,141 @@
+"""Quantization grids: symmetric / asymmetric, per output channel or per group, MSE scale search.
+
+A grid maps a weight ``w`` in row ``r`` and column ``c`` to::
+
+    q(w) = scale[r, g] · (clamp(round(w / scale[r, g]) + zero[r, g], 0, maxq) − zero[r, g])
+
+with ``g = c // group_size`` (a single group per row when ``group_size`` is None) and
+``maxq = 2**bits − 1``. Symmetric grids use ``zero = (maxq + 1) / 2`` (so ``4`` bits give the
+levels ``-8..7 · scale``); asymmetric grids use an integer zero point. Zero is always on the grid,
+so a pruned weight stays exactly zero after quantization.
+
+The scale search shrinks the min-max range by factors ``1, 1 − 1/grid_points, ...`` down to
+``1 − max_shrink`` and keeps, per (row, group), the range with the least
+``Σ_c weight_c · (q(w_c) − w_c)²`` — with ``weight = diag H`` this is the layer loss of the
+rounding when inputs are uncorrelated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checks import check_bits
+
+
+@dataclass(frozen=True)
+class QuantGrid:
+    """Per-(row, group) grid. scale, zero: ``(rows, groups)``; maxq = 2**bits − 1."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    bits: int
+    sym: bool
+    group_size: int | None
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def columns(self, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-column ``(scale, zero)``, each ``(rows, cols)``."""
+        if self.group_size is None:
+            return self.scale.expand(-1, cols), self.zero.expand(-1, cols)
+        g = torch.arange(cols, device=self.scale.device) // self.group_size
+        return self.scale[:, g], self.zero[:, g]
+
+    def quantize(self, W: torch.Tensor) -> torch.Tensor:
+        """``q(W)`` for ``W (rows, cols)``, in W's dtype."""
+        scale, zero = self.columns(W.shape[1])
+        return quantize_values(W, scale.to(W.dtype), zero.to(W.dtype), self.maxq)
+
+    def codes(self, W: torch.Tensor) -> torch.Tensor:
+        """Integer codes in ``[0, maxq]`` of ``W (rows, cols)`` (W assumed on the grid)."""
+        scale, zero = self.columns(W.shape[1])
+        return torch.clamp(torch.round(W / scale) + zero, 0, self.maxq).to(torch.int32)
+
+    def on_grid(self, W: torch.Tensor, atol: float = 1e-5) -> bool:
+        """Whether every entry of ``W`` is a grid level (relative to its scale)."""
+        scale, zero = self.columns(W.shape[1])
+        q = quantize_values(W, scale.to(W.dtype), zero.to(W.dtype), self.maxq)
+        return bool(((q - W).abs() <= atol * scale.to(W.dtype).abs().clamp_min(1e-12)).all())
+
+    def to(self, device: torch.device | str | None = None,
+           dtype: torch.dtype | None = None) -> QuantGrid:
+        return QuantGrid(self.scale.to(device=device, dtype=dtype),
+                         self.zero.to(device=device, dtype=dtype),
+                         self.bits, self.sym, self.group_size)
+
+
+def quantize_values(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                    maxq: int) -> torch.Tensor:
+    """Round ``x`` onto the grid given by broadcastable ``scale`` and ``zero``."""
+    q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
+    return scale * (q - zero)
+
+
+def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int,
+                sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    if sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = -xmax
+    tiny = (xmax - xmin) <= 0
+    xmin = torch.where(tiny, xmin - 1, xmin)
+    xmax = torch.where(tiny, xmax + 1, xmax)
+    scale = (xmax - xmin) / maxq
+    if sym:
+        zero = torch.full_like(scale, (maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def fit_grid(W: torch.Tensor, bits: int, *, sym: bool = True, group_size: int | None = None,
+             search: bool = True, grid_points: int = 100, max_shrink: float = 0.8,
+             weight: torch.Tensor | None = None) -> QuantGrid:
+    """Fit a grid to ``W (rows, cols)``: per output channel, or per ``group_size`` columns.
+
+    ``weight (cols,)`` weighs each column's rounding error in the scale search (pass ``diag H``
+    for a Hessian-aware search); None weighs columns equally. ``search=False`` is plain min-max.
+    The range always includes 0 (``xmin <= 0 <= xmax``).
+    """
+    bits = check_bits(bits)
+    if W.dim() != 2:
+        raise ValueError(f"W must be 2-D (rows, cols), got shape {tuple(W.shape)}")
+    rows, cols = W.shape
+    if group_size is not None:
+        if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1:
+            raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
+        group_size = int(group_size)
+        if cols % group_size != 0:
+            raise ValueError(
+                f"group_size={group_size} does not divide the {cols} columns of W"
+            )
+        if group_size >= cols:
+            group_size = None
+    maxq = 2**bits - 1
+    Wf = W.float() if W.dtype not in (torch.float32, torch.float64) else W
+    gs = cols if group_size is None else group_size
+    G = Wf.reshape(rows, cols // gs, gs)  # (rows, groups, gs)
+    xmin = G.min(-1).values.clamp(max=0)
+    xmax = G.max(-1).values.clamp(min=0)
+    scale, zero = _scale_zero(xmin, xmax, maxq, sym)
+    if search:
+        if weight is None:
+            wcol = torch.ones(cols, dtype=Wf.dtype, device=W.device)
+        else:
+            wcol = weight.to(Wf.dtype).reshape(cols).clamp_min(0)
+        wcol = wcol.reshape(cols // gs, gs)
+        best = torch.full_like(scale, float("inf"))
+        steps = max(1, int(max_shrink * grid_points))
+        for i in range(steps + 1):
+            p = 1.0 - i / grid_points
+            s, z = _scale_zero(p * xmin, p * xmax, maxq, sym)
+            q = quantize_values(G, s[..., None], z[..., None], maxq)
+            err = (((q - G) ** 2) * wcol).sum(-1)
+            better = err < best
+            best = torch.where(better, err, best)
+            scale = torch.where(better, s, scale)
+            zero = torch.where(better, z, zero)
+    return QuantGrid(scale=scale, zero=zero, bits=bits, sym=sym, group_size=group_size)

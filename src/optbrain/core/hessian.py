@@ -1,0 +1,172 @@
+"""Layer Hessians: streaming accumulation of H = 2 X Xᵀ / N, damping, dead inputs, inversion policy.
+
+Conventions (used everywhere in optbrain):
+
+* ``X`` holds calibration inputs of one layer as rows: ``(N, cols)``; ``N`` counts tokens
+  (positions, pixels, samples) — every row is one input vector the layer multiplies.
+* ``H = 2 Xᵀ X / N``, shape ``(cols, cols)``: the Hessian of the per-token mean squared output
+  error, so for any weight change ``δ (rows, cols)``::
+
+      ½ Σ_r δ_r H δ_rᵀ  ==  ||δ Xᵀ||² / N          (layer loss, per token)
+
+* ``damp`` is *relative*: ``λ = damp · mean(diag H)`` over live inputs, added to the diagonal.
+* A *dead* input (``H_pp == 0``: the input is always zero) gets ``H_pp = 1`` so H stays
+  invertible; its weights are irrelevant to the output and solvers set them to zero for free.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .checks import check_damp
+
+ON_SINGULAR = ("raise", "damp", "eig")
+
+
+class HessianAccumulator:
+    """Streaming ``H = 2 Xᵀ X / N``; the result does not depend on how X is split into batches.
+
+    Accumulates ``Xᵀ X`` in float64 by default, so splitting the calibration set differently
+    changes H by rounding only (~1e-16 relative).
+
+    >>> acc = HessianAccumulator(3)
+    >>> acc.add(torch.ones(4, 3)); acc.add(torch.ones(2, 3))
+    >>> acc.hessian()[0, 0].item(), acc.tokens
+    (2.0, 6)
+    """
+
+    def __init__(self, cols: int, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float64) -> None:
+        if cols < 1:
+            raise ValueError(f"cols must be >= 1, got {cols}")
+        self.cols = int(cols)
+        self.dtype = dtype
+        self._sum = torch.zeros(cols, cols, dtype=dtype, device=device)
+        self.tokens = 0
+
+    def add(self, X: torch.Tensor) -> None:
+        """Add a batch of inputs ``X (n, cols)`` (or ``(..., cols)``, flattened to rows)."""
+        if X.shape[-1] != self.cols:
+            raise ValueError(
+                f"input has {X.shape[-1]} features in its last dimension, expected {self.cols}"
+            )
+        X = X.reshape(-1, self.cols)
+        if not torch.isfinite(X).all():
+            raise ValueError("calibration input contains NaN or Inf")
+        X = X.to(device=self._sum.device, dtype=self.dtype)
+        self._sum.addmm_(X.T, X)
+        self.tokens += X.shape[0]
+
+    def hessian(self) -> torch.Tensor:
+        """``H = 2 Xᵀ X / N`` over everything added, ``(cols, cols)`` in the accumulator dtype."""
+        if self.tokens == 0:
+            raise ValueError("no calibration inputs were added; cannot form a Hessian")
+        return self._sum * (2.0 / self.tokens)
+
+
+def hessian_from_inputs(X: torch.Tensor) -> torch.Tensor:
+    """``H = 2 Xᵀ X / N`` for ``X (N, cols)``, computed in float64, returned in X's dtype."""
+    acc = HessianAccumulator(X.shape[-1], device=X.device)
+    acc.add(X)
+    return acc.hessian().to(X.dtype)
+
+
+@dataclass(frozen=True)
+class PreparedHessian:
+    """A damped, invertible Hessian and its inverse, with what was done to get there.
+
+    H, Hinv: ``(cols, cols)`` in the compute dtype.  dead: ``(cols,)`` bool, inputs with
+    ``H_pp == 0``.  damping: the absolute λ added to the diagonal.  fallback: None, or a short
+    text saying which policy step was needed ("damping x10", "eigenvalue clamp").
+    """
+
+    H: torch.Tensor
+    Hinv: torch.Tensor
+    dead: torch.Tensor
+    damping: float
+    fallback: str | None
+
+
+def _chol_inverse(H: torch.Tensor) -> torch.Tensor | None:
+    L, info = torch.linalg.cholesky_ex(H)
+    if int(info) != 0:
+        return None
+    Hinv = torch.cholesky_inverse(L)
+    if not torch.isfinite(Hinv).all():
+        return None
+    return Hinv
+
+
+def prepare_hessian(H: torch.Tensor, damp: float = 0.01, *, dtype: torch.dtype = torch.float32,
+                    on_singular: str = "damp", max_tries: int = 6) -> PreparedHessian:
+    """Damp H, fix dead inputs and invert it, following a stated failure policy.
+
+    ``λ = damp · mean(diag H over live inputs)``; ``H + λ I`` is inverted by Cholesky.
+    If that fails (H not positive definite in the compute dtype), ``on_singular`` decides:
+
+    * ``"raise"``: ``ValueError`` saying the Hessian is singular and what to try;
+    * ``"damp"`` (default): multiply λ by 10 and retry, up to ``max_tries`` times, then
+      fall through to ``"eig"``;
+    * ``"eig"``: clamp eigenvalues from below at ``1e-6 · max eigenvalue`` and invert.
+
+    The λ actually used and the fallback taken are recorded on the result.
+    """
+    damp = check_damp(damp)
+    if on_singular not in ON_SINGULAR:
+        raise ValueError(f"on_singular must be one of {ON_SINGULAR}, got {on_singular!r}")
+    H = H.to(dtype).clone()
+    diag = torch.diagonal(H)
+    dead = diag <= 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    diag[dead] = 1.0
+    live = ~dead
+    mean_diag = float(diag[live].mean()) if bool(live.any()) else 1.0
+    lam = damp * mean_diag
+    eye = torch.eye(H.shape[0], dtype=dtype, device=H.device)
+    fallback = None
+    Hd = H + lam * eye
+    Hinv = _chol_inverse(Hd)
+    if Hinv is None and on_singular == "raise":
+        raise ValueError(
+            f"H (+ damping λ={lam:.3g}) is not positive definite in {dtype}; "
+            "increase damp, use more calibration tokens, or set on_singular='damp'"
+        )
+    if Hinv is None and on_singular == "damp":
+        lam_try = max(lam, 1e-8 * mean_diag)
+        for k in range(1, max_tries + 1):
+            lam_try *= 10.0
+            Hd = H + lam_try * eye
+            Hinv = _chol_inverse(Hd)
+            if Hinv is not None:
+                lam = lam_try
+                fallback = f"damping x10^{k}"
+                break
+    if Hinv is None:
+        Hd = H + lam * eye
+        evals, evecs = torch.linalg.eigh(Hd.double())
+        floor = 1e-6 * float(evals.abs().max().clamp_min(1e-30))
+        evals = evals.clamp_min(floor)
+        Hd = ((evecs * evals) @ evecs.T).to(dtype)
+        Hd = 0.5 * (Hd + Hd.T)
+        Hinv = ((evecs / evals) @ evecs.T).to(dtype)
+        Hinv = 0.5 * (Hinv + Hinv.T)
+        fallback = "eigenvalue clamp"
+    return PreparedHessian(H=Hd, Hinv=Hinv, dead=dead, damping=lam, fallback=fallback)
+
+
+def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
+    """``½ Σ_r (W - Ŵ)_r H (W - Ŵ)_rᵀ`` = ``||(W - Ŵ) Xᵀ||² / N`` for ``H = 2 Xᵀ X / N``.
+
+    W, W_hat: ``(rows, cols)``; H: ``(cols, cols)``. Computed in float64.
+    """
+    D = (W.double() - W_hat.double())
+    return float(0.5 * ((D @ H.double()) * D).sum())
+
+
+def row_losses(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """Per-row ``½ δ_r H δ_rᵀ``, shape ``(rows,)``, float64."""
+    D = (W.double() - W_hat.double())
+    return 0.5 * ((D @ H.double()) * D).sum(1)
