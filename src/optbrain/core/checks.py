@@ -1,4 +1,4 @@
-"""Argument validation shared by the core solvers: every failure is a ValueError naming the argument."""
+"""Argument validation for the core solvers: every failure is a ValueError naming the argument."""
 
 from __future__ import annotations
 

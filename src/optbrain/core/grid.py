@@ -61,22 +61,29 @@ class QuantGrid:
         q = quantize_values(W, scale.to(W.dtype), zero.to(W.dtype), self.maxq)
         return bool(((q - W).abs() <= atol * scale.to(W.dtype).abs().clamp_min(1e-12)).all())
 
-    def to(self, device: torch.device | str | None = None,
-           dtype: torch.dtype | None = None) -> QuantGrid:
-        return QuantGrid(self.scale.to(device=device, dtype=dtype),
-                         self.zero.to(device=device, dtype=dtype),
-                         self.bits, self.sym, self.group_size)
+    def to(
+        self, device: torch.device | str | None = None, dtype: torch.dtype | None = None
+    ) -> QuantGrid:
+        return QuantGrid(
+            self.scale.to(device=device, dtype=dtype),
+            self.zero.to(device=device, dtype=dtype),
+            self.bits,
+            self.sym,
+            self.group_size,
+        )
 
 
-def quantize_values(x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-                    maxq: int) -> torch.Tensor:
+def quantize_values(
+    x: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int
+) -> torch.Tensor:
     """Round ``x`` onto the grid given by broadcastable ``scale`` and ``zero``."""
     q = torch.clamp(torch.round(x / scale) + zero, 0, maxq)
     return scale * (q - zero)
 
 
-def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int,
-                sym: bool) -> tuple[torch.Tensor, torch.Tensor]:
+def _scale_zero(
+    xmin: torch.Tensor, xmax: torch.Tensor, maxq: int, sym: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
     if sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         xmin = -xmax
@@ -91,9 +98,17 @@ def _scale_zero(xmin: torch.Tensor, xmax: torch.Tensor, maxq: int,
     return scale, zero
 
 
-def fit_grid(W: torch.Tensor, bits: int, *, sym: bool = True, group_size: int | None = None,
-             search: bool = True, grid_points: int = 100, max_shrink: float = 0.8,
-             weight: torch.Tensor | None = None) -> QuantGrid:
+def fit_grid(
+    W: torch.Tensor,
+    bits: int,
+    *,
+    sym: bool = True,
+    group_size: int | None = None,
+    search: bool = True,
+    grid_points: int = 100,
+    max_shrink: float = 0.8,
+    weight: torch.Tensor | None = None,
+) -> QuantGrid:
     """Fit a grid to ``W (rows, cols)``: per output channel, or per ``group_size`` columns.
 
     ``weight (cols,)`` weighs each column's rounding error in the scale search (pass ``diag H``
@@ -109,9 +124,7 @@ def fit_grid(W: torch.Tensor, bits: int, *, sym: bool = True, group_size: int | 
             raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
         group_size = int(group_size)
         if cols % group_size != 0:
-            raise ValueError(
-                f"group_size={group_size} does not divide the {cols} columns of W"
-            )
+            raise ValueError(f"group_size={group_size} does not divide the {cols} columns of W")
         if group_size >= cols:
             group_size = None
     maxq = 2**bits - 1

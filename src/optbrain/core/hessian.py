@@ -37,8 +37,12 @@ class HessianAccumulator:
     (2.0, 6)
     """
 
-    def __init__(self, cols: int, device: torch.device | str | None = None,
-                 dtype: torch.dtype = torch.float64) -> None:
+    def __init__(
+        self,
+        cols: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype = torch.float64,
+    ) -> None:
         if cols < 1:
             raise ValueError(f"cols must be >= 1, got {cols}")
         self.cols = int(cols)
@@ -99,8 +103,14 @@ def _chol_inverse(H: torch.Tensor) -> torch.Tensor | None:
     return Hinv
 
 
-def prepare_hessian(H: torch.Tensor, damp: float = 0.01, *, dtype: torch.dtype = torch.float32,
-                    on_singular: str = "damp", max_tries: int = 6) -> PreparedHessian:
+def prepare_hessian(
+    H: torch.Tensor,
+    damp: float = 0.01,
+    *,
+    dtype: torch.dtype = torch.float32,
+    on_singular: str = "damp",
+    max_tries: int = 6,
+) -> PreparedHessian:
     """Damp H, fix dead inputs and invert it, following a stated failure policy.
 
     ``λ = damp · mean(diag H over live inputs)``; ``H + λ I`` is inverted by Cholesky.
@@ -162,11 +172,11 @@ def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
 
     W, W_hat: ``(rows, cols)``; H: ``(cols, cols)``. Computed in float64.
     """
-    D = (W.double() - W_hat.double())
+    D = W.double() - W_hat.double()
     return float(0.5 * ((D @ H.double()) * D).sum())
 
 
 def row_losses(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
     """Per-row ``½ δ_r H δ_rᵀ``, shape ``(rows,)``, float64."""
-    D = (W.double() - W_hat.double())
+    D = W.double() - W_hat.double()
     return 0.5 * ((D @ H.double()) * D).sum(1)

@@ -19,36 +19,50 @@ from .hessian import PreparedHessian
 from .obs import DEFAULT_LAZY, GreedyOut, Scorer, greedy_single, row_chunks
 
 
-def quant_scorer(scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> Scorer:
-    """OBQ saliency ``(q(w_p) − w_p)² / [H⁻¹]_pp`` with per-column ``scale, zero (R, C)``."""
+class QuantScorer(Scorer):
+    """OBQ saliency ``(q(w_p) − w_p)² / [H⁻¹]_pp``; target ``q(w_p)``.
 
-    def scorer(w: torch.Tensor, d: torch.Tensor, alive: torch.Tensor,
-               step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        q = quantize_values(w, scale, zero, maxq)
+    scale, zero: per-column grid parameters ``(R, C)`` (original columns).
+    """
+
+    def __init__(self, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> None:
+        self.scale_all, self.zero_all, self.maxq = scale, zero, maxq
+        self.scale = self.zero = None
+
+    def gather(self, pos):
+        self.scale = self.scale_all.gather(1, pos)
+        self.zero = self.zero_all.gather(1, pos)
+
+    def __call__(self, w, d, alive, step):
+        q = quantize_values(w, self.scale, self.zero, self.maxq)
         e = q - w
-        score = torch.where(alive, e * e / d, torch.full_like(w, float("inf")))
+        score = (e * e / d).masked_fill_(~alive, float("inf"))
         return score, q
 
-    return scorer
 
+def masked_inverse(H: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """Per-row inverse of H restricted to the coordinates ``pos``.
 
-def masked_inverse(H: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
-    """Per-row inverse of H restricted to kept coordinates, padded with identity.
-
-    H: ``(C, C)``, keep: ``(R, C)`` bool → ``(R, C, C)`` with ``[H_FF]⁻¹`` on ``F × F``
-    (equal to H⁻¹ after exact OBS downdates of the pruned coordinates) and ``I`` elsewhere.
+    H: ``(C, C)``; pos: ``(R, n)`` column indices; valid: ``(R, n)`` bool — invalid (padding)
+    coordinates are decoupled (identity). Returns ``(R, n, n)`` = ``[H_FF]⁻¹``, which equals
+    H⁻¹ after exact OBS downdates of every coordinate outside F.
     """
-    C = H.shape[0]
-    eye = torch.eye(C, dtype=H.dtype, device=H.device)
-    both = keep.unsqueeze(2) & keep.unsqueeze(1)
-    A = torch.where(both, H.unsqueeze(0), eye)
+    A = H[pos.unsqueeze(2), pos.unsqueeze(1)]
+    both = valid.unsqueeze(2) & valid.unsqueeze(1)
+    eye = torch.eye(pos.shape[1], dtype=H.dtype, device=H.device)
+    A = torch.where(both, A, eye)
     L, _ = torch.linalg.cholesky_ex(A)
     return torch.cholesky_inverse(L)
 
 
-def obq(W: torch.Tensor, prepared: PreparedHessian, grid: QuantGrid,
-        keep: torch.Tensor | None = None, lazy: int = DEFAULT_LAZY,
-        memory: int | None = None) -> GreedyOut:
+def obq(
+    W: torch.Tensor,
+    prepared: PreparedHessian,
+    grid: QuantGrid,
+    keep: torch.Tensor | None = None,
+    lazy: int = DEFAULT_LAZY,
+    memory: int | None = None,
+) -> GreedyOut:
     """Quantize every (kept) weight of ``W (R, C)`` greedily onto ``grid``.
 
     keep: optional ``(R, C)`` bool mask of weights to quantize; the others must already be 0 in
@@ -58,40 +72,33 @@ def obq(W: torch.Tensor, prepared: PreparedHessian, grid: QuantGrid,
     scale, zero = grid.columns(C)
     scale, zero = scale.to(W.dtype), zero.to(W.dtype)
     outs = []
-    for sl in row_chunks(R, C, W.element_size(), memory):
-        scorer = quant_scorer(scale[sl], zero[sl], grid.maxq)
+    for sl in row_chunks(R, 2 * C * C * W.element_size(), memory):
+        scorer = QuantScorer(scale[sl], zero[sl], grid.maxq)
         if keep is None:
-            out = greedy_single(W[sl], prepared.Hinv, C, scorer, lazy=lazy)
-        else:
-            k = keep[sl]
-            # every row has the same number of steps; rows with fewer kept weights spend the
-            # surplus steps on already-zero pruned coordinates at zero cost.
-            steps = int(k.sum(1).max().item())
-            if steps == 0:
-                outs.append(GreedyOut(torch.zeros_like(W[sl]),
-                                      torch.zeros(k.shape[0], 0, dtype=torch.long),
-                                      torch.zeros(k.shape[0], 0, dtype=torch.float64)))
-                continue
-            Hinv = masked_inverse(prepared.H, k)
-            alive = _pad_alive(k, steps)
-            out = greedy_single(torch.where(k, W[sl], torch.zeros_like(W[sl])), Hinv, steps,
-                                scorer, alive=alive, lazy=lazy)
-            out.weight = torch.where(k, out.weight, torch.zeros_like(out.weight))
+            outs.append(greedy_single(W[sl], prepared.Hinv, C, scorer, lazy=lazy))
+            continue
+        k = keep[sl]
+        Wk = torch.where(k, W[sl], torch.zeros_like(W[sl]))
+        # every row takes the same number of steps; rows with fewer kept weights pad their
+        # working set with pruned coordinates (value 0, on the grid, decoupled: zero cost)
+        steps = int(k.sum(1).max().item())
+        if steps == 0:
+            outs.append(
+                GreedyOut(
+                    Wk,
+                    torch.zeros(k.shape[0], 0, dtype=torch.long),
+                    torch.zeros(k.shape[0], 0, dtype=torch.float64),
+                )
+            )
+            continue
+        pos = torch.argsort((~k).to(torch.int8), dim=1, stable=True)[:, :steps]
+        valid = k.gather(1, pos)
+        Hinv = masked_inverse(prepared.H, pos, valid)
+        out = greedy_single(Wk, Hinv, steps, scorer, pos=pos, lazy=lazy)
+        out.weight = torch.where(k, out.weight, torch.zeros_like(out.weight))
         outs.append(out)
-    return GreedyOut(torch.cat([o.weight for o in outs]), torch.cat([o.order for o in outs]),
-                     torch.cat([o.step_loss for o in outs]))
-
-
-def _pad_alive(keep: torch.Tensor, steps: int) -> torch.Tensor:
-    """Alive mask giving every row exactly ``steps`` choosable coordinates.
-
-    Rows with fewer kept weights get some pruned coordinates (value 0, always on the grid,
-    zero quantization error, decoupled in the padded inverse) to fill their surplus steps.
-    """
-    alive = keep.clone()
-    short = steps - keep.sum(1)
-    if bool((short > 0).any()):
-        pruned_rank = torch.cumsum((~keep).long(), 1)
-        extra = (~keep) & (pruned_rank <= short.unsqueeze(1))
-        alive |= extra
-    return alive
+    return GreedyOut(
+        torch.cat([o.weight for o in outs]),
+        torch.cat([o.order for o in outs]),
+        torch.cat([o.step_loss for o in outs]),
+    )

@@ -23,7 +23,7 @@ Block (group) OBS removes ``g`` consecutive coordinates at once::
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -31,17 +31,14 @@ import torch
 from .hessian import PreparedHessian
 from .patterns import Pattern
 
-# scorer(w, d, alive, step) -> (score (R, C) with +inf where not allowed, target (R, C))
-Scorer = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
-
 DEFAULT_LAZY = 32
+DEFAULT_SHRINK = 0.5  # compact the working set once it has shrunk to this fraction
 DEFAULT_MEMORY = 1 << 30  # bytes of per-row H⁻¹ state per chunk of rows
 
 
-def row_chunks(rows: int, cols: int, elem: int, memory: int | None) -> list[slice]:
-    """Split rows so that ``chunk · cols² · elem`` stays within ``memory`` bytes."""
-    per_row = cols * cols * elem * 2
-    n = max(1, int((memory or DEFAULT_MEMORY) // per_row))
+def row_chunks(rows: int, per_row: int, memory: int | None) -> list[slice]:
+    """Split ``rows`` into slices whose state (``per_row`` bytes each) fits ``memory`` bytes."""
+    n = max(1, int((memory or DEFAULT_MEMORY) // max(1, per_row)))
     return [slice(i, min(rows, i + n)) for i in range(0, rows, n)]
 
 
@@ -59,28 +56,98 @@ class GreedyOut:
     step_loss: torch.Tensor
 
 
-def greedy_single(W: torch.Tensor, Hinv: torch.Tensor, steps: int, scorer: Scorer,
-                  alive: torch.Tensor | None = None, lazy: int = DEFAULT_LAZY) -> GreedyOut:
+class Scorer:
+    """Chooses the next coordinate of every row: ``score`` (+inf where not allowed) and the
+    ``target`` value the chosen coordinate is fixed to.
+
+    The engine works on a compacted set of *working* coordinates ``pos (R, Cw)`` (original column
+    indices); ``gather(pos)`` is called whenever that set changes so per-column attributes can be
+    re-indexed, and ``removed(p)`` with the original column index fixed in each row.
+    """
+
+    def gather(self, pos: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def removed(self, p: torch.Tensor) -> None:  # noqa: B027 - optional hook
+        pass
+
+    def __call__(
+        self, w: torch.Tensor, d: torch.Tensor, alive: torch.Tensor, step: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class PruneScorer(Scorer):
+    """OBS pruning saliency ``w_p² / [H⁻¹]_pp``; target 0."""
+
+    def __call__(self, w, d, alive, step):
+        score = (w * w / d).masked_fill_(~alive, float("inf"))
+        return score, None
+
+
+class NMScorer(Scorer):
+    """Pruning saliency restricted to groups of ``m`` columns that still keep more than ``n``."""
+
+    def __init__(self, rows: int, cols: int, n: int, m: int, device: torch.device) -> None:
+        self.n, self.m = n, m
+        self.count = torch.zeros(rows, cols // m, dtype=torch.long, device=device)
+        self.group = None
+
+    def gather(self, pos):
+        self.group = pos // self.m
+
+    def removed(self, p):
+        self.count[torch.arange(p.shape[0], device=p.device), p // self.m] += 1
+
+    def __call__(self, w, d, alive, step):
+        full = (self.count >= self.m - self.n).gather(1, self.group)
+        score = (w * w / d).masked_fill_(full | ~alive, float("inf"))
+        return score, None
+
+
+def greedy_single(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    steps: int,
+    scorer: Scorer,
+    pos: torch.Tensor | None = None,
+    lazy: int = DEFAULT_LAZY,
+    shrink: float = DEFAULT_SHRINK,
+) -> GreedyOut:
     """Greedy one-coordinate-at-a-time OBS on every row, ``steps`` steps.
 
-    W: ``(R, C)``. Hinv: ``(C, C)`` shared by all rows, or ``(R, C, C)`` per row.
-    alive: ``(R, C)`` bool, coordinates that may still be chosen (default: all); coordinates
-    not alive keep their value in W. scorer: see ``Scorer``.
+    W: ``(R, C)`` weights. Working coordinates: ``pos (R, Cw)`` original column indices, the
+    same count in every row (default: all columns); coordinates outside ``pos`` keep their value.
+    Hinv: ``(C, C)`` shared by all rows (only with ``pos=None``), or ``(R, Cw, Cw)`` per row over
+    the working coordinates. The target of a step is 0 when the scorer returns ``target=None``.
+
+    Every ``lazy`` steps the low-rank downdates are folded into the per-row inverse; once the
+    fixed coordinates reach ``1 − shrink`` of the working set they are dropped from it (a
+    gather), so later steps work on smaller matrices.
     """
     R, C = W.shape
     dev, dt = W.device, W.dtype
-    w = W.clone()
-    alive = torch.ones(R, C, dtype=torch.bool, device=dev) if alive is None else alive.clone()
-    fixed = w.clone()
-    shared = Hinv.dim() == 2
-    B = Hinv
-    d = (torch.diagonal(Hinv).expand(R, C) if shared else torch.diagonal(Hinv, 0, 1, 2)).clone()
-    lazy = max(1, min(lazy, steps))
-    U = torch.zeros(R, lazy, C, dtype=dt, device=dev)
+    out = W.clone()
     ar = torch.arange(R, device=dev)
+    shared = Hinv.dim() == 2
+    if pos is None:
+        pos = torch.arange(C, device=dev).expand(R, C)
+        w = W.clone()
+    else:
+        if shared:
+            raise ValueError("a shared Hinv (C, C) needs pos=None")
+        w = W.gather(1, pos)
+    Cw = pos.shape[1]
+    steps = min(steps, Cw)
+    B = Hinv
+    d = (torch.diagonal(Hinv).expand(R, Cw) if shared else torch.diagonal(Hinv, 0, 1, 2)).clone()
+    alive = torch.ones(R, Cw, dtype=torch.bool, device=dev)
+    lazy = max(1, min(lazy, steps))
+    U = torch.zeros(R, lazy, Cw, dtype=dt, device=dev)
     order = torch.zeros(R, steps, dtype=torch.long, device=dev)
     step_loss = torch.zeros(R, steps, dtype=torch.float64, device=dev)
     tiny = torch.finfo(dt).tiny
+    scorer.gather(pos)
     k = 0
     for s in range(steps):
         score, target = scorer(w, d, alive, s)
@@ -88,19 +155,20 @@ def greedy_single(W: torch.Tensor, Hinv: torch.Tensor, steps: int, scorer: Score
         col = B.index_select(0, p) if shared else B[ar, p]
         if k:
             up = U[ar, :k, p]  # (R, k)
-            col -= torch.bmm(up.unsqueeze(1), U[:, :k]).squeeze(1)
+            col.unsqueeze(1).baddbmm_(up.unsqueeze(1), U[:, :k], alpha=-1)
         dp = col[ar, p].clamp_min(tiny)
-        t = target[ar, p]
-        val = w[ar, p] - t
-        step_loss[:, s] = (0.5 * val * val / dp).double()
-        w -= col * (val / dp).unsqueeze(1)
-        fixed[ar, p] = t
-        w[ar, p] = t
-        u = col / dp.sqrt().unsqueeze(1)
-        U[:, k] = u
-        d -= u * u
+        wp = w[ar, p]
+        t = target[ar, p] if target is not None else torch.zeros_like(wp)
+        val = wp - t
+        step_loss[:, s] = 0.5 * val.double() ** 2 / dp.double()
+        w.addcmul_(col, (val / dp).unsqueeze(1), value=-1)
+        p_orig = pos[ar, p]
+        out[ar, p_orig] = t
+        torch.mul(col, dp.rsqrt().unsqueeze(1), out=U[:, k])
+        d.addcmul_(U[:, k], U[:, k], value=-1)
         alive[ar, p] = False
-        order[:, s] = p
+        order[:, s] = p_orig
+        scorer.removed(p_orig)
         k += 1
         if k == lazy or s == steps - 1:
             Ut = U[:, :k]
@@ -109,11 +177,23 @@ def greedy_single(W: torch.Tensor, Hinv: torch.Tensor, steps: int, scorer: Score
                 shared = False
             else:
                 B.baddbmm_(Ut.transpose(1, 2), Ut, alpha=-1)
-            d = torch.diagonal(B, 0, 1, 2).clone()
-            U.zero_()
+            n = alive.shape[1] - int((~alive[0]).sum())
             k = 0
-    w = torch.where(alive, w, fixed)
-    return GreedyOut(weight=w, order=order, step_loss=step_loss)
+            if s == steps - 1 or n > shrink * alive.shape[1]:
+                d = torch.diagonal(B, 0, 1, 2).clone()
+                continue
+            # drop fixed coordinates: every row has the same number left
+            keep = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :n]
+            B = B[ar.unsqueeze(1), keep].gather(2, keep.unsqueeze(1).expand(R, n, n))
+            w = w.gather(1, keep)
+            pos = pos.gather(1, keep)
+            alive = torch.ones(R, n, dtype=torch.bool, device=dev)
+            d = torch.diagonal(B, 0, 1, 2).clone()
+            U = torch.zeros(R, lazy, n, dtype=dt, device=dev)
+            scorer.gather(pos)
+    vals = torch.where(alive, w, out.gather(1, pos))
+    out.scatter_(1, pos, vals)
+    return GreedyOut(weight=out, order=order, step_loss=step_loss)
 
 
 def _diag_blocks(B: torch.Tensor, g: int) -> torch.Tensor:
@@ -125,8 +205,9 @@ def _diag_blocks(B: torch.Tensor, g: int) -> torch.Tensor:
     return B.reshape(R, nb, g, nb, g).diagonal(0, 1, 3).permute(0, 3, 1, 2).clone()
 
 
-def greedy_block(W: torch.Tensor, Hinv: torch.Tensor, g: int, steps: int,
-                 lazy: int = DEFAULT_LAZY) -> GreedyOut:
+def greedy_block(
+    W: torch.Tensor, Hinv: torch.Tensor, g: int, steps: int, lazy: int = DEFAULT_LAZY
+) -> GreedyOut:
     """Greedy group OBS: remove (zero) one block of ``g`` consecutive columns per step.
 
     W: ``(R, C)`` with ``C % g == 0``; Hinv: ``(C, C)`` shared. Returns block indices in
@@ -173,7 +254,7 @@ def greedy_block(W: torch.Tensor, Hinv: torch.Tensor, g: int, steps: int,
         w -= torch.bmm(coef.transpose(1, 2), cols).squeeze(1)
         w.scatter_(1, idx, 0.0)
         Un = torch.linalg.solve_triangular(LA, cols, upper=False)  # (R, g, C)
-        U[:, k:k + g] = Un
+        U[:, k : k + g] = Un
         Ub = Un.reshape(R, g, nb, g)
         D -= torch.einsum("rkna,rknb->rnab", Ub, Ub)
         alive[ar, j] = False
@@ -194,28 +275,6 @@ def greedy_block(W: torch.Tensor, Hinv: torch.Tensor, g: int, steps: int,
     return GreedyOut(weight=w, order=order, step_loss=step_loss)
 
 
-def prune_scorer(w: torch.Tensor, d: torch.Tensor, alive: torch.Tensor,
-                 step: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """OBS pruning saliency ``w_p² / [H⁻¹]_pp``; target 0."""
-    score = torch.where(alive, w * w / d, torch.full_like(w, float("inf")))
-    return score, torch.zeros_like(w)
-
-
-def nm_scorer(n: int, m: int) -> Scorer:
-    """Pruning saliency restricted to groups of ``m`` that still have more than ``n`` kept."""
-
-    def scorer(w: torch.Tensor, d: torch.Tensor, alive: torch.Tensor,
-               step: int) -> tuple[torch.Tensor, torch.Tensor]:
-        R, C = w.shape
-        kept = alive.reshape(R, C // m, m).sum(-1, keepdim=True)
-        open_ = (kept > n).expand(R, C // m, m).reshape(R, C)
-        ok = alive & open_
-        score = torch.where(ok, w * w / d, torch.full_like(w, float("inf")))
-        return score, torch.zeros_like(w)
-
-    return scorer
-
-
 def select_counts(step_loss: torch.Tensor, total: int) -> torch.Tensor:
     """Layer-wide selection: how many greedy steps each row takes, ``total`` steps in all.
 
@@ -232,30 +291,56 @@ def select_counts(step_loss: torch.Tensor, total: int) -> torch.Tensor:
     return torch.bincount(idx // S, minlength=R)
 
 
-def masked_optimum(W: torch.Tensor, H: torch.Tensor, keep: torch.Tensor,
-                   memory: int | None = None) -> torch.Tensor:
+def masked_optimum(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    keep: torch.Tensor,
+    memory: int | None = None,
+    Hinv: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Least-squares optimum with a fixed mask: ``argmin ½ δ H δᵀ`` s.t. ``Ŵ = 0`` where pruned.
 
-    W: ``(R, C)``, H: ``(C, C)`` (positive definite), keep: ``(R, C)`` bool. For each row with
-    pruned set S and kept set F: ``Ŵ_F = W_F + H_FF⁻¹ H_FS W_S``, ``Ŵ_S = 0``.
+    W: ``(R, C)``, H: ``(C, C)`` positive definite, keep: ``(R, C)`` bool; Hinv: optional
+    ``H⁻¹``. For each row with pruned set S and kept set F, two equal closed forms::
+
+        Ŵ_F = W_F + H_FF⁻¹ H_FS W_S                     (a |F|×|F| solve)
+        Ŵ   = W − H⁻¹[:, S] (H⁻¹_SS)⁻¹ W_S,  Ŵ_S = 0     (a |S|×|S| solve)
+
+    The smaller system is solved, batched over rows (padded to the largest row).
     """
     R, C = W.shape
     out = torch.where(keep, W, torch.zeros_like(W))
-    todo = (~keep).any(1) & keep.any(1)
-    rows = todo.nonzero().squeeze(1)
+    n_pruned = (~keep).sum(1)
+    rows = ((n_pruned > 0) & (n_pruned < C)).nonzero().squeeze(1)
     if rows.numel() == 0:
         return out
-    eye = torch.eye(C, dtype=W.dtype, device=W.device)
-    for sl in row_chunks(rows.numel(), C, W.element_size(), memory):
+    kmax = int(n_pruned[rows].max())
+    fmax = int((C - n_pruned[rows]).max())
+    use_inv = kmax <= fmax
+    if use_inv and Hinv is None:
+        Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    n = kmax if use_inv else fmax
+    for sl in row_chunks(rows.numel(), 2 * (n * n + n * C) * W.element_size(), memory):
         r = rows[sl]
-        kp = keep[r]  # (n, C)
-        both = kp.unsqueeze(2) & kp.unsqueeze(1)
-        A = torch.where(both, H.unsqueeze(0), eye)
-        rhs = (W[r] * (~kp)) @ H  # (n, C): H_{:,S} w_S
-        rhs = torch.where(kp, rhs, torch.zeros_like(rhs)).unsqueeze(2)
+        kp = keep[r]
+        Wr = W[r]
+        sel = ~kp if use_inv else kp
+        pos = torch.argsort((~sel).to(torch.int8), dim=1, stable=True)[:, :n]
+        valid = sel.gather(1, pos)
+        both = valid.unsqueeze(2) & valid.unsqueeze(1)
+        eye = torch.eye(n, dtype=W.dtype, device=W.device)
+        M = Hinv if use_inv else H
+        A = torch.where(both, M[pos.unsqueeze(2), pos.unsqueeze(1)], eye)
         L, _ = torch.linalg.cholesky_ex(A)
-        delta = torch.cholesky_solve(rhs, L).squeeze(2)
-        out[r] = torch.where(kp, W[r] + delta, torch.zeros_like(delta))
+        if use_inv:
+            ws = (Wr.gather(1, pos) * valid).unsqueeze(2)
+            sol = torch.cholesky_solve(ws, L)  # (n_rows, k, 1)
+            res = Wr - torch.bmm(sol.transpose(1, 2), Hinv[pos]).squeeze(1)
+        else:
+            rhs = ((Wr * (~kp)) @ H).gather(1, pos) * valid
+            delta = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2) * valid
+            res = Wr.scatter_add(1, pos, delta)
+        out[r] = torch.where(kp, res, torch.zeros_like(res))
     return out
 
 
@@ -269,8 +354,15 @@ class PruneTrace:
     ``levels([...])`` several at once — no greedy re-run.
     """
 
-    def __init__(self, W: torch.Tensor, prepared: PreparedHessian, order: torch.Tensor,
-                 step_loss: torch.Tensor, pattern: Pattern, memory: int | None = None) -> None:
+    def __init__(
+        self,
+        W: torch.Tensor,
+        prepared: PreparedHessian,
+        order: torch.Tensor,
+        step_loss: torch.Tensor,
+        pattern: Pattern,
+        memory: int | None = None,
+    ) -> None:
         self.W = W
         self.prepared = prepared
         self.order = order
@@ -306,22 +398,29 @@ class PruneTrace:
         taken = torch.arange(S, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
         return (self.step_loss * taken).sum(1).cpu()
 
-    def at(self, sparsity: float, per_row: bool = False) -> tuple[torch.Tensor, torch.Tensor,
-                                                                   torch.Tensor]:
+    def at(
+        self, sparsity: float, per_row: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(weight, mask, row_loss)`` at ``sparsity`` (compute dtype)."""
         counts = self.counts(sparsity, per_row)
         keep = self.mask(counts)
-        weight = masked_optimum(self.W, self.prepared.H, keep, self.memory)
+        weight = masked_optimum(self.W, self.prepared.H, keep, self.memory, self.prepared.Hinv)
         return weight, keep, self.loss(counts)
 
-    def levels(self, sparsities: Sequence[float], per_row: bool = False
-               ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def levels(
+        self, sparsities: Sequence[float], per_row: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         return [self.at(s, per_row) for s in sparsities]
 
 
-def obs_trace(W: torch.Tensor, prepared: PreparedHessian, pattern: Pattern,
-              max_sparsity: float = 1.0, lazy: int = DEFAULT_LAZY,
-              memory: int | None = None) -> PruneTrace:
+def obs_trace(
+    W: torch.Tensor,
+    prepared: PreparedHessian,
+    pattern: Pattern,
+    max_sparsity: float = 1.0,
+    lazy: int = DEFAULT_LAZY,
+    memory: int | None = None,
+) -> PruneTrace:
     """Run ExactOBS (unstructured or block) on every row of ``W (rows, cols)``.
 
     Records ``ceil(max_sparsity · steps)`` greedy steps per row (all of them by default), so
@@ -332,9 +431,9 @@ def obs_trace(W: torch.Tensor, prepared: PreparedHessian, pattern: Pattern,
     total = C // g
     steps = max(1, min(total, int(-(-max_sparsity * total // 1))))
     orders, losses = [], []
-    for sl in row_chunks(R, C, W.element_size(), memory):
+    for sl in row_chunks(R, 2 * C * C * W.element_size(), memory):
         if g == 1:
-            out = greedy_single(W[sl], prepared.Hinv, steps, prune_scorer, lazy=lazy)
+            out = greedy_single(W[sl], prepared.Hinv, steps, PruneScorer(), lazy=lazy)
         else:
             out = greedy_block(W[sl], prepared.Hinv, g, steps, lazy=lazy)
         orders.append(out.order)
@@ -342,12 +441,25 @@ def obs_trace(W: torch.Tensor, prepared: PreparedHessian, pattern: Pattern,
     return PruneTrace(W, prepared, torch.cat(orders), torch.cat(losses), pattern, memory)
 
 
-def prune_nm(W: torch.Tensor, prepared: PreparedHessian, n: int, m: int,
-             lazy: int = DEFAULT_LAZY, memory: int | None = None) -> GreedyOut:
+def prune_nm(
+    W: torch.Tensor,
+    prepared: PreparedHessian,
+    n: int,
+    m: int,
+    lazy: int = DEFAULT_LAZY,
+    memory: int | None = None,
+) -> GreedyOut:
     """ExactOBS under the N:M pattern: prune ``m − n`` of every ``m`` consecutive columns."""
     R, C = W.shape
     steps = (C // m) * (m - n)
-    outs = [greedy_single(W[sl], prepared.Hinv, steps, nm_scorer(n, m), lazy=lazy)
-            for sl in row_chunks(R, C, W.element_size(), memory)]
-    return GreedyOut(torch.cat([o.weight for o in outs]), torch.cat([o.order for o in outs]),
-                     torch.cat([o.step_loss for o in outs]))
+    outs = [
+        greedy_single(
+            W[sl], prepared.Hinv, steps, NMScorer(sl.stop - sl.start, C, n, m, W.device), lazy=lazy
+        )
+        for sl in row_chunks(R, 2 * C * C * W.element_size(), memory)
+    ]
+    return GreedyOut(
+        torch.cat([o.weight for o in outs]),
+        torch.cat([o.order for o in outs]),
+        torch.cat([o.step_loss for o in outs]),
+    )

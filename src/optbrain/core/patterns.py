@@ -45,8 +45,9 @@ def parse_pattern(pattern: str | Pattern) -> Pattern:
     if isinstance(pattern, Pattern):
         return pattern
     if not isinstance(pattern, str):
-        raise ValueError(f"pattern must be a string like 'unstructured', '2:4' or 'block4', "
-                         f"got {pattern!r}")
+        raise ValueError(
+            f"pattern must be a string like 'unstructured', '2:4' or 'block4', got {pattern!r}"
+        )
     p = pattern.strip().lower()
     if p in ("unstructured", "none", ""):
         return Pattern("unstructured")
