@@ -1,6 +1,14 @@
-"""The exact solver (``method="obc"``): ExactOBS pruning, OBQ quantization, OBC compound."""
+"""The exact solver (``method="obc"``): ExactOBS pruning, OBQ quantization, OBC compound.
+
+Options (``prune_layer(..., lazy=32)`` etc.): ``lazy``, ``shrink``, ``memory`` (engine speed
+knobs, see ``EngineConfig``; results do not depend on them), ``max_sparsity`` (how far the
+unstructured/block trace runs, default 1.0: every level), ``per_row`` (same sparsity in every
+row instead of the layer-wide selection).
+"""
 
 from __future__ import annotations
+
+from typing import Any
 
 import torch
 
@@ -8,13 +16,30 @@ from ..layerwise import register
 from .grid import fit_grid
 from .hessian import PreparedHessian, prepare_hessian, row_losses
 from .obq import obq
-from .obs import PruneTrace, obs_trace, prune_nm
+from .obs import EngineConfig, PruneTrace, obs_trace, prune_nm
 from .result import CompressSpec, LayerResult
 
+OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row")
 
-def _prepare(
+
+def check_options(method: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
+    """Reject method options nobody reads, naming the option and the allowed ones."""
+    for key in options:
+        if key not in allowed:
+            raise ValueError(
+                f"unknown option {key!r} for method {method!r}; allowed: {', '.join(allowed)}"
+            )
+
+
+def engine_config(options: dict[str, Any]) -> EngineConfig:
+    kw = {k: options[k] for k in ("lazy", "shrink", "memory") if k in options}
+    return EngineConfig(**kw)
+
+
+def prepare_problem(
     W: torch.Tensor, H: torch.Tensor, spec: CompressSpec
 ) -> tuple[torch.Tensor, PreparedHessian]:
+    """Damped, inverted H, and W in the compute dtype with dead-input weights zeroed."""
     prep = prepare_hessian(H, spec.damp, dtype=spec.dtype, on_singular=spec.on_singular)
     Wc = W.to(spec.dtype).clone()
     Wc[:, prep.dead] = 0  # dead inputs: the weight never reaches the output
@@ -22,34 +47,34 @@ def _prepare(
 
 
 def exact_prune(
-    Wc: torch.Tensor, prep: PreparedHessian, spec: CompressSpec
+    Wc: torch.Tensor, prep: PreparedHessian, spec: CompressSpec, engine: EngineConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PruneTrace | None]:
     """Prune with ExactOBS → ``(weight, keep, row_loss, trace or None)``, compute dtype."""
-    lazy = int(spec.options.get("lazy", 32))
-    memory = spec.options.get("memory")
     pat = spec.pattern
     if pat.kind == "nm":
-        out = prune_nm(Wc, prep, pat.n, pat.m, lazy=lazy, memory=memory)
+        out = prune_nm(Wc, prep, pat.n, pat.m, engine=engine)
         removed = torch.zeros(Wc.shape, dtype=torch.bool, device=Wc.device)
         removed.scatter_(1, out.order, True)
         return out.weight, ~removed, out.step_loss.sum(1).cpu(), None
     max_sp = float(spec.options.get("max_sparsity", 1.0))
-    trace = obs_trace(
-        Wc, prep, pat, max_sparsity=max(max_sp, spec.sparsity or 0.0), lazy=lazy, memory=memory
-    )
+    if not (0.0 < max_sp <= 1.0):
+        raise ValueError(f"max_sparsity must be in (0, 1], got {max_sp!r}")
+    trace = obs_trace(Wc, prep, pat, max_sparsity=max(max_sp, spec.sparsity or 0.0), engine=engine)
     weight, keep, rl = trace.at(spec.sparsity or 0.0, per_row=bool(spec.options.get("per_row")))
     return weight, keep, rl, trace
 
 
 @register("obc")
 def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
-    """Exact OBS/OBQ/OBC for one layer."""
-    Wc, prep = _prepare(W, H, spec)
+    """Exact OBS/OBQ/OBC for one layer; ``loss`` is the greedy's predicted loss."""
+    check_options("obc", spec.options, OPTIONS)
+    engine = engine_config(spec.options)
+    Wc, prep = prepare_problem(W, H, spec)
     keep, trace = None, None
     weight = Wc
     predicted = torch.zeros(W.shape[0], dtype=torch.float64)
     if spec.prunes:
-        weight, keep, predicted, trace = exact_prune(Wc, prep, spec)
+        weight, keep, predicted, trace = exact_prune(Wc, prep, spec, engine)
     grid = None
     if spec.quantizes:
         grid = fit_grid(
@@ -59,14 +84,7 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
             group_size=spec.group_size,
             weight=torch.diagonal(prep.H),
         )
-        out = obq(
-            weight,
-            prep,
-            grid,
-            keep=keep,
-            lazy=int(spec.options.get("lazy", 32)),
-            memory=spec.options.get("memory"),
-        )
+        out = obq(weight, prep, grid, keep=keep, engine=engine)
         weight = out.weight
         # the pruned state is the optimum on {Ŵ_S = 0}, so the losses add (Pythagoras)
         predicted = predicted + out.step_loss.sum(1).cpu()

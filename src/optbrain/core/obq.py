@@ -16,7 +16,7 @@ import torch
 
 from .grid import QuantGrid, quantize_values
 from .hessian import PreparedHessian
-from .obs import DEFAULT_LAZY, GreedyOut, Scorer, greedy_single, row_chunks
+from .obs import DEFAULT_ENGINE, EngineConfig, GreedyOut, Scorer, greedy_single, row_chunks
 
 
 class QuantScorer(Scorer):
@@ -60,8 +60,7 @@ def obq(
     prepared: PreparedHessian,
     grid: QuantGrid,
     keep: torch.Tensor | None = None,
-    lazy: int = DEFAULT_LAZY,
-    memory: int | None = None,
+    engine: EngineConfig = DEFAULT_ENGINE,
 ) -> GreedyOut:
     """Quantize every (kept) weight of ``W (R, C)`` greedily onto ``grid``.
 
@@ -72,10 +71,10 @@ def obq(
     scale, zero = grid.columns(C)
     scale, zero = scale.to(W.dtype), zero.to(W.dtype)
     outs = []
-    for sl in row_chunks(R, 2 * C * C * W.element_size(), memory):
+    for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory):
         scorer = QuantScorer(scale[sl], zero[sl], grid.maxq)
         if keep is None:
-            outs.append(greedy_single(W[sl], prepared.Hinv, C, scorer, lazy=lazy))
+            outs.append(greedy_single(W[sl], prepared.Hinv, C, scorer, engine=engine))
             continue
         k = keep[sl]
         Wk = torch.where(k, W[sl], torch.zeros_like(W[sl]))
@@ -94,7 +93,7 @@ def obq(
         pos = torch.argsort((~k).to(torch.int8), dim=1, stable=True)[:, :steps]
         valid = k.gather(1, pos)
         Hinv = masked_inverse(prepared.H, pos, valid)
-        out = greedy_single(Wk, Hinv, steps, scorer, pos=pos, lazy=lazy)
+        out = greedy_single(Wk, Hinv, steps, scorer, pos=pos, engine=engine)
         out.weight = torch.where(k, out.weight, torch.zeros_like(out.weight))
         outs.append(out)
     return GreedyOut(

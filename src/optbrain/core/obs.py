@@ -31,14 +31,37 @@ import torch
 from .hessian import PreparedHessian
 from .patterns import Pattern
 
-DEFAULT_LAZY = 32
-DEFAULT_SHRINK = 0.5  # compact the working set once it has shrunk to this fraction
 DEFAULT_MEMORY = 1 << 30  # bytes of per-row H⁻¹ state per chunk of rows
 
 
-def row_chunks(rows: int, per_row: int, memory: int | None) -> list[slice]:
+@dataclass(frozen=True)
+class EngineConfig:
+    """Performance knobs of the greedy engine; results do not depend on them (up to rounding).
+
+    lazy: rank-1 downdates kept as a low-rank term before folding into the per-row H⁻¹.
+    shrink: compact the working set once it has shrunk to this fraction (0 = never).
+    memory: bytes of per-row H⁻¹ state processed at once (rows are chunked to fit).
+    """
+
+    lazy: int = 32
+    shrink: float = 0.5
+    memory: int = DEFAULT_MEMORY
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.lazy, int) or self.lazy < 1:
+            raise ValueError(f"lazy must be an integer >= 1, got {self.lazy!r}")
+        if not (0.0 <= float(self.shrink) < 1.0):
+            raise ValueError(f"shrink must be in [0, 1), got {self.shrink!r}")
+        if not isinstance(self.memory, int) or self.memory < 1:
+            raise ValueError(f"memory must be a positive number of bytes, got {self.memory!r}")
+
+
+DEFAULT_ENGINE = EngineConfig()
+
+
+def row_chunks(rows: int, per_row: int, memory: int = DEFAULT_MEMORY) -> list[slice]:
     """Split ``rows`` into slices whose state (``per_row`` bytes each) fits ``memory`` bytes."""
-    n = max(1, int((memory or DEFAULT_MEMORY) // max(1, per_row)))
+    n = max(1, int(memory // max(1, per_row)))
     return [slice(i, min(rows, i + n)) for i in range(0, rows, n)]
 
 
@@ -111,8 +134,7 @@ def greedy_single(
     steps: int,
     scorer: Scorer,
     pos: torch.Tensor | None = None,
-    lazy: int = DEFAULT_LAZY,
-    shrink: float = DEFAULT_SHRINK,
+    engine: EngineConfig = DEFAULT_ENGINE,
 ) -> GreedyOut:
     """Greedy one-coordinate-at-a-time OBS on every row, ``steps`` steps.
 
@@ -142,7 +164,7 @@ def greedy_single(
     B = Hinv
     d = (torch.diagonal(Hinv).expand(R, Cw) if shared else torch.diagonal(Hinv, 0, 1, 2)).clone()
     alive = torch.ones(R, Cw, dtype=torch.bool, device=dev)
-    lazy = max(1, min(lazy, steps))
+    lazy = max(1, min(engine.lazy, steps))
     U = torch.zeros(R, lazy, Cw, dtype=dt, device=dev)
     order = torch.zeros(R, steps, dtype=torch.long, device=dev)
     step_loss = torch.zeros(R, steps, dtype=torch.float64, device=dev)
@@ -179,7 +201,7 @@ def greedy_single(
                 B.baddbmm_(Ut.transpose(1, 2), Ut, alpha=-1)
             n = alive.shape[1] - int((~alive[0]).sum())
             k = 0
-            if s == steps - 1 or n > shrink * alive.shape[1]:
+            if s == steps - 1 or n > engine.shrink * alive.shape[1]:
                 d = torch.diagonal(B, 0, 1, 2).clone()
                 continue
             # drop fixed coordinates: every row has the same number left
@@ -206,7 +228,7 @@ def _diag_blocks(B: torch.Tensor, g: int) -> torch.Tensor:
 
 
 def greedy_block(
-    W: torch.Tensor, Hinv: torch.Tensor, g: int, steps: int, lazy: int = DEFAULT_LAZY
+    W: torch.Tensor, Hinv: torch.Tensor, g: int, steps: int, engine: EngineConfig = DEFAULT_ENGINE
 ) -> GreedyOut:
     """Greedy group OBS: remove (zero) one block of ``g`` consecutive columns per step.
 
@@ -221,7 +243,7 @@ def greedy_block(
     shared = True
     B = Hinv
     D = _diag_blocks(Hinv, g).expand(R, nb, g, g).clone()
-    lazy = g * max(1, lazy // g)
+    lazy = g * max(1, engine.lazy // g)
     U = torch.zeros(R, lazy, C, dtype=dt, device=dev)
     ar = torch.arange(R, device=dev)
     offs = torch.arange(g, device=dev)
@@ -295,7 +317,7 @@ def masked_optimum(
     W: torch.Tensor,
     H: torch.Tensor,
     keep: torch.Tensor,
-    memory: int | None = None,
+    memory: int = DEFAULT_MEMORY,
     Hinv: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Least-squares optimum with a fixed mask: ``argmin ½ δ H δᵀ`` s.t. ``Ŵ = 0`` where pruned.
@@ -361,7 +383,7 @@ class PruneTrace:
         order: torch.Tensor,
         step_loss: torch.Tensor,
         pattern: Pattern,
-        memory: int | None = None,
+        engine: EngineConfig = DEFAULT_ENGINE,
     ) -> None:
         self.W = W
         self.prepared = prepared
@@ -369,7 +391,7 @@ class PruneTrace:
         self.step_loss = step_loss
         self.pattern = pattern
         self.group = pattern.block if pattern.kind == "block" else 1
-        self.memory = memory
+        self.engine = engine
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -404,7 +426,9 @@ class PruneTrace:
         """``(weight, mask, row_loss)`` at ``sparsity`` (compute dtype)."""
         counts = self.counts(sparsity, per_row)
         keep = self.mask(counts)
-        weight = masked_optimum(self.W, self.prepared.H, keep, self.memory, self.prepared.Hinv)
+        weight = masked_optimum(
+            self.W, self.prepared.H, keep, self.engine.memory, self.prepared.Hinv
+        )
         return weight, keep, self.loss(counts)
 
     def levels(
@@ -418,8 +442,7 @@ def obs_trace(
     prepared: PreparedHessian,
     pattern: Pattern,
     max_sparsity: float = 1.0,
-    lazy: int = DEFAULT_LAZY,
-    memory: int | None = None,
+    engine: EngineConfig = DEFAULT_ENGINE,
 ) -> PruneTrace:
     """Run ExactOBS (unstructured or block) on every row of ``W (rows, cols)``.
 
@@ -431,14 +454,14 @@ def obs_trace(
     total = C // g
     steps = max(1, min(total, int(-(-max_sparsity * total // 1))))
     orders, losses = [], []
-    for sl in row_chunks(R, 2 * C * C * W.element_size(), memory):
+    for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory):
         if g == 1:
-            out = greedy_single(W[sl], prepared.Hinv, steps, PruneScorer(), lazy=lazy)
+            out = greedy_single(W[sl], prepared.Hinv, steps, PruneScorer(), engine=engine)
         else:
-            out = greedy_block(W[sl], prepared.Hinv, g, steps, lazy=lazy)
+            out = greedy_block(W[sl], prepared.Hinv, g, steps, engine=engine)
         orders.append(out.order)
         losses.append(out.step_loss)
-    return PruneTrace(W, prepared, torch.cat(orders), torch.cat(losses), pattern, memory)
+    return PruneTrace(W, prepared, torch.cat(orders), torch.cat(losses), pattern, engine)
 
 
 def prune_nm(
@@ -446,17 +469,20 @@ def prune_nm(
     prepared: PreparedHessian,
     n: int,
     m: int,
-    lazy: int = DEFAULT_LAZY,
-    memory: int | None = None,
+    engine: EngineConfig = DEFAULT_ENGINE,
 ) -> GreedyOut:
     """ExactOBS under the N:M pattern: prune ``m − n`` of every ``m`` consecutive columns."""
     R, C = W.shape
     steps = (C // m) * (m - n)
     outs = [
         greedy_single(
-            W[sl], prepared.Hinv, steps, NMScorer(sl.stop - sl.start, C, n, m, W.device), lazy=lazy
+            W[sl],
+            prepared.Hinv,
+            steps,
+            NMScorer(sl.stop - sl.start, C, n, m, W.device),
+            engine=engine,
         )
-        for sl in row_chunks(R, 2 * C * C * W.element_size(), memory)
+        for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory)
     ]
     return GreedyOut(
         torch.cat([o.weight for o in outs]),
