@@ -69,6 +69,14 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
     """Exact OBS/OBQ/OBC for one layer; ``loss`` is the greedy's predicted loss."""
     check_options("obc", spec.options, OPTIONS)
     engine = engine_config(spec.options)
+    if not spec.prunes and not spec.quantizes:  # nothing asked: W unchanged, exactly
+        return LayerResult(
+            weight=W.clone(),
+            mask=None,
+            loss=0.0,
+            method="obc",
+            row_loss=torch.zeros(W.shape[0], dtype=torch.float64),
+        )
     Wc, prep = prepare_problem(W, H, spec)
     keep, trace = None, None
     weight = Wc

@@ -141,7 +141,7 @@ def prepare_hessian(
     Hinv = _chol_inverse(Hd)
     if Hinv is None and on_singular == "raise":
         raise ValueError(
-            f"H (+ damping λ={lam:.3g}) is not positive definite in {dtype}; "
+            f"the Hessian H (+ damping λ={lam:.3g}) is not positive definite in {dtype}; "
             "increase damp, use more calibration tokens, or set on_singular='damp'"
         )
     if Hinv is None and on_singular == "damp":

@@ -429,18 +429,46 @@ class PruneTrace:
     def shape(self) -> tuple[int, int]:
         return tuple(self.W.shape)  # type: ignore[return-value]
 
+    @property
+    def units(self) -> int:
+        """Removable units per row: columns (unstructured) or blocks."""
+        return self.W.shape[1] // self.group
+
+    @property
+    def max_sparsity(self) -> float:
+        """The highest sparsity this trace can give (it may have stopped early)."""
+        return self.step_loss.shape[1] / self.units
+
     def counts(self, sparsity: float, per_row: bool = False) -> torch.Tensor:
-        """Steps taken per row ``(rows,)`` for a target ``sparsity`` of the whole layer."""
+        """Steps taken per row ``(rows,)`` for a target ``sparsity`` of the whole layer.
+
+        Layer-wide (default): ``round(sparsity · rows · units)`` steps in all, split over rows
+        by ``select_counts``; if the same sparsity in every row has a lower predicted loss (the
+        running-max rule is a heuristic when step costs are not monotone), that split is used.
+        ``per_row``: ``round(sparsity · units)`` steps in every row.
+        """
         R, S = self.step_loss.shape
+        per = int(round(sparsity * self.units))
+        if per > S or sparsity > self.max_sparsity + 1e-12:
+            raise ValueError(
+                f"sparsity {sparsity} is beyond this trace, which stops at "
+                f"max_sparsity={self.max_sparsity:.4g}; run the trace further"
+            )
+        uniform = torch.full((R,), per, dtype=torch.long, device=self.step_loss.device)
         if per_row:
-            return torch.full((R,), int(round(sparsity * S)), dtype=torch.long)
-        return select_counts(self.step_loss, int(round(sparsity * R * S)))
+            return uniform
+        layer = select_counts(self.step_loss, int(round(sparsity * R * self.units)))
+        if int(layer.sum()) == int(uniform.sum()) and (
+            float(self.loss(uniform).sum()) < float(self.loss(layer).sum())
+        ):
+            return uniform
+        return layer
 
     def mask(self, counts: torch.Tensor) -> torch.Tensor:
         """Kept-weight mask ``(rows, cols)`` after ``counts[r]`` steps in row r."""
         R, S = self.order.shape
         taken = torch.arange(S, device=self.order.device).unsqueeze(0) < counts.unsqueeze(1)
-        removed = torch.zeros(R, S, dtype=torch.bool, device=self.order.device)
+        removed = torch.zeros(R, self.units, dtype=torch.bool, device=self.order.device)
         removed.scatter_(1, self.order, taken)
         if self.group > 1:
             removed = removed.repeat_interleave(self.group, dim=1)
@@ -449,6 +477,7 @@ class PruneTrace:
     def loss(self, counts: torch.Tensor) -> torch.Tensor:
         """Per-row predicted loss ``(rows,)`` after ``counts[r]`` steps (float64)."""
         S = self.step_loss.shape[1]
+        counts = counts.to(self.step_loss.device)
         taken = torch.arange(S, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
         return (self.step_loss * taken).sum(1).cpu()
 
