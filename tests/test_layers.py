@@ -239,3 +239,12 @@ def test_skip_reasons_and_find_layers():
     assert "lazy" in skip_reason(lazy) and adapter_for(lazy) is None
     only_linear, _ = find_layers(model, include=lambda n, m: n != "2")
     assert only_linear == {}
+
+
+def test_find_layers_skips_tied_weights_but_not_aliases():
+    emb, head, lin = nn.Embedding(6, 4), nn.Linear(4, 6, bias=False), nn.Linear(4, 4)
+    head.weight = emb.weight  # tied, as GPT-2's lm_head
+    model = nn.ModuleDict({"emb": emb, "head": head, "lin": lin, "alias": lin})
+    targets, skipped = find_layers(model)
+    assert list(targets) == ["lin"]
+    assert "tied to ['emb']" in skipped["head"]

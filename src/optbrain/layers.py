@@ -416,11 +416,18 @@ def find_layers(
     Returns ``(targets, skipped)`` in ``named_modules`` order. Modules that own no weight are
     in neither. ``include(name, module)`` filters both (e.g. a recipe's targets/ignore).
     Submodules of ``nn.MultiheadAttention`` (its ``out_proj``) are skipped: they are used
-    through the functional attention, so a module hook never sees their inputs.
+    through the functional attention, so a module hook never sees their inputs. A layer whose
+    weight is tied to another module's (a GPT-2 ``lm_head`` sharing the token embedding) is
+    skipped too: writing it would change both.
     """
     targets: dict[str, nn.Module] = {}
     skipped: dict[str, str] = {}
     mha_prefixes: list[str] = []
+    owners: dict[int, dict[int, str]] = {}  # parameter → {owning module → its first name}
+    for name, module in model.named_modules(remove_duplicate=False):
+        for p in module._parameters.values():
+            if p is not None:
+                owners.setdefault(id(p), {}).setdefault(id(module), name)
     for name, module in model.named_modules():
         if isinstance(module, nn.MultiheadAttention):
             mha_prefixes.append(name + "." if name else "")
@@ -431,6 +438,10 @@ def find_layers(
             skipped[name] = "inside nn.MultiheadAttention (weights used functionally)"
             continue
         reason = skip_reason(module)
+        if reason is None and _factory(module) is not None:
+            others = [n for m, n in owners.get(id(module.weight), {}).items() if m != id(module)]
+            if others:
+                reason = f"weight is tied to {others} (shared parameter)"
         if reason is not None:
             skipped[name] = reason
         elif _factory(module) is not None:
