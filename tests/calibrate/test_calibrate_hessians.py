@@ -237,3 +237,34 @@ def test_trace_input_shapes_gives_cost_numbers(net_x):
     assert a.output_shape(shapes["conv2"]) == (5, 5)
     assert a.macs(shapes["conv2"]) == 2 * 25 * 4 * (3 * 3 * 2)
     assert _no_hooks(net)
+
+
+def test_hessian_predicts_the_output_change_of_the_real_layer(net_x):
+    """½ Σ_g Σ_r δ_gr H_g δ_grᵀ == ||conv(x; W + δ) - conv(x; W)||² / N for every layer."""
+    from optbrain.core.hessian import layer_loss
+
+    net, x = net_x
+    targets = find_layers(net)[0]
+    hs = collect_hessians(net, targets, [x[:4], x[4:]])
+    acts = {}
+    hooks = [
+        m.register_forward_pre_hook(lambda m, a, n=n: acts.__setitem__(n, a[0]))
+        for n, m in targets.items()
+    ]
+    with torch.no_grad():
+        net(x)
+    for h in hooks:
+        h.remove()
+    torch.manual_seed(3)
+    for name, module in targets.items():
+        a = adapter_for(module)
+        with torch.no_grad():
+            before = module(acts[name])
+            predicted = 0.0
+            for g in range(a.groups):
+                W = a.weight(g)
+                W_new = W + 0.1 * torch.randn_like(W)
+                predicted += layer_loss(W, W_new, hs[name][g].hessian())
+                a.set_weight(g, W_new)
+            measured = ((module(acts[name]) - before) ** 2).sum() / hs[name][0].tokens
+        assert abs(predicted - measured.item()) <= 1e-10 * measured.item(), name
