@@ -1,0 +1,220 @@
+"""Save what ``optbrain.compress`` did to a model, and apply it to a fresh copy without
+recompressing.
+
+A run directory holds::
+
+    compressed.safetensors   every compressed layer's weight exactly as in the module, its
+                             masks (uint8) and quantization scales / zero points per group,
+                             and batch-norm statistics when they were re-calibrated
+    manifest.json            format version, tensor index (layer → keys, shapes, dtypes), the
+                             SHA-256 of the safetensors file, the recipe
+    report.json              the ``Report``
+
+No pickle anywhere. ``load`` checks the checksum, the format version and that every layer
+exists in the model with the same weight shape and dtype, and copies the tensors in: the model
+is then bit-identical to the one that was saved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+FORMAT = "optbrain-compressed"
+VERSION = 1
+TENSORS = "compressed.safetensors"
+MANIFEST = "manifest.json"
+REPORT = "report.json"
+
+
+class CheckpointError(ValueError):
+    """A run directory that is missing, truncated, tampered with or does not fit the model."""
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _bn_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
+    return {
+        n: m
+        for n, m in model.named_modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    }
+
+
+def save(model: nn.Module, path: str | os.PathLike) -> Path:
+    """Write the compressed layers of ``model`` (after ``optbrain.compress``) to directory
+    ``path`` (created if needed). Returns the directory."""
+    from ..api import compressed_state
+
+    state = compressed_state(model)
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tensors: dict[str, torch.Tensor] = {}
+    index: dict[str, Any] = {}
+    modules = dict(model.named_modules())
+    for name, entry in state["layers"].items():
+        module = modules.get(name)
+        if module is None:
+            raise CheckpointError(f"layer {name!r} was compressed but is no longer in the model")
+        w = module.weight.detach()
+        key = f"{name}.weight"
+        tensors[key] = w.cpu().contiguous()
+        groups = []
+        for g, grp in enumerate(entry["groups"]):
+            gi: dict[str, Any] = {
+                "bits": grp["bits"],
+                "sym": grp["sym"],
+                "group_size": grp["group_size"],
+            }
+            for part in ("mask", "scale", "zero"):
+                t = grp[part]
+                if t is None:
+                    continue
+                k = f"{name}.g{g}.{part}"
+                tensors[k] = (t.to(torch.uint8) if part == "mask" else t).contiguous()
+                gi[part] = k
+            groups.append(gi)
+        index[name] = {
+            "weight": key,
+            "shape": list(w.shape),
+            "dtype": str(w.dtype).removeprefix("torch."),
+            "groups": groups,
+            "plan": entry["plan"],
+        }
+    buffers: dict[str, list[str]] = {}
+    if state.get("bn_recalibrated"):
+        for name, bn in _bn_modules(model).items():
+            keys = []
+            for b in ("running_mean", "running_var", "num_batches_tracked"):
+                t = getattr(bn, b, None)
+                if t is not None:
+                    k = f"{name}.{b}"
+                    tensors[k] = t.detach().cpu().contiguous()
+                    keys.append(k)
+            buffers[name] = keys
+    tpath = out / TENSORS
+    save_file(tensors, str(tpath), metadata={"format": FORMAT, "version": str(VERSION)})
+    manifest = {
+        "format": FORMAT,
+        "version": VERSION,
+        "sha256": _sha256(tpath),
+        "layers": index,
+        "buffers": buffers,
+        "recipe": state["recipe"],
+    }
+    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    (out / REPORT).write_text(json.dumps(state["report"], indent=1))
+    return out
+
+
+def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
+    """The validated manifest of a run directory."""
+    d = Path(path)
+    mpath = d / MANIFEST
+    if not d.is_dir():
+        raise CheckpointError(f"{d} is not a directory written by optbrain.save")
+    if not mpath.is_file():
+        raise CheckpointError(
+            f"{d} has no {MANIFEST}; not a run directory written by optbrain.save"
+        )
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{mpath} is not valid JSON (truncated or edited?): {e}") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{mpath} is not an optbrain manifest (format != {FORMAT!r})")
+    if manifest.get("version") != VERSION:
+        raise CheckpointError(
+            f"{mpath} has format version {manifest.get('version')!r}; "
+            f"this optbrain reads version {VERSION}"
+        )
+    for key in ("sha256", "layers", "buffers"):
+        if key not in manifest:
+            raise CheckpointError(f"{mpath} lacks {key!r} (truncated or edited?)")
+    return manifest
+
+
+def _group_state(info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    out: dict[str, Any] = {k: info.get(k) for k in ("bits", "sym", "group_size")}
+    for part in ("mask", "scale", "zero"):
+        t = tensors.get(info[part]) if part in info else None
+        out[part] = t.bool() if (t is not None and part == "mask") else t
+    return out
+
+
+def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """Apply a saved run to ``model`` (a fresh copy of the dense model) and return it.
+
+    Raises ``CheckpointError`` when the files are missing, truncated or modified (checksum), or
+    when a layer is absent from the model or has another shape or dtype. The model is changed
+    only after every check passed.
+    """
+    d = Path(path)
+    manifest = read_manifest(d)
+    tpath = d / TENSORS
+    if not tpath.is_file():
+        raise CheckpointError(f"{d} has no {TENSORS}")
+    digest = _sha256(tpath)
+    if digest != manifest["sha256"]:
+        raise CheckpointError(
+            f"{tpath} does not match its checksum in {MANIFEST} (file "
+            "truncated or modified); refusing to load it"
+        )
+    try:
+        tensors = load_file(str(tpath))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointError(f"{tpath} cannot be read: {e}") from None
+    modules = dict(model.named_modules())
+    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for name, info in manifest["layers"].items():
+        module = modules.get(name)
+        w = getattr(module, "weight", None) if module is not None else None
+        if not isinstance(w, torch.Tensor):
+            raise CheckpointError(f"layer {name!r} of the checkpoint is not in this model")
+        t = tensors.get(info["weight"])
+        if t is None:
+            raise CheckpointError(f"tensor {info['weight']!r} is missing from {tpath}")
+        if list(w.shape) != list(t.shape) or w.dtype != t.dtype:
+            raise CheckpointError(
+                f"layer {name!r}: checkpoint weight is {tuple(t.shape)} {t.dtype}, the model's "
+                f"is {tuple(w.shape)} {w.dtype}; is this the model that was compressed?"
+            )
+        plan.append((w, t))
+    bns = _bn_modules(model)
+    for name, keys in manifest["buffers"].items():
+        if name not in bns:
+            raise CheckpointError(f"batch norm {name!r} of the checkpoint is not in this model")
+        for k in keys:
+            buf = getattr(bns[name], k.rsplit(".", 1)[1])
+            t = tensors.get(k)
+            if t is None or buf.shape != t.shape:
+                raise CheckpointError(f"buffer {k!r} is missing or has another shape")
+            plan.append((buf, t))
+    with torch.no_grad():
+        for dst, src in plan:
+            dst.copy_(src.to(dst.device))
+    model.__dict__["_optbrain"] = {
+        "recipe": manifest["recipe"],
+        "loaded_from": str(d),
+        "layers": {
+            n: {"plan": i["plan"], "groups": [_group_state(g, tensors) for g in i["groups"]]}
+            for n, i in manifest["layers"].items()
+        },
+        "report": json.loads((d / REPORT).read_text()) if (d / REPORT).is_file() else None,
+        "bn_recalibrated": bool(manifest["buffers"]),
+    }
+    return model

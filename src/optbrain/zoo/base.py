@@ -1,0 +1,71 @@
+"""The zoo's contract: what an entry provides and the registry."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ZooEntry:
+    """A real model with its data, offline.
+
+    load(): the dense model in eval mode (trained and cached, or read from an installed
+      package). calibration(n, seed): a list of model inputs (batches) holding ``n`` samples,
+      disjoint from the evaluation data. evaluate(model, dense=None, limit=None): named
+      metrics (higher-is-better unless the name says otherwise); ``dense`` enables agreement
+      metrics; ``limit`` evaluates on a slice (smoke tests). inputs: the calibration
+      convention for ``optbrain.compress`` ("all" or "first"). recipe: a sensible default.
+      notes: caveats printed beside every table of this model.
+    """
+
+    name: str
+    description: str
+    load: Callable[[], nn.Module]
+    calibration: Callable[[int, int], list[Any]]
+    evaluate: Callable[..., dict[str, float]]
+    primary: str
+    inputs: str = "all"
+    recipe: dict[str, Any] = field(default_factory=dict)
+    notes: str = ""
+    requires: tuple[str, ...] = ()
+
+
+ZOO: dict[str, ZooEntry] = {}
+
+
+def register(entry: ZooEntry) -> ZooEntry:
+    ZOO[entry.name] = entry
+    return entry
+
+
+def names() -> list[str]:
+    return sorted(ZOO)
+
+
+def get(name: str) -> ZooEntry:
+    """The zoo entry ``name``; a ValueError lists the available ones."""
+    if name not in ZOO:
+        raise ValueError(f"unknown model {name!r}; available: {', '.join(names())}")
+    return ZOO[name]
+
+
+def cache_dir() -> Path:
+    """Where trained zoo models are cached: ``$OPTBRAIN_CACHE`` or ``~/.cache/optbrain``."""
+    d = Path(os.environ.get("OPTBRAIN_CACHE", Path.home() / ".cache" / "optbrain"))
+    d.mkdir(parents=True, exist_ok=True)
+    return d
+
+
+def sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
