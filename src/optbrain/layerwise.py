@@ -127,4 +127,4 @@ def compress_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = No
 
 def _ensure_registered() -> None:
     # solver modules register themselves on import
-    from .core import exact  # noqa: F401
+    from .core import auto, baselines, exact, gptq, sparsegpt  # noqa: F401
