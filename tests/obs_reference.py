@@ -95,18 +95,28 @@ def naive_greedy(
     candidates: Candidates,
     target: Target,
     fixed: dict | None = None,
+    outlier_scale: Sequence[float] | None = None,
 ) -> NaiveGreedy:
     """Greedy: at each step try every candidate group, re-solve from scratch, keep the cheapest.
 
     ``fixed`` (optional) holds coordinates already fixed before the first step (e.g. the pruned
     set when quantizing after pruning); they stay fixed at their targets.
+    ``outlier_scale`` (OBQ's outlier rule, single-coordinate candidates): when some candidate's
+    rounding error exceeds half its grid step ``outlier_scale[i] / 2``, the candidate with the
+    largest error is taken instead of the cheapest.
     """
     fixed = dict(fixed or {})
     x, loss = constrained_optimum(w, H, list(fixed), list(fixed.values()))
     states, losses, order = [x], [loss], []
     for _ in range(steps):
         best = None
-        for grp in candidates(fixed):
+        cands = candidates(fixed)
+        if outlier_scale is not None:
+            errs = {g: (target(g, x)[0] - float(x[g[0]])) ** 2 for g in cands}
+            outl = [g for g in cands if errs[g] > 0.25 * outlier_scale[g[0]] ** 2]
+            if outl:
+                cands = [max(outl, key=lambda g: errs[g])]
+        for grp in cands:
             t = target(grp, x)
             trial = dict(fixed)
             trial.update(zip(grp, t, strict=True))

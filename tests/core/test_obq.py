@@ -25,8 +25,9 @@ F64 = torch.float64
 EXACT = {"damp": 0.0, "dtype": F64}
 
 
-def _naive_quant_row(W, H, grid, row, fixed=None):
-    """Naive OBQ of one row, continuing from the pruned set ``fixed`` ({coord: 0}) if given."""
+def _naive_quant_row(W, H, grid, row, fixed=None, outliers=True):
+    """Naive OBQ of one row, continuing from the pruned set ``fixed`` ({coord: 0}) if given;
+    ``outliers``: apply OBQ's outlier rule (the library default)."""
     cols = W.shape[1]
     scale, zero = grid_columns(grid, cols)
     fixed = fixed or {}
@@ -38,6 +39,7 @@ def _naive_quant_row(W, H, grid, row, fixed=None):
         single_candidates(cols, kept),
         grid_target(scale[row], zero[row], grid.maxq),
         fixed=fixed,
+        outlier_scale=scale[row].tolist() if outliers else None,
     )
 
 
@@ -57,14 +59,26 @@ def _check_row(r, row, ref):
     ],
 )
 @pytest.mark.parametrize("engine", [{"lazy": 2, "shrink": 0.9}, {"shrink": 0.0}, {}])
-def test_obq_equals_naive_greedy(bits, sym, group_size, cols, seed, engine):
+@pytest.mark.parametrize("outliers", [True, False])
+def test_obq_equals_naive_greedy(bits, sym, group_size, cols, seed, engine, outliers):
     rows = 3
     W, X, H = make_problem(seed, rows, cols)
-    r = quantize_layer(W, H, bits, sym=sym, group_size=group_size, **engine, **EXACT)
+    r = quantize_layer(
+        W, H, bits, sym=sym, group_size=group_size, outliers=outliers, **engine, **EXACT
+    )
     assert r.grid is not None and r.grid.bits == bits and r.grid.sym is sym
     assert r.grid.on_grid(r.weight)
     for row in range(rows):
-        _check_row(r, row, _naive_quant_row(W, H, r.grid, row))
+        _check_row(r, row, _naive_quant_row(W, H, r.grid, row, outliers=outliers))
+
+
+def test_outlier_rule_fires_and_changes_the_order():
+    """A shrunken grid range leaves weights outside it: the rule must pick them first."""
+    W, X, H = make_problem(7, 4, 8)
+    W[:, 3] *= 6.0  # far outside any range the MSE search keeps
+    a = quantize_layer(W, H, 2, **EXACT)
+    b = quantize_layer(W, H, 2, outliers=False, **EXACT)
+    assert not torch.equal(a.weight, b.weight)
 
 
 def _compound_reference(W, H, r, prune_candidates, counts, group=1):

@@ -19,7 +19,7 @@ from .obq import obq
 from .obs import EngineConfig, PruneTrace, obs_trace, prune_nm
 from .result import CompressSpec, LayerResult
 
-OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row")
+OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row", "outliers")
 
 
 def check_options(method: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
@@ -92,7 +92,14 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
             group_size=spec.group_size,
             weight=torch.diagonal(prep.H),
         )
-        out = obq(weight, prep, grid, keep=keep, engine=engine)
+        out = obq(
+            weight,
+            prep,
+            grid,
+            keep=keep,
+            engine=engine,
+            outliers=bool(spec.options.get("outliers", True)),
+        )
         weight = out.weight
         # the pruned state is the optimum on {Ŵ_S = 0}, so the losses add (Pythagoras)
         predicted = predicted + out.step_loss.sum(1).cpu()

@@ -23,10 +23,18 @@ class QuantScorer(Scorer):
     """OBQ saliency ``(q(w_p) − w_p)² / [H⁻¹]_pp``; target ``q(w_p)``.
 
     scale, zero: per-column grid parameters ``(R, C)`` (original columns).
+    outliers: in a row where some weight's rounding error exceeds half a grid step (it lies
+    outside the grid's range, e.g. pushed there by earlier compensation), the outlier with the
+    largest error is quantized next instead of the cheapest one, so it cannot drift further
+    (the rule of the original OBQ). Inside the range the error is at most half a step and the
+    rule never fires.
     """
 
-    def __init__(self, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> None:
+    def __init__(
+        self, scale: torch.Tensor, zero: torch.Tensor, maxq: int, outliers: bool = True
+    ) -> None:
         self.scale_all, self.zero_all, self.maxq = scale, zero, maxq
+        self.outliers = outliers
         self.scale = self.zero = None
 
     def gather(self, pos):
@@ -36,7 +44,14 @@ class QuantScorer(Scorer):
     def __call__(self, w, d, alive, step):
         q = quantize_values(w, self.scale, self.zero, self.maxq)
         e = q - w
-        score = (e * e / d).masked_fill_(~alive, float("inf"))
+        err = e * e
+        score = (err / d).masked_fill_(~alive, float("inf"))
+        if self.outliers:
+            out = (err > 0.25 * self.scale * self.scale) & alive
+            rows = out.any(1, keepdim=True)
+            if bool(rows.any()):
+                worst = (-err).masked_fill_(~out, float("inf"))
+                score = torch.where(rows, worst, score)
         return score, q
 
 
@@ -61,6 +76,7 @@ def obq(
     grid: QuantGrid,
     keep: torch.Tensor | None = None,
     engine: EngineConfig = DEFAULT_ENGINE,
+    outliers: bool = True,
 ) -> GreedyOut:
     """Quantize every (kept) weight of ``W (R, C)`` greedily onto ``grid``.
 
@@ -72,7 +88,7 @@ def obq(
     scale, zero = scale.to(W.dtype), zero.to(W.dtype)
     outs = []
     for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory):
-        scorer = QuantScorer(scale[sl], zero[sl], grid.maxq)
+        scorer = QuantScorer(scale[sl], zero[sl], grid.maxq, outliers)
         if keep is None:
             outs.append(greedy_single(W[sl], prepared.Hinv, C, scorer, engine=engine))
             continue
