@@ -1,5 +1,6 @@
 # optbrain: `make demo` runs the main job, `make test` runs the tests. Both set themselves up.
 VENV ?= .venv
+export OMP_WAIT_POLICY ?= PASSIVE
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
@@ -15,7 +16,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: setup
-	$(PY) benchmarks/bench_layer.py --rows 128 --cols 256 --tokens 1024
+	$(PY) -m optbrain demo
 
 test: setup
 	$(PY) -m pytest -q
