@@ -169,6 +169,19 @@ def compress(
     torch.manual_seed(rec.seed)
     t0 = time.perf_counter()
     layers, skipped = find_layers(model)
+    if not layers:
+        details = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:5])
+        raise ValueError(
+            "nothing to compress: the model has no compressible layer (Linear, Conv1d, Conv2d, "
+            "transformers Conv1D)" + (f" [skipped: {details}]" if details else "")
+        )
+    typos = [u for u in rec.unmatched([*layers, *skipped]) if ".targets " in u]
+    if typos:
+        example = ", ".join(list(layers)[:4])
+        raise ValueError(
+            f"recipe {'; '.join(typos)} matches no layer of the model (a typo?); "
+            f"layers are named like: {example}"
+        )
     records: list[LayerRecord] = [
         _record_skip(n, model.get_submodule(n), r) for n, r in skipped.items()
     ]
@@ -177,7 +190,7 @@ def compress(
     for lname, module in layers.items():
         plan = rec.plan(lname)
         if plan is None:
-            records.append(_record_skip(lname, module, "not targeted by the recipe"))
+            records.append(_record_skip(lname, module, "the recipe asks nothing of this layer"))
             continue
         adapter = adapter_for(module)
         try:
@@ -187,14 +200,15 @@ def compress(
             continue
         plans[lname] = plan
         adapters[lname] = adapter
-    if not plans:
-        why = (
-            "the model has no compressible layer (Linear, Conv1d/2d, Conv1D)"
-            if not layers
-            else "no compressible layer is targeted by the recipe (or all were skipped)"
-        )
-        details = "; ".join(f"{r.name}: {r.reason}" for r in records[:5])
-        raise ValueError(f"nothing to compress: {why}" + (f" [{details}]" if details else ""))
+    if not plans:  # a no-op recipe: nothing to calibrate, the model is left as it is
+        model.__dict__[STATE_ATTR] = {
+            "recipe": rec.to_dict(),
+            "layers": {},
+            "report": None,
+            "bn_recalibrated": False,
+        }
+        report = _finish(model, records, rec, name, t0, 0)
+        return report
 
     batches = take_samples(calibration, rec.calibration.samples)
     progress = Progress(len(plans), "compress", enabled=not quiet)
@@ -233,6 +247,24 @@ def compress(
         progress.close()
 
     records.extend(comp.records)
+    state = {
+        "recipe": rec.to_dict(),
+        "layers": comp.state,
+        "report": None,
+        "bn_recalibrated": bool(rec.bn_recalibration),
+    }
+    model.__dict__[STATE_ATTR] = state
+    return _finish(model, records, rec, name, t0, len(batches))
+
+
+def _finish(
+    model: nn.Module,
+    records: list[LayerRecord],
+    rec: Recipe,
+    name: str | None,
+    t0: float,
+    batches: int,
+) -> Report:
     order = {n: i for i, (n, _) in enumerate(model.named_modules())}
     records.sort(key=lambda r: (order.get(r.name, len(order)), r.group or 0))
     report = Report.create(
@@ -240,16 +272,10 @@ def compress(
         model=name or type(model).__name__,
         recipe=rec.to_dict(),
         seconds=time.perf_counter() - t0,
-        calibration_batches=len(batches),
+        calibration_batches=batches,
         calibration_mode=rec.calibration.mode,
     )
-    state = {
-        "recipe": rec.to_dict(),
-        "layers": comp.state,
-        "report": report.to_dict(),
-        "bn_recalibrated": bool(rec.bn_recalibration),
-    }
-    model.__dict__[STATE_ATTR] = state
+    model.__dict__[STATE_ATTR]["report"] = report.to_dict()
     return report
 
 
