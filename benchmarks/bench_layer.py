@@ -15,12 +15,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import time
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/__init__.py
 
-from optbrain import compress_layer, hessian_from_inputs, prepare_hessian, prune_layer
-from optbrain.core.grid import fit_grid, quantize_values
+import torch  # noqa: E402
+
+from optbrain import (  # noqa: E402
+    compress_layer,
+    hessian_from_inputs,
+    prepare_hessian,
+    prune_layer,
+)
+from optbrain.core.grid import fit_grid, quantize_values  # noqa: E402
 
 
 def make_problem(rows: int, cols: int, tokens: int, kind: str, seed: int):
