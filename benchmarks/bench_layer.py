@@ -73,16 +73,66 @@ def timed(fn):
     return out, time.perf_counter() - t0
 
 
+def run_kind(kind: str, args: argparse.Namespace) -> list[dict]:
+    """Every exact method (and the reference loop with --reference) on one input kind."""
+    W, X = make_problem(args.rows, args.cols, args.tokens, kind, args.seed)
+    H = hessian_from_inputs(X)
+    cases = [
+        ("ExactOBS full trace (+50%)", lambda: prune_layer(W, H, 0.5)),
+        ("OBQ 4-bit", lambda: compress_layer(W, H, bits=4)),
+        ("OBQ 3-bit", lambda: compress_layer(W, H, bits=3)),
+        ("ExactOBS 2:4", lambda: prune_layer(W, H, pattern="2:4")),
+        ("ExactOBS block4 50%", lambda: prune_layer(W, H, 0.5, pattern="block4")),
+        ("OBC 2:4 + 4-bit", lambda: compress_layer(W, H, pattern="2:4", bits=4)),
+    ]
+    rows = []
+    for name, fn in cases:
+        res, sec = timed(fn)
+        rows.append(
+            {"inputs": kind, "method": name, "seconds": sec, "rel_loss": rel_loss(W, res.weight, X)}
+        )
+        print(f"{kind:10s} {name:36s} {sec:8.3f} s  loss {rows[-1]['rel_loss']:.5f}", flush=True)
+    if args.reference:
+        prep = prepare_hessian(H, 0.01)
+        grid = fit_grid(W, 4, weight=torch.diagonal(prep.H))
+        sc, ze = grid.columns(W.shape[1])
+        refs = [
+            ("reference: full trace (rank-1 loop)", lambda: reference_obs(W, prep.Hinv)),
+            (
+                "reference: OBQ 4-bit (rank-1 loop)",
+                lambda: reference_obs(
+                    W, prep.Hinv, lambda w: quantize_values(w, sc, ze, grid.maxq)
+                ),
+            ),
+        ]
+        for name, fn in refs:
+            out, sec = timed(fn)
+            rows.append(
+                {"inputs": kind, "method": name, "seconds": sec, "rel_loss": rel_loss(W, out, X)}
+            )
+            print(
+                f"{kind:10s} {name:36s} {sec:8.3f} s  loss {rows[-1]['rel_loss']:.5f}", flush=True
+            )
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rows", type=int, default=256, help="output channels of the layer")
     ap.add_argument("--cols", type=int, default=512, help="input features of the layer")
     ap.add_argument("--tokens", type=int, default=2048, help="calibration tokens (rows of X)")
     ap.add_argument("--seed", type=int, default=0, help="random seed")
-    ap.add_argument("--inputs", choices=["correlated", "iid", "both"], default="both",
-                    help="input distribution(s) to run")
-    ap.add_argument("--reference", action="store_true",
-                    help="also time the plain per-row rank-1 formulation (slow: ~1 min)")
+    ap.add_argument(
+        "--inputs",
+        choices=["correlated", "iid", "both"],
+        default="both",
+        help="input distribution(s) to run",
+    )
+    ap.add_argument(
+        "--reference",
+        action="store_true",
+        help="also time the plain per-row rank-1 formulation (slow: ~1 min)",
+    )
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--json", metavar="PATH", help="also write the results as JSON")
     args = ap.parse_args()
@@ -90,41 +140,12 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     kinds = ["correlated", "iid"] if args.inputs == "both" else [args.inputs]
-    rows = []
-    for kind in kinds:
-        W, X = make_problem(args.rows, args.cols, args.tokens, kind, args.seed)
-        H = hessian_from_inputs(X)
-        cases = [
-            ("ExactOBS full trace (+50%)", lambda: prune_layer(W, H, 0.5)),
-            ("OBQ 4-bit", lambda: compress_layer(W, H, bits=4)),
-            ("OBQ 3-bit", lambda: compress_layer(W, H, bits=3)),
-            ("ExactOBS 2:4", lambda: prune_layer(W, H, pattern="2:4")),
-            ("ExactOBS block4 50%", lambda: prune_layer(W, H, 0.5, pattern="block4")),
-            ("OBC 2:4 + 4-bit", lambda: compress_layer(W, H, pattern="2:4", bits=4)),
-        ]
-        for name, fn in cases:
-            res, sec = timed(fn)
-            rows.append({"inputs": kind, "method": name, "seconds": sec,
-                         "rel_loss": rel_loss(W, res.weight, X)})
-            print(f"{kind:10s} {name:28s} {sec:8.3f} s  loss {rows[-1]['rel_loss']:.5f}",
-                  flush=True)
-        if args.reference:
-            prep = prepare_hessian(H, 0.01)
-            what, sec = timed(lambda: reference_obs(W, prep.Hinv))
-            rows.append({"inputs": kind, "method": "reference: full trace (rank-1 loop)",
-                         "seconds": sec, "rel_loss": float("nan")})
-            print(f"{kind:10s} reference full trace        {sec:8.3f} s", flush=True)
-            grid = fit_grid(W, 4, weight=torch.diagonal(prep.H))
-            sc, ze = grid.columns(W.shape[1])
-            q, sec = timed(lambda: reference_obs(
-                W, prep.Hinv, lambda w: quantize_values(w, sc, ze, grid.maxq)))
-            rows.append({"inputs": kind, "method": "reference: OBQ 4-bit (rank-1 loop)",
-                         "seconds": sec, "rel_loss": rel_loss(W, q, X)})
-            print(f"{kind:10s} reference OBQ 4-bit         {sec:8.3f} s  loss "
-                  f"{rows[-1]['rel_loss']:.5f}", flush=True)
+    rows = [r for kind in kinds for r in run_kind(kind, args)]
 
-    print(f"\n{args.rows}x{args.cols} layer, {args.tokens} tokens, "
-          f"{torch.get_num_threads()} threads\n")
+    print(
+        f"\n{args.rows}x{args.cols} layer, {args.tokens} tokens, "
+        f"{torch.get_num_threads()} threads\n"
+    )
     print("| inputs | method | seconds | loss ‖ΔW X‖²/‖W X‖² |")
     print("|---|---|---:|---:|")
     for r in rows:
@@ -136,12 +157,23 @@ def main() -> None:
             sel = {r["method"]: r["seconds"] for r in rows if r["inputs"] == kind}
             t = sel["reference: full trace (rank-1 loop)"] / sel["ExactOBS full trace (+50%)"]
             q = sel["reference: OBQ 4-bit (rank-1 loop)"] / sel["OBQ 4-bit"]
-            print(f"{kind}: speed-up over the rank-1 loop, same run: full trace {t:.1f}x, "
-                  f"OBQ 4-bit {q:.1f}x")
+            print(
+                f"{kind}: speed-up over the rank-1 loop, same run: full trace {t:.1f}x, "
+                f"OBQ 4-bit {q:.1f}x"
+            )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"rows": args.rows, "cols": args.cols, "tokens": args.tokens,
-                       "threads": torch.get_num_threads(), "results": rows}, f, indent=1)
+            json.dump(
+                {
+                    "rows": args.rows,
+                    "cols": args.cols,
+                    "tokens": args.tokens,
+                    "threads": torch.get_num_threads(),
+                    "results": rows,
+                },
+                f,
+                indent=1,
+            )
 
 
 if __name__ == "__main__":
