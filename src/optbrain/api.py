@@ -109,11 +109,22 @@ class _Compressor:
         self.progress = progress
         self.records: list[LayerRecord] = []
         self.state: dict[str, dict[str, Any]] = {}
+        # (parameter, CPU copy of its dense value) for every weight written so far: ``restore``
+        # puts them back when compression fails part-way (sequential mode writes block by block)
+        self.originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def restore(self) -> None:
+        """Put back the dense weights of the layers compressed so far."""
+        with torch.no_grad():
+            for p, dense in reversed(self.originals):
+                p.copy_(dense.to(p.device))
+        self.originals.clear()
 
     def __call__(self, name: str, module: nn.Module, hessians: list[HessianAccumulator]) -> None:
         plan = self.plans[name]
         adapter = self.adapters[name]
         entry: dict[str, Any] = {"plan": plan.to_dict(), "groups": []}
+        self.originals.append((module.weight, module.weight.detach().to("cpu", copy=True)))
         for g, acc in enumerate(hessians):
             W = adapter.weight(g)
             H = acc.hessian()
@@ -164,6 +175,8 @@ def compress(
     recipe: a ``Recipe``, a dict (shortest form ``{"method": "obc", "sparsity": 0.5}``) or a
       YAML path.
     quiet: no progress line.
+    If anything fails (a calibration forward, a solver), no hook is left behind and the
+    weights written so far are put back: the model is left as it was.
     """
     rec = Recipe.coerce(recipe)
     torch.manual_seed(rec.seed)
@@ -243,6 +256,9 @@ def compress(
                 comp(n, adapters[n].module, hess[n])
         if rec.bn_recalibration:
             recalibrate_batchnorm(model, batches, forward, inputs=inputs)
+    except BaseException:
+        comp.restore()  # a failure part-way leaves the model as it was, not half compressed
+        raise
     finally:
         progress.close()
 
