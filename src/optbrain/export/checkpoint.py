@@ -159,9 +159,9 @@ def _group_state(info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Apply a saved run to ``model`` (a fresh copy of the dense model) and return it.
 
-    Raises ``CheckpointError`` when the files are missing, truncated or modified (checksum), or
-    when a layer is absent from the model or has another shape or dtype. The model is changed
-    only after every check passed.
+    Raises ``CheckpointError`` when the files are missing, truncated or modified (checksum), the
+    manifest or report is malformed, or a layer is absent from the model or has another shape or
+    dtype. The model is changed only after every check passed.
     """
     d = Path(path)
     manifest = read_manifest(d)
@@ -178,6 +178,32 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         tensors = load_file(str(tpath))
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{tpath} cannot be read: {e}") from None
+    try:  # every check, and the new state, before anything is written into the model
+        plan, state = _plan_load(model, d, manifest, tensors)
+    except (KeyError, TypeError, AttributeError, IndexError) as e:
+        raise CheckpointError(
+            f"{d / MANIFEST} is malformed (edited?): {type(e).__name__}: {e}"
+        ) from None
+    report = None
+    if (d / REPORT).is_file():
+        try:
+            report = json.loads((d / REPORT).read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(
+                f"{d / REPORT} is not valid JSON (truncated or edited?): {e}"
+            ) from None
+    with torch.no_grad():
+        for dst, src in plan:
+            dst.copy_(src.to(dst.device))
+    model.__dict__["_optbrain"] = {**state, "report": report}
+    return model
+
+
+def _plan_load(
+    model: nn.Module, d: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
+    """(destination, source) pairs to copy and the model's new ``_optbrain`` state, after
+    checking that the checkpoint fits ``model``; nothing is written."""
     modules = dict(model.named_modules())
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
     for name, info in manifest["layers"].items():
@@ -187,7 +213,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
             raise CheckpointError(f"layer {name!r} of the checkpoint is not in this model")
         t = tensors.get(info["weight"])
         if t is None:
-            raise CheckpointError(f"tensor {info['weight']!r} is missing from {tpath}")
+            raise CheckpointError(f"tensor {info['weight']!r} is missing from {d / TENSORS}")
         if list(w.shape) != list(t.shape) or w.dtype != t.dtype:
             raise CheckpointError(
                 f"layer {name!r}: checkpoint weight is {tuple(t.shape)} {t.dtype}, the model's "
@@ -199,22 +225,18 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         if name not in bns:
             raise CheckpointError(f"batch norm {name!r} of the checkpoint is not in this model")
         for k in keys:
-            buf = getattr(bns[name], k.rsplit(".", 1)[1])
+            buf = getattr(bns[name], k.rsplit(".", 1)[1], None)
             t = tensors.get(k)
-            if t is None or buf.shape != t.shape:
+            if t is None or not isinstance(buf, torch.Tensor) or buf.shape != t.shape:
                 raise CheckpointError(f"buffer {k!r} is missing or has another shape")
             plan.append((buf, t))
-    with torch.no_grad():
-        for dst, src in plan:
-            dst.copy_(src.to(dst.device))
-    model.__dict__["_optbrain"] = {
+    state = {
         "recipe": manifest["recipe"],
         "loaded_from": str(d),
         "layers": {
             n: {"plan": i["plan"], "groups": [_group_state(g, tensors) for g in i["groups"]]}
             for n, i in manifest["layers"].items()
         },
-        "report": json.loads((d / REPORT).read_text()) if (d / REPORT).is_file() else None,
         "bn_recalibrated": bool(manifest["buffers"]),
     }
-    return model
+    return plan, state
