@@ -3,10 +3,11 @@
 ``compress`` finds every compressible layer (``optbrain.layers``), asks the recipe what to do
 with each, collects Hessians from the calibration data (``independent``: all layers from the
 dense model in one pass, as OBC; ``sequential``: block by block from the compressed blocks
-before, as GPTQ), solves each layer (per group for grouped convolutions) with
-``optbrain.layerwise.compress_layer``, writes the weights back in place, and returns a
-``Report``. What was done is kept on the model (``model._optbrain``) so that ``save`` can write
-it and ``load`` can apply it to a fresh copy without recompressing.
+before, as GPTQ, or layer by layer in a model without a block list), solves each layer (per
+group for grouped convolutions) with ``optbrain.layerwise.compress_layer``, writes the weights
+back in place, and returns a ``Report``. What was done is kept on the model
+(``model._optbrain``) so that ``save`` can write it and ``load`` can apply it to a fresh copy
+without recompressing.
 """
 
 from __future__ import annotations
@@ -228,7 +229,10 @@ def compress(
     comp = _Compressor(plans, adapters, progress)
     try:
         if rec.calibration.mode == "sequential":
-            blocks = find_blocks(model)
+            try:
+                blocks = find_blocks(model)
+            except ValueError:  # no block list (an MLP, a plain CNN): layer by layer below
+                blocks = []
             inside = {f"{b}.{n}" for b, blk in blocks for n, _ in blk.named_modules()}
             in_blocks = [n for n in plans if n in inside]
             if in_blocks:
@@ -246,6 +250,13 @@ def compress(
                     model, batches, blocks, targets_in_block, comp, forward=forward, inputs=inputs
                 )
             rest = [n for n in plans if n not in comp.state]
+            if not blocks:
+                for n in rest:  # each layer's H from the model with the layers before compressed
+                    hess = collect_hessians(
+                        model, {n: adapters[n]}, batches, forward, inputs=inputs
+                    )
+                    comp(n, adapters[n].module, hess[n])
+                rest = []
         else:
             rest = list(plans)
         if rest:
