@@ -16,9 +16,22 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         rec = Recipe.coerce(args.recipe)
         flags = {
             k: getattr(args, k)
-            for k in ("method", "sparsity", "pattern", "bits")
+            for k in (
+                "method",
+                "sparsity",
+                "pattern",
+                "bits",
+                "group_size",
+                "damp",
+                "targets",
+                "ignore",
+                "mode",
+                "samples",
+            )
             if getattr(args, k) is not None
         }
+        if args.asym:
+            flags["asym"] = True
         if flags:
             raise ValueError(
                 f"--recipe cannot be combined with {sorted(flags)}; put them in the recipe file"
@@ -35,7 +48,10 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         raise ValueError("say what to do: --sparsity, --pattern N:M, --bits or --recipe")
     d: dict[str, Any] = {
         "rules": [{"targets": args.targets or ["*"], **rule}],
-        "calibration": {"mode": args.mode, "samples": args.samples},
+        "calibration": {
+            "mode": args.mode or "independent",
+            "samples": 128 if args.samples is None else args.samples,
+        },
     }
     if args.ignore:
         d["ignore"] = args.ignore
@@ -60,6 +76,10 @@ def cmd_compress(args: argparse.Namespace) -> int:
     from .report import render_table
     from .runs import run_zoo
 
+    if getattr(args, "target", None):  # a global budget: non-uniform levels (optbrain.budget)
+        from .budget.runs import cmd_compress_budget
+
+        return cmd_compress_budget(args)
     recipe = _recipe_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / args.model
     _, report = run_zoo(args.model, recipe, out, quiet=args.quiet, limit=args.limit)
@@ -162,13 +182,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--mode",
         choices=["independent", "sequential"],
-        default="independent",
         help="calibration mode (default: independent, as OBC)",
     )
-    c.add_argument("--samples", type=int, default=128, help="calibration samples (default 128)")
+    c.add_argument("--samples", type=int, help="calibration samples (default 128)")
     c.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     c.add_argument("--out", help="run directory (default: runs/MODEL)")
     c.add_argument("--quiet", action="store_true", help="no progress line")
+    c.add_argument(
+        "--target",
+        help="global budget instead of one setting for all layers, e.g. flops=0.25, "
+        "bops=1/12, size=0.3: a level per layer chosen by dynamic programming",
+    )
+    c.add_argument("--db", help="per-layer database directory for --target (default: OUT/db)")
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("eval", help="print a zoo model's metrics, dense and compressed")
