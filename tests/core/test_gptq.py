@@ -1,11 +1,13 @@
 """GPTQ (method="gptq") against round-to-nearest, a naive float64 re-derivation, its own loss.
 
-Loss ordering (measured, not proved): on 16×32 layers with X = Gaussian · random mixing matrix
-(N = 256), over 200 seeds GPTQ/RTN was at most 0.91 (3-bit) and 0.78 (4-bit), mean ≈ 0.6; on
-the 20 seeds tested here at most 0.72. OBC/RTN was at most 0.84. OBC ≤ GPTQ is *not* a theorem
-(both are greedy) and does not hold here on average: OBC/GPTQ had mean 1.10 (3-bit) and 1.03
-(4-bit), range 0.73–1.48 (the OBQ engine quantizes no "outliers first", see the OBC paper) — so
-only a loose bound on the mean of OBC/GPTQ is tested.
+Loss ordering (measured, not proved — all three are greedy or heuristic): on 16×32 layers with
+X = Gaussian · random mixing matrix (N = 256), over 200 seeds (100..299):
+
+    GPTQ/RTN  max 0.83 (3- and 4-bit), mean 0.60        OBC/RTN  max 0.65, mean 0.48
+    OBC/GPTQ  3-bit max 0.97, mean 0.77; 4-bit max 1.09, mean 0.82
+
+so OBC ≤ GPTQ is asserted on every seed at 3 bits, and at 4 bits only on average (with a
+per-seed bound of 1.15): it failed on some of the 200 seeds.
 """
 
 import pytest
@@ -131,10 +133,11 @@ def test_loss_order_obc_gptq_rtn(bits):
         gptq = quantize_layer(W, H, bits, method="gptq").loss
         rtn = quantize_layer(W, H, bits, method="rtn").loss
         obc = quantize_layer(W, H, bits, method="obc").loss
-        assert gptq < 0.85 * rtn, (seed, gptq, rtn)
-        assert obc < 0.95 * rtn, (seed, obc, rtn)
+        assert gptq < 0.9 * rtn, (seed, gptq, rtn)
+        assert obc < 0.7 * rtn, (seed, obc, rtn)
+        assert obc < (1.0 if bits == 3 else 1.15) * gptq, (seed, obc, gptq)
         ratios.append(obc / gptq)
-    assert sum(ratios) / len(ratios) < 1.25
+    assert sum(ratios) / len(ratios) < 0.9
 
 
 @pytest.mark.parametrize(

@@ -152,3 +152,27 @@ def test_invalid_requests_name_the_method(call):
     W, H, _ = make_problem(0, rows=4, cols=8)
     with pytest.raises(ValueError, match="sparsegpt"):
         call(W, H)
+
+
+@pytest.mark.parametrize(
+    "method,kw",
+    [
+        ("sparsegpt", {"sparsity": 0.5}),
+        ("sparsegpt", {"pattern": "2:4", "bits": 4}),
+        ("gptq", {"bits": 4}),
+    ],
+)
+def test_singular_hessian_follows_the_policy_and_records_it(method, kw):
+    """Rank-8 H of 32 inputs with damp=0: 'damp' retries with 10× damping (recorded) and the
+    prediction stays exact under that damped H; 'raise' raises."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(8, 32, generator=g, dtype=F64)
+    H = 2 * X.T @ X / 8
+    W = torch.randn(4, 32, generator=g, dtype=F64)
+    r = compress_layer(W, H, method=method, damp=0.0, dtype=F64, **kw)
+    assert r.fallback is not None and r.fallback.startswith("damping") and r.damping > 0
+    prep = prepare_hessian(H, 0.0, dtype=F64)
+    assert r.damping == prep.damping
+    assert r.loss == pytest.approx(layer_loss(W, r.weight, prep.H), rel=1e-6)
+    with pytest.raises(ValueError, match="positive definite"):
+        compress_layer(W, H, method=method, damp=0.0, dtype=F64, on_singular="raise", **kw)
