@@ -1,0 +1,58 @@
+"""Non-uniform compression to a global budget (issue #6): a per-layer database of compressed
+levels with their errors, cost models (params, FLOPs, BOPs, size, latency), and a dynamic
+program choosing one level per layer under the budget.
+
+    from optbrain.budget import compress_to_budget
+    report = compress_to_budget(model, calibration, target="flops=0.25", db_dir="db/")
+
+* ``levels``   — ``Level(sparsity, pattern, bits)`` with stable ids (``"s0.5+b4"``), grids
+* ``database`` — build / resume / reuse the on-disk database, fingerprint checks
+* ``costs``    — cost models per layer and level, ``parse_target("bops=1/12")``
+* ``solver``   — the DP (``solve_dp``) and a brute force for tests
+* ``api``      — ``compress_to_budget``, ``plan_allocation``, ``apply_allocation``
+* ``runs``     — ``run_zoo_budget`` (zoo models end to end) and the CLI's ``--target`` path
+* ``plot``     — ``allocation_svg``: the level chosen per layer as an inline SVG
+"""
+
+from .api import OBJECTIVES, Allocation, apply_allocation, compress_to_budget, plan_allocation
+from .costs import DENSE_BITS, METRICS, Target, level_cost, parse_target
+from .database import (
+    Database,
+    DatabaseError,
+    DatabaseMismatchError,
+    DbSettings,
+    build_database,
+    fingerprint,
+)
+from .levels import Level, default_levels, normalize_levels
+from .plot import allocation_svg
+from .runs import run_zoo_budget
+from .solver import BudgetError, Solution, brute_force, solve_dp
+
+__all__ = [
+    "DENSE_BITS",
+    "METRICS",
+    "OBJECTIVES",
+    "Allocation",
+    "BudgetError",
+    "Database",
+    "DatabaseError",
+    "DatabaseMismatchError",
+    "DbSettings",
+    "Level",
+    "Solution",
+    "Target",
+    "allocation_svg",
+    "apply_allocation",
+    "brute_force",
+    "build_database",
+    "compress_to_budget",
+    "default_levels",
+    "fingerprint",
+    "level_cost",
+    "normalize_levels",
+    "parse_target",
+    "plan_allocation",
+    "run_zoo_budget",
+    "solve_dp",
+]

@@ -1,0 +1,445 @@
+"""Non-uniform compression to a global budget: database → costs → DP → stitched model + Report.
+
+``compress_to_budget(model, calibration, target="flops=0.25")`` builds (or reuses) the
+per-layer database, prices every (layer, level) with the target's cost model, chooses one level
+per layer by dynamic programming (least summed error with total cost <= budget), writes the
+chosen weights into the model through the layer adapters, and records masks and grids on
+``model._optbrain`` so ``optbrain.export.save`` / ``load`` work as after ``optbrain.compress``.
+
+Objectives (the error the DP sums): ``"relative"`` (default without model-level errors): the
+layer-wise loss divided by the layer's dense output energy ``½ Σ_r W_r H W_rᵀ``, so layers with
+large activations do not dominate; ``"loss"``: the raw layer-wise loss ``½ Σ_r δ_r H δ_rᵀ``;
+``"model"`` (default with ``model_level=True``): the model-level calibration loss increase of
+swapping in only that layer.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..api import STATE_ATTR, take_samples
+from ..calibrate.data import Forward, iter_batches
+from ..layers import adapter_for, find_layers
+from ..report import LayerRecord, Report
+from .costs import METRICS, Target, level_cost, parse_target
+from .database import Database, DbSettings, build_database
+from .levels import Level
+from .solver import DEFAULT_RESOLUTION, BudgetError, Solution, solve_dp
+
+OBJECTIVES = ("relative", "loss", "model")
+UNIFORM_SLACK = 0.005
+
+__all__ = [
+    "Allocation",
+    "OBJECTIVES",
+    "apply_allocation",
+    "compress_to_budget",
+    "plan_allocation",
+]
+
+
+@dataclass
+class Allocation:
+    """The chosen level per layer and what it costs.
+
+    levels: ``{layer: level id}``. costs / errors: the chosen entries' cost and error per
+    layer. dense_cost, budget, cost: totals (exact rationals). error: summed objective.
+    """
+
+    target: Target
+    objective: str
+    levels: dict[str, str]
+    costs: dict[str, Fraction]
+    errors: dict[str, float]
+    dense_cost: Fraction
+    budget: Fraction
+    cost: Fraction
+    error: float
+    uniform: bool = False
+    exact: bool = True
+    resolution: int = DEFAULT_RESOLUTION
+    dense_costs: dict[str, Fraction] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "target": self.target.to_dict(),
+            "metric": self.target.metric,
+            "objective": self.objective,
+            "uniform": self.uniform,
+            "dense_cost": float(self.dense_cost),
+            "budget": float(self.budget),
+            "predicted_cost": float(self.cost),
+            "predicted_fraction": float(self.cost / self.dense_cost) if self.dense_cost else None,
+            "error": self.error,
+            "exact": self.exact,
+            "resolution": self.resolution,
+            "levels": dict(self.levels),
+            "layer_costs": {k: float(v) for k, v in self.costs.items()},
+            "layer_dense_costs": {k: float(v) for k, v in self.dense_costs.items()},
+            "layer_errors": dict(self.errors),
+        }
+
+
+def _error(rec: dict[str, Any], entry: dict[str, Any], objective: str) -> float:
+    if objective == "loss":
+        return float(entry["loss"])
+    if objective == "relative":
+        energy = float(rec["dense_energy"])
+        return float(entry["loss"]) / energy if energy > 0 else float(entry["loss"])
+    if "model_loss" not in entry:
+        raise ValueError(
+            "objective 'model' needs model-level errors: build the database with model_level=True"
+        )
+    return float(entry["model_loss"])
+
+
+def _load_timing(timing: Mapping | str | Path | None) -> Mapping | None:
+    if timing is None or isinstance(timing, Mapping):
+        return timing
+    return json.loads(Path(timing).read_text())
+
+
+def plan_allocation(
+    db: Database,
+    target: str | Target,
+    objective: str = "relative",
+    *,
+    timing: Mapping[str, Mapping[str, float]] | str | Path | None = None,
+    resolution: int = DEFAULT_RESOLUTION,
+    uniform: bool = False,
+    slack: float = UNIFORM_SLACK,
+) -> Allocation:
+    """Choose one level per layer of ``db`` meeting ``target``.
+
+    uniform: the same level for every layer instead (among the levels every layer has, the
+    one with the least summed error whose cost is within ``budget · (1 + slack)``) — the
+    baseline for comparisons. The slack lets a nominal level through whose per-layer rounding
+    of pruned counts lands a hair above the budget (e.g. 85% of 2,304 weights keeps 346, not
+    345.6); to compare at equal cost, give the DP the uniform allocation's cost as an absolute
+    target (``benchmarks/bench_budget.py`` does). The DP itself never exceeds the budget.
+    Raises ``BudgetError`` when nothing meets the budget.
+    """
+    tgt = parse_target(target)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
+    table = _load_timing(timing)
+    names = db.layers
+    ids: list[list[str]] = []
+    costs: list[list[Fraction]] = []
+    errors: list[list[float]] = []
+    dense: dict[str, Fraction] = {}
+    for n in names:
+        rec = db.record(n)
+        lids = list(rec["levels"])
+        ids.append(lids)
+        costs.append([level_cost(tgt.metric, rec, rec["levels"][i], i, table) for i in lids])
+        errors.append([_error(rec, rec["levels"][i], objective) for i in lids])
+        dense[n] = costs[-1][lids.index("dense")]
+    dense_cost = sum(dense.values(), Fraction(0))
+    budget = tgt.budget(dense_cost)
+    if uniform:
+        common = [i for i in ids[0] if all(i in row for row in ids[1:])]
+        best: Solution | None = None
+        for lid in common:
+            choice = [row.index(lid) for row in ids]
+            cost = sum((costs[l][j] for l, j in enumerate(choice)), Fraction(0))
+            err = float(sum(errors[l][j] for l, j in enumerate(choice)))
+            if cost <= budget * (1 + Fraction(slack)) and (
+                best is None or err < best.error or (err == best.error and cost > best.cost)
+            ):
+                best = Solution(choice, cost, err)
+        if best is None:
+            raise BudgetError(
+                f"no single level shared by all layers meets {tgt.text} "
+                f"(budget {float(budget):.6g} of dense {float(dense_cost):.6g})"
+            )
+        sol = best
+    else:
+        sol = solve_dp(costs, errors, budget, resolution)
+    return Allocation(
+        target=tgt,
+        objective=objective,
+        levels={n: ids[l][j] for l, (n, j) in enumerate(zip(names, sol.choice, strict=True))},
+        costs={n: costs[l][j] for l, (n, j) in enumerate(zip(names, sol.choice, strict=True))},
+        errors={n: errors[l][j] for l, (n, j) in enumerate(zip(names, sol.choice, strict=True))},
+        dense_cost=dense_cost,
+        budget=budget,
+        cost=sol.cost,
+        error=sol.error,
+        uniform=uniform,
+        exact=sol.exact,
+        resolution=int(resolution),
+        dense_costs=dense,
+    )
+
+
+def apply_allocation(
+    model: nn.Module, db: Database, alloc: Allocation
+) -> dict[str, dict[str, Any]]:
+    """Write the chosen levels' weights into ``model`` (in place); returns the per-layer state
+    kept on ``model._optbrain["layers"]`` (masks, grids) for ``optbrain.export.save``."""
+    modules = dict(model.named_modules())
+    state: dict[str, dict[str, Any]] = {}
+    writes = []
+    for name, lid in alloc.levels.items():
+        if lid == "dense":
+            continue
+        module = modules.get(name)
+        adapter = adapter_for(module) if module is not None else None
+        if adapter is None:
+            raise ValueError(f"layer {name!r} of the database is not a compressible layer here")
+        rec = db.record(name)
+        entry = rec["levels"][lid]
+        groups = db.level_weights(name, lid)
+        gstate = []
+        for g, t in enumerate(groups):
+            writes.append((adapter, g, t["weight"]))
+            gstate.append(
+                {
+                    "mask": None if t["mask"] is None else t["mask"].bool(),
+                    "scale": t["scale"],
+                    "zero": t["zero"],
+                    "bits": entry["bits"],
+                    "sym": entry["sym"],
+                    "group_size": entry["group_size"],
+                }
+            )
+        lv = Level.parse(lid)
+        state[name] = {
+            "plan": {
+                "method": rec["solver"],
+                "level": lid,
+                "sparsity": lv.sparsity or None,
+                "pattern": lv.pattern or "unstructured",
+                "bits": lv.bits,
+                "sym": entry["sym"] if entry["sym"] is not None else True,
+                "group_size": entry["group_size"],
+                "damp": db.fingerprint["settings"]["damp"],
+                "dtype": "float32",
+                "options": {},
+            },
+            "groups": gstate,
+        }
+    originals = [
+        (a.module.weight, a.module.weight.detach().clone()) for a, g, _ in writes if g == 0
+    ]
+    try:
+        for adapter, g, w in writes:
+            adapter.set_weight(g, w)
+    except BaseException:  # leave the model as it was, not half stitched
+        with torch.no_grad():
+            for p, dense in originals:
+                p.copy_(dense)
+        raise
+    return state
+
+
+def achieved_entry(model: nn.Module, name: str, entry: dict[str, Any], lid: str) -> dict:
+    """The level entry with ``nnz`` counted on the model's weights (pruned levels only:
+    weights outside the mask must be zero; quantized weights that round to zero are counted
+    as kept unless the level prunes)."""
+    if not Level.parse(lid).prunes:
+        return entry
+    adapter = adapter_for(model.get_submodule(name))
+    nnz = sum(int(torch.count_nonzero(adapter.weight(g))) for g in range(adapter.groups))
+    return {**entry, "nnz": nnz}
+
+
+def _materialise(calibration: Any, samples: int | None) -> list[Any]:
+    if samples is not None:
+        return take_samples(calibration, samples)
+    if isinstance(calibration, Iterable) and not isinstance(calibration, (torch.Tensor, Mapping)):
+        return [b for _, b in iter_batches(calibration)]
+    return [calibration]
+
+
+def compress_to_budget(
+    model: nn.Module,
+    calibration: Any,
+    target: str | Target = "flops=0.25",
+    levels: Sequence[Level | str] | None = None,
+    db_dir: str | Path | None = None,
+    *,
+    inputs: str = "all",
+    forward: Forward | None = None,
+    objective: str | None = None,
+    model_level: bool = False,
+    solver: str = "auto",
+    damp: float = 0.01,
+    sym: bool = True,
+    group_size: int | None = None,
+    time_budget: float = 300.0,
+    samples: int | None = None,
+    seed: int | None = None,
+    timing: Mapping[str, Mapping[str, float]] | str | Path | None = None,
+    resolution: int = DEFAULT_RESOLUTION,
+    uniform: bool = False,
+    quiet: bool = False,
+    name: str | None = None,
+) -> Report:
+    """Compress ``model`` in place to meet ``target`` with a per-layer level allocation.
+
+    calibration / inputs / forward: as ``optbrain.compress`` (``samples``: use only the first
+      ``samples`` samples; ``seed``: recorded in the database fingerprint).
+    target: ``"flops=0.25"``, ``"bops=1/12"``, ``"size=0.3"``, ``"params=4x"``,
+      ``"latency=0.5"`` (needs ``timing``: ``{layer: {level: ms}}`` or a JSON path), an absolute
+      ``"flops=1.2e9"`` (see ``optbrain.budget.costs``).
+    levels: the level grid (ids like ``"s0.5+b4"``; None: an existing database's grid, else
+      ``default_levels()``). db_dir: the database directory (built, resumed or reused; None: a
+      temporary one). objective: "relative" | "loss" | "model" (see the module docstring).
+    model_level / solver / damp / sym / group_size / time_budget: database settings
+      (``DbSettings``). resolution: DP units. uniform: one level for all layers (baseline).
+
+    Returns a ``Report`` (one record per layer, the layers kept dense as "skipped" with their
+    reason; ``metadata["allocation"]``: target, budget, chosen levels, predicted and achieved
+    cost). The model must be the dense model the database was built from.
+    """
+    t0 = time.perf_counter()
+    tgt = parse_target(target)
+    if tgt.metric == "latency" and timing is None:
+        raise ValueError("a latency target needs timing= (a table layer -> level -> ms)")
+    if objective is None:
+        objective = "model" if model_level else "relative"
+    if objective == "model" and not model_level:
+        raise ValueError("objective='model' needs model_level=True")
+    batches = _materialise(calibration, samples)
+    settings = DbSettings(
+        damp=damp,
+        sym=sym,
+        group_size=group_size,
+        solver=solver,
+        time_budget=time_budget,
+        model_level=model_level,
+    )
+    tmp = tempfile.TemporaryDirectory(prefix="optbrain-db-") if db_dir is None else None
+    root = Path(tmp.name if tmp is not None else db_dir)  # type: ignore[arg-type]
+    try:
+        db = build_database(
+            model,
+            batches,
+            root,
+            levels,
+            settings=settings,
+            forward=forward,
+            inputs=inputs,
+            seed=seed,
+            quiet=quiet,
+        )
+        t_db = time.perf_counter() - t0
+        alloc = plan_allocation(
+            db, tgt, objective, timing=timing, resolution=resolution, uniform=uniform
+        )
+        state = apply_allocation(model, db, alloc)
+        report = _report(model, db, alloc, name, timing)
+        report.metadata["database"] = None if tmp is not None else str(root)
+        report.metadata["database_seconds"] = t_db
+        report.metadata["calibration_batches"] = len(batches)
+        report.metadata["seconds"] = time.perf_counter() - t0
+    finally:
+        if tmp is not None:
+            tmp.cleanup()
+    model.__dict__[STATE_ATTR] = {
+        "recipe": report.recipe,
+        "layers": state,
+        "report": report.to_dict(),
+        "bn_recalibrated": False,
+    }
+    return report
+
+
+def _report(
+    model: nn.Module,
+    db: Database,
+    alloc: Allocation,
+    name: str | None,
+    timing: Any,
+) -> Report:
+    table = _load_timing(timing)
+    records: list[LayerRecord] = []
+    _, skipped = find_layers(model)
+    achieved: dict[str, Fraction] = {}
+    totals = {m: [Fraction(0), Fraction(0)] for m in METRICS if m != "latency"}
+    for n in db.layers:
+        rec = db.record(n)
+        lid = alloc.levels[n]
+        entry = rec["levels"][lid]
+        got = achieved_entry(model, n, entry, lid)
+        achieved[n] = level_cost(alloc.target.metric, rec, got, lid, table)
+        for m, t in totals.items():
+            t[0] += level_cost(m, rec, rec["levels"]["dense"], "dense")
+            t[1] += level_cost(m, rec, got, lid)
+        lv = Level.parse(lid)
+        info = {
+            "level": lid,
+            "cost": float(alloc.costs[n]),
+            "dense_cost": float(alloc.dense_costs[n]),
+            "achieved_cost": float(achieved[n]),
+            "error": alloc.errors[n],
+            "nnz": got["nnz"],
+            "solver": rec["solver"],
+        }
+        if "model_loss" in entry:
+            info["model_loss"] = entry["model_loss"]
+        shape = (rec["groups"] * rec["rows"], rec["cols"])
+        common = dict(name=n, type=rec["type"], shape=shape, tokens=rec["tokens"], info=info)
+        if lid == "dense":
+            records.append(
+                LayerRecord(
+                    **common, status="skipped", reason="the budget allocation keeps it dense"
+                )
+            )
+            continue
+        method = rec["solver"]
+        if method == "fast":
+            method = "sparsegpt" if lv.prunes else "gptq"
+        records.append(
+            LayerRecord(
+                **common,
+                method=method,
+                sparsity=entry["sparsity"],
+                bits=entry["bits"],
+                pattern=lv.pattern or ("unstructured" if lv.sparsity else None),
+                group_size=entry["group_size"],
+                predicted_loss=entry["predicted"],
+                measured_loss=entry["loss"],
+            )
+        )
+    for n, reason in skipped.items():
+        w = getattr(model.get_submodule(n), "weight", None)
+        shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
+        records.append(LayerRecord(name=n, shape=shape, status="skipped", reason=reason))
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    records.sort(key=lambda r: order.get(r.name, len(order)))
+    meta = alloc.to_dict()
+    total = sum(achieved.values(), Fraction(0))
+    meta["achieved_cost"] = float(total)
+    meta["achieved_fraction"] = float(total / alloc.dense_cost) if alloc.dense_cost else None
+    meta["within_budget"] = bool(total <= alloc.budget)
+    meta["all_costs"] = {
+        m: {"dense": float(d), "achieved": float(a), "fraction": float(a / d) if d else None}
+        for m, (d, a) in totals.items()
+    }
+    recipe = {
+        "budget": alloc.target.text,
+        "objective": alloc.objective,
+        "uniform": alloc.uniform,
+        "levels": [lv.id for lv in db.levels],
+        "settings": db.fingerprint["settings"],
+    }
+    return Report.create(
+        records,
+        model=name or type(model).__name__,
+        recipe=recipe,
+        calibration_mode="independent",
+        allocation=meta,
+    )

@@ -1,0 +1,182 @@
+"""The per-layer database: exact levels equal compress_layer, errors re-measured, interrupted
+builds resume to a bit-identical database, fingerprints reject other models and settings."""
+
+import copy
+import json
+
+import pytest
+import torch
+
+from optbrain.budget import (
+    DatabaseError,
+    DatabaseMismatchError,
+    DbSettings,
+    Level,
+    build_database,
+)
+from optbrain.calibrate import collect_hessians
+from optbrain.core.hessian import row_losses
+from optbrain.layers import adapter_for
+from optbrain.layerwise import compress_layer
+
+
+def test_levels_equal_compress_layer_obc(tiny_db):
+    """Each stored level is exactly what compress_layer(method="obc") gives for it, although
+    the database shares one ExactOBS trace (and one N:M solve) between levels."""
+    model, calib, db = tiny_db
+    H = collect_hessians(model, {"fc": model.fc, "c2": model.c2}, calib)
+    for name in ("fc", "c2"):
+        adapter = adapter_for(model.get_submodule(name))
+        for g in range(adapter.groups):
+            W, Hg = adapter.weight(g), H[name][g].hessian()
+            for lid in ("s0.25", "s0.75", "2:4", "b4", "s0.5+b4", "2:4+b8"):
+                if lid not in db.record(name)["levels"]:
+                    continue
+                lv = Level.parse(lid)
+                ref = compress_layer(
+                    W,
+                    Hg,
+                    sparsity=lv.sparsity or None,
+                    pattern=lv.pattern or "unstructured",
+                    bits=lv.bits,
+                )
+                got = db.level_weights(name, lid)[g]
+                assert torch.equal(got["weight"], ref.weight), (name, g, lid)
+                if ref.mask is not None:
+                    assert torch.equal(got["mask"].bool(), ref.mask)
+                if ref.grid is not None:
+                    assert torch.equal(got["scale"], ref.grid.scale.float())
+                entry = db.record(name)["levels"][lid]
+                assert entry["bits"] == lv.bits
+
+
+def test_errors_are_the_measured_losses(tiny_db):
+    model, calib, db = tiny_db
+    H = collect_hessians(model, {"c2": model.c2}, calib)["c2"]
+    adapter = adapter_for(model.c2)
+    rec = db.record("c2")
+    assert rec["levels"]["dense"]["loss"] == 0.0 and rec["levels"]["dense"]["model_loss"] == 0.0
+    for lid in ("s0.5", "b4", "s0.5+b4"):
+        ws = db.level_weights("c2", lid)
+        loss = sum(
+            float(row_losses(adapter.weight(g), ws[g]["weight"], H[g].hessian()).sum())
+            for g in range(2)
+        )
+        assert rec["levels"][lid]["loss"] == pytest.approx(loss, rel=1e-12)
+        assert rec["levels"][lid]["loss"] > 0
+    # more pruning, more loss (greedy trace prefixes)
+    losses = [rec["levels"][s]["loss"] for s in ("s0.25", "s0.5", "s0.75")]
+    assert losses == sorted(losses)
+
+
+def test_model_level_error_is_output_mse_with_only_that_layer_swapped(tiny_db, tiny):
+    model, calib, db = tiny_db
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        dense = [m(x) for x in calib]
+        adapter = adapter_for(m.fc)
+        adapter.set_weight(0, db.level_weights("fc", "s0.75")[0]["weight"])
+        num = sum(
+            float(((m(x).double() - d.double()) ** 2).sum())
+            for x, d in zip(calib, dense, strict=True)
+        )
+    mse = num / sum(d.numel() for d in dense)
+    assert db.record("fc")["levels"]["s0.75"]["model_loss"] == pytest.approx(mse, rel=1e-9)
+    # building the database (weights swapped in and out) left the model as it was
+    fresh = tiny[0]().state_dict()
+    assert all(torch.equal(v, fresh[k]) for k, v in model.state_dict().items())
+
+
+def _files(root):
+    return {
+        p.relative_to(root).as_posix(): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_interrupted_build_resumes_to_an_identical_database(tiny_db, tiny, tmp_path):
+    make_tiny, make_calibration = tiny
+    _, _, full = tiny_db
+    model, calib = make_tiny(), make_calibration()
+    settings = DbSettings(solver="obc", model_level=True)
+    levels = [lv.id for lv in full.levels]
+    root = tmp_path / "db"
+    done = []
+
+    def crash_after_two(name):
+        done.append(name)
+        if len(done) == 2:
+            raise KeyboardInterrupt("simulated interruption")
+
+    with pytest.raises(KeyboardInterrupt):
+        build_database(
+            model, calib, root, levels, settings=settings, seed=1, on_layer=crash_after_two
+        )
+    assert done == ["c1", "c2"]
+    # a half-written temporary file of the third layer, as a crash mid-write would leave
+    (root / "layers" / "0002.safetensors.tmp").write_bytes(b"partial")
+    resumed = []
+    build_database(model, calib, root, levels, settings=settings, seed=1, on_layer=resumed.append)
+    assert resumed == ["fc", "out"]  # the complete layers were skipped
+    a, b = _files(full.root), _files(root)
+    assert "layers/0002.safetensors.tmp" not in b  # overwritten, then renamed into place
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k] == b[k], k  # bit-identical tensors and JSON
+    # a finished database is reused as it is
+    again = []
+    build_database(model, calib, root, None, settings=settings, seed=1, on_layer=again.append)
+    assert again == []
+
+
+def test_damaged_layer_is_detected_and_rebuilt(tiny, tmp_path):
+    make_tiny, make_calibration = tiny
+    model, calib = make_tiny(), make_calibration()
+    root = tmp_path / "db"
+    levels = ["s0.5", "b4"]
+    db = build_database(model, calib, root, levels, settings=DbSettings(solver="obc"))
+    path = root / "layers" / "0002.safetensors"
+    original = path.read_bytes()
+    path.write_bytes(original[:-8] + b"\0" * 8)
+    with pytest.raises(DatabaseError, match="checksum"):
+        db.level_weights("fc", "s0.5")
+    rebuilt = []
+    build_database(
+        model, calib, root, levels, settings=DbSettings(solver="obc"), on_layer=rebuilt.append
+    )
+    assert rebuilt == ["fc"] and path.read_bytes() == original
+
+
+def test_fingerprint_mismatch_is_rejected(tiny_db, tiny):
+    make_tiny, make_calibration = tiny
+    model, calib, db = tiny_db
+    settings = DbSettings(solver="obc", model_level=True)
+
+    other = make_tiny()
+    with torch.no_grad():
+        other.fc.weight[0, 0] += 1e-3
+    with pytest.raises(DatabaseMismatchError, match="other weights"):
+        build_database(other, calib, db.root, None, settings=settings, seed=1)
+    with pytest.raises(DatabaseMismatchError, match="calibration"):
+        build_database(model, make_calibration(seed=2), db.root, None, settings=settings, seed=1)
+    with pytest.raises(DatabaseMismatchError, match="calibration samples"):
+        build_database(model, calib[:2], db.root, None, settings=settings, seed=1)
+    with pytest.raises(DatabaseMismatchError, match="levels"):
+        build_database(model, calib, db.root, ["s0.5"], settings=settings, seed=1)
+    with pytest.raises(DatabaseMismatchError, match="damp"):
+        build_database(
+            model,
+            calib,
+            db.root,
+            None,
+            settings=DbSettings(solver="obc", damp=0.1, model_level=True),
+            seed=1,
+        )  # noqa: E501
+    with pytest.raises(DatabaseMismatchError, match="seed"):
+        build_database(model, calib, db.root, None, settings=settings, seed=7)
+    # same model and data: reused; a database with model-level errors serves layer-wise too
+    again = build_database(model, calib, db.root, None, settings=DbSettings(solver="obc"), seed=1)
+    assert again.levels == db.levels
+    fp = json.loads((db.root / "fingerprint.json").read_text())
+    assert fp["calibration"]["samples"] == 96 and fp["levels"][0] == "dense"
