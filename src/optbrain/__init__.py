@@ -7,24 +7,34 @@ import os as _os
 # machine is idle. Only effective if torch was not imported before optbrain.
 _os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
+from .api import compress
 from .core.grid import QuantGrid, fit_grid
 from .core.hessian import HessianAccumulator, hessian_from_inputs, layer_loss, prepare_hessian
 from .core.result import CompressSpec, LayerResult
+from .export import load, save
 from .layerwise import METHODS, compress_layer, prune_layer, quantize_layer
+from .recipe import Recipe
+from .report import LayerRecord, Report
 
 __all__ = [
     "METHODS",
     "CompressSpec",
     "HessianAccumulator",
     "LayerResult",
+    "LayerRecord",
     "QuantGrid",
+    "Recipe",
+    "Report",
+    "compress",
     "compress_layer",
     "fit_grid",
     "hessian_from_inputs",
     "layer_loss",
+    "load",
     "prepare_hessian",
     "prune_layer",
     "quantize_layer",
+    "save",
 ]
 
 __version__ = "0.1.0"

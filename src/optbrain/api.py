@@ -1,4 +1,4 @@
-"""Whole-model API: ``compress(model, calibration, recipe) -> Report``, ``save`` and ``load``.
+"""Whole-model API: ``compress(model, calibration, recipe) -> Report`` (``save``/``load``: export).
 
 ``compress`` finds every compressible layer (``optbrain.layers``), asks the recipe what to do
 with each, collects Hessians from the calibration data (``independent``: all layers from the

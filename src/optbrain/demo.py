@@ -54,7 +54,7 @@ def run_demo(out: Path = Path("runs/demo"), quiet: bool = False) -> int:
     print("|---|---|---:|---:|---:|")
     for label, method, acc, secs, _ in rows:
         print(f"| {label} | {method} | {acc:.1f}% | {acc0 - acc:+.1f} pt | {secs:.1f} |")
-    obc_dir = next(r[4] for r in rows if r[1] == "obc")
+    obc_dir = next((r[4] for r in rows if r[1] == "obc"), rows[0][4])
     print(
         f"\ntotal {time.perf_counter() - t_all:.0f} s. Reports: {out}/*/report.html "
         f"(e.g. {obc_dir / 'report.html'}); re-render with 'optbrain report {obc_dir}'."

@@ -36,7 +36,7 @@ def run_zoo(
     from . import zoo
 
     entry = zoo.get(name)
-    rec = Recipe.coerce(recipe)
+    rec = copy.deepcopy(Recipe.coerce(recipe))
     if samples is not None:
         rec.calibration.samples = samples
     dense = entry.load() if dense is None else dense
