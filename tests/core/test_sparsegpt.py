@@ -1,10 +1,10 @@
 """SparseGPT (method="sparsegpt") against a naive float64 re-derivation, patterns, its own loss.
 
 Loss ordering (measured, not proved): on 16×32 layers with X = Gaussian · random mixing matrix
-(N = 256) at 50% unstructured, over 200 seeds OBC/SparseGPT was at most 0.47 and
-SparseGPT/magnitude at most 0.91 (mean 0.62) with ``block_size=8``. The lazy block is where
+(N = 256) at 50% unstructured, over 200 seeds (200..399) with ``block_size=8``: OBC/SparseGPT
+max 0.54 (mean 0.38), SparseGPT/magnitude max 0.78 (mean 0.61). The lazy block is where
 SparseGPT re-selects its mask; with the default 128 a 32-column layer is one block (a one-shot
-mask) and SparseGPT/magnitude reached 1.3 on some seeds, so the test uses 8 — four blocks per
+mask) and SparseGPT/magnitude reached 1.34 (mean 0.96), so the test uses 8 — four blocks per
 layer, as 512 columns have with the default.
 """
 
@@ -123,7 +123,7 @@ def test_loss_order_obc_sparsegpt_magnitude():
         mag = prune_layer(W, H, 0.5, method="magnitude").loss
         obc = prune_layer(W, H, 0.5, method="obc").loss
         assert obc < 0.7 * sgpt, (seed, obc, sgpt)
-        assert sgpt < mag, (seed, sgpt, mag)
+        assert sgpt < 0.9 * mag, (seed, sgpt, mag)
         ratios.append(sgpt / mag)
     assert sum(ratios) / len(ratios) < 0.75
 
