@@ -30,10 +30,18 @@ def register(name: str) -> Callable[[Solver], Solver]:
     return deco
 
 
-def make_spec(cols: int, sparsity: float | None = None, pattern: str | Pattern = "unstructured",
-              bits: int | None = None, sym: bool = True, group_size: int | None = None,
-              damp: float = 0.01, dtype: torch.dtype = torch.float32,
-              on_singular: str = "damp", **options: object) -> CompressSpec:
+def make_spec(
+    cols: int,
+    sparsity: float | None = None,
+    pattern: str | Pattern = "unstructured",
+    bits: int | None = None,
+    sym: bool = True,
+    group_size: int | None = None,
+    damp: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+    on_singular: str = "damp",
+    **options: object,
+) -> CompressSpec:
     """Validate arguments into a ``CompressSpec`` for a layer with ``cols`` input columns."""
     pat = parse_pattern(pattern)
     pat.check_cols(cols)
@@ -59,13 +67,20 @@ def make_spec(cols: int, sparsity: float | None = None, pattern: str | Pattern =
         if cols % int(group_size) != 0:
             raise ValueError(f"group_size={group_size} does not divide the {cols} columns of W")
         group_size = int(group_size)
-    return CompressSpec(sparsity=sparsity, pattern=pat, bits=bits, sym=sym,
-                        group_size=group_size, damp=check_damp(damp), dtype=check_dtype(dtype),
-                        on_singular=on_singular, options=dict(options))
+    return CompressSpec(
+        sparsity=sparsity,
+        pattern=pat,
+        bits=bits,
+        sym=sym,
+        group_size=group_size,
+        damp=check_damp(damp),
+        dtype=check_dtype(dtype),
+        on_singular=on_singular,
+        options=dict(options),
+    )
 
 
-def solve(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec, method: str = "obc"
-          ) -> LayerResult:
+def solve(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec, method: str = "obc") -> LayerResult:
     """Run a registered solver on a validated spec; the result is in W's dtype and device."""
     _ensure_registered()
     if method not in METHODS:
@@ -81,10 +96,18 @@ def solve(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec, method: str = "o
     return res
 
 
-def prune_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None,
-                pattern: str = "unstructured", *, method: str = "obc", damp: float = 0.01,
-                dtype: torch.dtype = torch.float32, on_singular: str = "damp",
-                **options: object) -> LayerResult:
+def prune_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float | None = None,
+    pattern: str = "unstructured",
+    *,
+    method: str = "obc",
+    damp: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+    on_singular: str = "damp",
+    **options: object,
+) -> LayerResult:
     """Prune ``W (rows, cols)`` under ``H = 2 Xᵀ X / N (cols, cols)``.
 
     sparsity: fraction of weights removed, in [0, 1) (fixed by the pattern for N:M).
@@ -93,35 +116,77 @@ def prune_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None,
     """
     if sparsity is None and parse_pattern(pattern).kind != "nm":
         raise ValueError("sparsity is required (a fraction in [0, 1)) unless pattern is N:M")
-    spec = make_spec(W.shape[-1] if W.dim() == 2 else 0, sparsity=sparsity, pattern=pattern,
-                     damp=damp, dtype=dtype, on_singular=on_singular, **options)
+    spec = make_spec(
+        W.shape[-1] if W.dim() == 2 else 0,
+        sparsity=sparsity,
+        pattern=pattern,
+        damp=damp,
+        dtype=dtype,
+        on_singular=on_singular,
+        **options,
+    )
     return solve(W, H, spec, method)
 
 
-def quantize_layer(W: torch.Tensor, H: torch.Tensor, bits: int = 4, *, sym: bool = True,
-                   group_size: int | None = None, method: str = "obc", damp: float = 0.01,
-                   dtype: torch.dtype = torch.float32, on_singular: str = "damp",
-                   **options: object) -> LayerResult:
+def quantize_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    bits: int = 4,
+    *,
+    sym: bool = True,
+    group_size: int | None = None,
+    method: str = "obc",
+    damp: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+    on_singular: str = "damp",
+    **options: object,
+) -> LayerResult:
     """Quantize ``W (rows, cols)`` to ``bits`` (per output channel, or per ``group_size``)."""
     if bits is None:
         raise ValueError("bits is required for quantize_layer (an integer >= 1)")
-    spec = make_spec(W.shape[-1] if W.dim() == 2 else 0, bits=bits, sym=sym,
-                     group_size=group_size, damp=damp, dtype=dtype, on_singular=on_singular,
-                     **options)
+    spec = make_spec(
+        W.shape[-1] if W.dim() == 2 else 0,
+        bits=bits,
+        sym=sym,
+        group_size=group_size,
+        damp=damp,
+        dtype=dtype,
+        on_singular=on_singular,
+        **options,
+    )
     return solve(W, H, spec, method)
 
 
-def compress_layer(W: torch.Tensor, H: torch.Tensor, sparsity: float | None = None,
-                   pattern: str = "unstructured", bits: int | None = None, *, sym: bool = True,
-                   group_size: int | None = None, method: str = "obc", damp: float = 0.01,
-                   dtype: torch.dtype = torch.float32, on_singular: str = "damp",
-                   **options: object) -> LayerResult:
+def compress_layer(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    sparsity: float | None = None,
+    pattern: str = "unstructured",
+    bits: int | None = None,
+    *,
+    sym: bool = True,
+    group_size: int | None = None,
+    method: str = "obc",
+    damp: float = 0.01,
+    dtype: torch.dtype = torch.float32,
+    on_singular: str = "damp",
+    **options: object,
+) -> LayerResult:
     """Prune and/or quantize ``W`` in one call (OBC compound when both are given)."""
     if sparsity is None and bits is None and parse_pattern(pattern).kind != "nm":
         raise ValueError("compress_layer needs a sparsity, an N:M pattern, or bits")
-    spec = make_spec(W.shape[-1] if W.dim() == 2 else 0, sparsity=sparsity, pattern=pattern,
-                     bits=bits, sym=sym, group_size=group_size, damp=damp, dtype=dtype,
-                     on_singular=on_singular, **options)
+    spec = make_spec(
+        W.shape[-1] if W.dim() == 2 else 0,
+        sparsity=sparsity,
+        pattern=pattern,
+        bits=bits,
+        sym=sym,
+        group_size=group_size,
+        damp=damp,
+        dtype=dtype,
+        on_singular=on_singular,
+        **options,
+    )
     return solve(W, H, spec, method)
 
 

@@ -165,13 +165,13 @@ def test_invalid_requests_name_the_method(method, call):
 
 @pytest.mark.parametrize("kw", [{"bits": 4}, {"bits": 3, "sym": False, "group_size": 8}])
 def test_row_chunked_grid_fit_is_identical(kw, monkeypatch):
-    """The solvers fit grids on row chunks (cache-sized); every (row, group) is independent."""
-    from optbrain.core import columnwise
+    """fit_grid works on row chunks (cache-sized); every (row, group) is independent."""
+    from optbrain.core import grid
 
     W, H = _problem(9)
     w = torch.rand(COLS)
     whole = fit_grid(W, weight=w, **kw)
-    monkeypatch.setattr(columnwise, "GRID_CHUNK", 3 * COLS)  # 3 rows per chunk, 4 chunks
-    chunked = columnwise.fit_grid_rows(W, weight=w, **kw)
+    monkeypatch.setattr(grid, "ROW_CHUNK", 3 * COLS)  # 3 rows per chunk, 4 chunks
+    chunked = fit_grid(W, weight=w, **kw)
     assert torch.equal(whole.scale, chunked.scale) and torch.equal(whole.zero, chunked.zero)
     assert chunked.group_size == whole.group_size

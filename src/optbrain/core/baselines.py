@@ -26,12 +26,12 @@ import torch
 from ..layerwise import register
 from .columnwise import (
     check_options,
-    fit_grid_rows,
     option_bool,
     option_scope,
     prepare_layer,
     unchanged,
 )
+from .grid import fit_grid
 from .hessian import PreparedHessian, row_losses
 from .patterns import Pattern
 from .result import CompressSpec, LayerResult
@@ -112,7 +112,7 @@ def solve_magnitude(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> Lay
         keep = prune_mask(Wc * Wc, spec.pattern, spec.sparsity, scope)  # blocks: squared L2
         weight = torch.where(keep, Wc, torch.zeros_like(Wc))
     if spec.quantizes:
-        grid = fit_grid_rows(
+        grid = fit_grid(
             weight,
             spec.bits,
             sym=spec.sym,
@@ -158,7 +158,7 @@ def solve_rtn(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
         raise ValueError("method 'rtn' needs bits (it is a quantization method)")
     search = option_bool("rtn", spec.options, "search", True)
     Wc, prep = prepare_layer(W, H, spec)
-    grid = fit_grid_rows(
+    grid = fit_grid(
         Wc,
         spec.bits,
         sym=spec.sym,

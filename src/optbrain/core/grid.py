@@ -23,6 +23,8 @@ import torch
 
 from .checks import check_bits
 
+ROW_CHUNK = 1 << 18  # weights per chunk of rows in the scale search (cache-sized temporaries)
+
 
 @dataclass(frozen=True)
 class QuantGrid:
@@ -127,6 +129,33 @@ def fit_grid(
             raise ValueError(f"group_size={group_size} does not divide the {cols} columns of W")
         if group_size >= cols:
             group_size = None
+    step = max(1, ROW_CHUNK // max(cols, 1))
+    if step < rows:  # every (row, group) is fitted on its own: chunks keep temporaries small
+        parts = [
+            _fit(W[i : i + step], bits, sym, group_size, search, grid_points, max_shrink, weight)
+            for i in range(0, rows, step)
+        ]
+        return QuantGrid(
+            scale=torch.cat([p.scale for p in parts]),
+            zero=torch.cat([p.zero for p in parts]),
+            bits=bits,
+            sym=sym,
+            group_size=group_size,
+        )
+    return _fit(W, bits, sym, group_size, search, grid_points, max_shrink, weight)
+
+
+def _fit(
+    W: torch.Tensor,
+    bits: int,
+    sym: bool,
+    group_size: int | None,
+    search: bool,
+    grid_points: int,
+    max_shrink: float,
+    weight: torch.Tensor | None,
+) -> QuantGrid:
+    rows, cols = W.shape
     maxq = 2**bits - 1
     Wf = W.float() if W.dtype not in (torch.float32, torch.float64) else W
     gs = cols if group_size is None else group_size

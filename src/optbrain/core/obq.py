@@ -86,6 +86,9 @@ def obq(
     R, C = W.shape
     scale, zero = grid.columns(C)
     scale, zero = scale.to(W.dtype), zero.to(W.dtype)
+    # every row (in every chunk) takes the same number of steps; rows with fewer kept weights
+    # pad their working set with pruned coordinates (value 0, on the grid, decoupled: no cost)
+    steps = C if keep is None else int(keep.sum(1).max().item())
     outs = []
     for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory):
         scorer = QuantScorer(scale[sl], zero[sl], grid.maxq, outliers)
@@ -94,9 +97,6 @@ def obq(
             continue
         k = keep[sl]
         Wk = torch.where(k, W[sl], torch.zeros_like(W[sl]))
-        # every row takes the same number of steps; rows with fewer kept weights pad their
-        # working set with pruned coordinates (value 0, on the grid, decoupled: zero cost)
-        steps = int(k.sum(1).max().item())
         if steps == 0:
             outs.append(
                 GreedyOut(
