@@ -140,3 +140,17 @@ def test_obq_never_beats_brute_force_over_the_grid(seed, bits, sym, cols):
         # and the prediction is the loss of the weights it returns
         d = r.weight[row] - W[row]
         assert float(r.row_loss[row]) == pytest.approx(float(0.5 * d @ H @ d), rel=1e-8)
+
+
+@pytest.mark.parametrize("sparsity,pattern", [(0.5, "unstructured"), (None, "2:4")])
+def test_compound_with_row_chunks_equals_one_chunk(sparsity, pattern):
+    """Rows split into chunks (tiny memory budget) give the same compound result; rows keep
+    different counts under the layer-wide mask, so chunks must share one step count."""
+    W, X, H = make_problem(21, 9, 8)
+    W = W * torch.linspace(0.2, 3.0, 9, dtype=F64).unsqueeze(1)
+    one = compress_layer(W, H, sparsity, pattern=pattern, bits=3, **EXACT)
+    chunked = compress_layer(
+        W, H, sparsity, pattern=pattern, bits=3, memory=8 * 8 * 8 * 2 * 2, **EXACT
+    )
+    torch.testing.assert_close(chunked.weight, one.weight, atol=1e-10, rtol=0)
+    assert chunked.loss == pytest.approx(one.loss, rel=1e-9)
