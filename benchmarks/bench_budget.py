@@ -31,8 +31,6 @@ from optbrain.budget.database import DbSettings
 from optbrain.zoo.base import cache_dir
 
 TARGETS = ["flops=0.25", "flops=0.15", "bops=1/12", "bops=1/24", "size=0.15"]
-#: solver per model: the exact one where its database builds in minutes on 2 CPU cores
-SOLVER = {"minilm": "fast"}
 
 
 def _achieved(db, alloc, model) -> float:
@@ -62,7 +60,7 @@ def bench_model(name: str, targets: list[str], args: argparse.Namespace) -> list
     m_dense = entry.evaluate(dense, limit=args.limit)[entry.primary]
     calib = entry.calibration(args.samples, 0)
     root = Path(args.db_root) / f"{name}-n{args.samples}"
-    settings = DbSettings(solver=args.solver or SOLVER.get(name, "auto"))
+    settings = DbSettings(solver=args.solver or "auto")
     t0 = time.perf_counter()
     db = build_database(
         dense, calib, root, None, settings=settings, inputs=entry.inputs, seed=0, quiet=False
@@ -105,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--targets", nargs="+", default=TARGETS)
     p.add_argument("--samples", type=int, default=256, help="calibration samples")
     p.add_argument("--objective", default="relative", choices=["relative", "loss"])
-    p.add_argument("--solver", choices=["obc", "fast", "auto"], help="override the per-model one")
+    p.add_argument("--solver", choices=["obc", "fast", "auto"], help="default: auto, per layer")
     p.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     p.add_argument("--db-root", default=str(cache_dir() / "budget-db"))
     p.add_argument("--threads", type=int, default=1)

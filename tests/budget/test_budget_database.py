@@ -175,6 +175,8 @@ def test_fingerprint_mismatch_is_rejected(tiny_db, tiny):
         )  # noqa: E501
     with pytest.raises(DatabaseMismatchError, match="seed"):
         build_database(model, calib, db.root, None, settings=settings, seed=7)
+    # an unknown seed is not a mismatch (the data's checksum decides)
+    build_database(model, calib, db.root, None, settings=settings, seed=None)
     # same model and data: reused; a database with model-level errors serves layer-wise too
     again = build_database(model, calib, db.root, None, settings=DbSettings(solver="obc"), seed=1)
     assert again.levels == db.levels

@@ -7,8 +7,9 @@ is a fraction of the compressible layers' dense cost). Costs are exact rationals
 
 With ``params = groups · rows · cols`` weights, ``nnz`` the weights the level keeps (its mask;
 all of them when it does not prune), ``positions`` the output positions per sample seen during
-calibration (``adapter.positions`` of the traced input shape: 1 for a Linear on vectors, the
-sequence length for tokens, ``H_out · W_out`` for a Conv2d), and ``b`` the weight bits
+calibration (``adapter.positions`` of the layer's input shape on the first calibration batch:
+1 for a Linear on vectors, the sequence length for tokens, ``H_out · W_out`` for a Conv2d),
+and ``b`` the weight bits
 (``DENSE_BITS = 32`` when not quantized)::
 
     params   = nnz                                         kept weights

@@ -225,6 +225,8 @@ def _compare(old: dict[str, Any], new: dict[str, Any], root: Path, levels_given:
         diffs.append("model: other weights (state-dict SHA-256 differs)")
     oc, nc = old.get("calibration", {}), new["calibration"]
     for k in nc:
+        if k == "seed" and (oc.get(k) is None or nc[k] is None):
+            continue  # an unknown seed: the data's SHA-256 decides
         if oc.get(k) != nc[k]:
             diffs.append(f"calibration {k}: {oc.get(k)!r} (database) vs {nc[k]!r}")
     os_, ns = old.get("settings", {}), new["settings"]
