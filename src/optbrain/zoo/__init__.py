@@ -8,7 +8,9 @@ from .base import ZOO, ZooEntry, get, names, register
 
 __all__ = ["ZOO", "ZooEntry", "get", "names", "register"]
 
-from . import digits  # noqa: E402,F401  (registers digits-mlp, digits-cnn)
+# each module registers its entries: digits-mlp/-cnn, efficientnet-lite0, fashion-cnn, minilm,
+# smollm2-135m (their heavy imports happen inside their functions)
+from . import digits, efficientnet, fashion, minilm, smollm  # noqa: E402,F401
 
 try:  # entries contributed by further modules register themselves on import
     from . import extra  # noqa: F401

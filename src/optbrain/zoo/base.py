@@ -19,10 +19,12 @@ class ZooEntry:
     load(): the dense model in eval mode (trained and cached, or read from an installed
       package). calibration(n, seed): a list of model inputs (batches) holding ``n`` samples,
       disjoint from the evaluation data. evaluate(model, dense=None, limit=None): named
-      metrics (higher-is-better unless the name says otherwise); ``dense`` enables agreement
+      metrics (higher-is-better unless in ``lower_is_better``); ``dense`` enables agreement
       metrics; ``limit`` evaluates on a slice (smoke tests). inputs: the calibration
       convention for ``optbrain.compress`` ("all" or "first"). recipe: a sensible default.
-      notes: caveats printed beside every table of this model.
+      notes: caveats printed beside every table of this model. requires: import names of
+      the optional packages the entry needs. lower_is_better: the metric names for which a
+      smaller value is better (``perplexity``, ``kl``); every other metric is higher-is-better.
     """
 
     name: str
@@ -35,6 +37,7 @@ class ZooEntry:
     recipe: dict[str, Any] = field(default_factory=dict)
     notes: str = ""
     requires: tuple[str, ...] = ()
+    lower_is_better: tuple[str, ...] = ()
 
 
 ZOO: dict[str, ZooEntry] = {}
