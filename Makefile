@@ -6,11 +6,12 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test lint format bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml scripts/install_zoo.sh
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[dev]'
+	PY=$(PY) bash scripts/install_zoo.sh
 	touch $(STAMP)
 
 setup: $(STAMP)

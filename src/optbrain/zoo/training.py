@@ -72,7 +72,9 @@ def cached_model(
     d = cache_dir()
     path: Path = d / f"{key}.safetensors"
     meta: Path = d / f"{key}.json"
-    model = build()
+    with torch.random.fork_rng():  # the initial weights depend on the key's seed only
+        torch.manual_seed(0)
+        model = build()
     if path.is_file() and meta.is_file():
         try:
             info = json.loads(meta.read_text())
