@@ -70,11 +70,11 @@ def _train(epochs: int):
 
 
 def load_cnn() -> nn.Module:
-    return cached_model("digits-cnn-v1", build_cnn, _train(15))
+    return cached_model("digits-cnn-v2", build_cnn, _train(15))
 
 
 def load_mlp() -> nn.Module:
-    return cached_model("digits-mlp-v1", build_mlp, _train(30))
+    return cached_model("digits-mlp-v2", build_mlp, _train(30))
 
 
 def calibration(n: int = 256, seed: int = 0, batch_size: int = 64) -> list[torch.Tensor]:
