@@ -60,7 +60,12 @@ def bench_model(name: str, targets: list[str], args: argparse.Namespace) -> list
     m_dense = entry.evaluate(dense, limit=args.limit)[entry.primary]
     calib = entry.calibration(args.samples, 0)
     root = Path(args.db_root) / f"{name}-n{args.samples}"
-    settings = DbSettings(solver=args.solver or "auto")
+    # the model-level objective needs model-level errors (added to an existing database)
+    settings = DbSettings(
+        solver=args.solver or "auto",
+        model_level=args.objective == "model",
+        model_level_samples=args.model_level_samples,
+    )
     t0 = time.perf_counter()
     db = build_database(
         dense, calib, root, None, settings=settings, inputs=entry.inputs, seed=0, quiet=False
@@ -102,7 +107,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["digits-cnn", "fashion-cnn", "minilm"])
     p.add_argument("--targets", nargs="+", default=TARGETS)
     p.add_argument("--samples", type=int, default=256, help="calibration samples")
-    p.add_argument("--objective", default="relative", choices=["relative", "loss"])
+    p.add_argument("--objective", default="relative", choices=["relative", "loss", "model"])
+    p.add_argument(
+        "--model-level-samples", type=int, help="samples for model-level errors (default all)"
+    )
     p.add_argument("--solver", choices=["obc", "fast", "auto"], help="default: auto, per layer")
     p.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     p.add_argument("--db-root", default=str(cache_dir() / "budget-db"))

@@ -13,6 +13,7 @@ from optbrain.budget import (
     DbSettings,
     Level,
     build_database,
+    plan_allocation,
 )
 from optbrain.calibrate import collect_hessians
 from optbrain.core.hessian import row_losses
@@ -182,3 +183,39 @@ def test_fingerprint_mismatch_is_rejected(tiny_db, tiny):
     assert again.levels == db.levels
     fp = json.loads((db.root / "fingerprint.json").read_text())
     assert fp["calibration"]["samples"] == 96 and fp["levels"][0] == "dense"
+
+
+def test_model_level_errors_are_added_to_an_existing_database(tiny_db, tiny, tmp_path):
+    make_tiny, make_calibration = tiny
+    _, _, full = tiny_db  # built with model-level errors from the start
+    model, calib = make_tiny(), make_calibration()
+    levels = [lv.id for lv in full.levels]
+    root = tmp_path / "db"
+    plain = build_database(model, calib, root, levels, settings=DbSettings(solver="obc"), seed=1)
+    assert "model_loss" not in plain.record("fc")["levels"]["s0.5"]
+    with pytest.raises(ValueError, match="model-level"):
+        plan_allocation(plain, "flops=0.5", "model")
+    solved = []
+    settings = DbSettings(solver="obc", model_level=True)
+    up = build_database(model, calib, root, None, settings=settings, seed=1, on_layer=solved.append)
+    assert solved == []  # nothing re-solved: errors measured on the stored weights
+    assert up.fingerprint["settings"]["model_level"] is True
+    a, b = _files(full.root), _files(root)
+    assert a.keys() == b.keys() and all(a[k] == b[k] for k in a)
+
+
+def test_model_level_samples_bound_the_measurement(tiny, tmp_path):
+    make_tiny, make_calibration = tiny
+    model, calib = make_tiny(), make_calibration()
+    st = DbSettings(solver="obc", model_level=True, model_level_samples=40)
+    db = build_database(model, calib, tmp_path / "db", ["s0.75"], settings=st)
+    few = [calib[0], calib[1][:8]]  # the first 40 samples
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        dense = [m(x) for x in few]
+        adapter_for(m.fc).set_weight(0, db.level_weights("fc", "s0.75")[0]["weight"])
+        num = sum(float(((m(x) - d).double() ** 2).sum()) for x, d in zip(few, dense, strict=True))
+    mse = num / sum(d.numel() for d in dense)
+    assert db.record("fc")["levels"]["s0.75"]["model_loss"] == pytest.approx(mse, rel=1e-9)
+    with pytest.raises(ValueError, match="model_level_samples"):
+        DbSettings(model_level_samples=0)

@@ -274,6 +274,7 @@ def compress_to_budget(
     forward: Forward | None = None,
     objective: str | None = None,
     model_level: bool = False,
+    model_level_samples: int | None = None,
     solver: str = "auto",
     damp: float = 0.01,
     sym: bool = True,
@@ -297,8 +298,9 @@ def compress_to_budget(
     levels: the level grid (ids like ``"s0.5+b4"``; None: an existing database's grid, else
       ``default_levels()``). db_dir: the database directory (built, resumed or reused; None: a
       temporary one). objective: "relative" | "loss" | "model" (see the module docstring).
-    model_level / solver / damp / sym / group_size / time_budget: database settings
-      (``DbSettings``). resolution: DP units. uniform: one level for all layers (baseline).
+    model_level / model_level_samples / solver / damp / sym / group_size / time_budget:
+      database settings (``DbSettings``). resolution: DP units. uniform: one level for all
+      layers (the baseline).
 
     Returns a ``Report`` (one record per layer, the layers kept dense as "skipped" with their
     reason; ``metadata["allocation"]``: target, budget, chosen levels, predicted and achieved
@@ -320,6 +322,7 @@ def compress_to_budget(
         solver=solver,
         time_budget=time_budget,
         model_level=model_level,
+        model_level_samples=model_level_samples,
     )
     tmp = tempfile.TemporaryDirectory(prefix="optbrain-db-") if db_dir is None else None
     root = Path(tmp.name if tmp is not None else db_dir)  # type: ignore[arg-type]

@@ -51,6 +51,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from ..api import take_samples
 from ..calibrate import collect_hessians, trace_input_shapes
 from ..calibrate.data import Forward, calibration_mode, call_model, iter_batches, model_device
 from ..calibrate.data import to_device as _to_device
@@ -97,6 +98,8 @@ class DbSettings:
     output channel by default). solver: "obc" | "fast" | "auto". time_budget: seconds of
     modelled exact solving per layer below which "auto" uses the exact solver.
     model_level: also measure each level's model-level calibration loss increase.
+    model_level_samples: measure it on the first this many calibration samples only (None:
+    all); one forward over them per (layer, level), so this bounds the cost on big models.
     """
 
     damp: float = 0.01
@@ -105,10 +108,14 @@ class DbSettings:
     solver: str = "auto"
     time_budget: float = 300.0
     model_level: bool = False
+    model_level_samples: int | None = None
 
     def __post_init__(self) -> None:
         if self.solver not in SOLVERS:
             raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        n = self.model_level_samples
+        if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
+            raise ValueError(f"model_level_samples must be a positive integer or None, got {n!r}")
 
 
 # --------------------------------------------------------------------------- files
@@ -232,9 +239,10 @@ def _compare(old: dict[str, Any], new: dict[str, Any], root: Path, levels_given:
     os_, ns = old.get("settings", {}), new["settings"]
     for k in ns:
         if k == "model_level":
-            if ns[k] and not os_.get(k):
-                diffs.append("model_level: the database has no model-level errors")
-        elif os_.get(k) != ns[k]:
+            continue  # a database without model-level errors gets them added
+        if k == "model_level_samples" and not (ns["model_level"] and os_.get("model_level")):
+            continue  # only matters when both have (or will have) model-level errors
+        if os_.get(k) != ns[k]:
             diffs.append(f"setting {k}: {os_.get(k)!r} (database) vs {ns[k]!r}")
     if levels_given and old.get("levels") != new["levels"]:
         diffs.append(
@@ -463,6 +471,27 @@ class _ModelLoss:
         return total / self.numel
 
 
+def _model_level_errors(
+    adapter: LayerAdapter,
+    entries: dict[str, Any],
+    tensors: Mapping[str, torch.Tensor],
+    model_loss: _ModelLoss,
+) -> None:
+    """Add ``model_loss`` to every level entry: swap that level's weights in, measure, restore."""
+    dense = [adapter.weight(g) for g in range(adapter.groups)]
+    for lid, entry in entries.items():
+        if lid == "dense":
+            entry["model_loss"] = 0.0
+            continue
+        try:
+            for g, w in enumerate(dense):
+                adapter.set_weight(g, tensors[f"{lid}/{g}/weight"].to(w.device))
+            entry["model_loss"] = model_loss()
+        finally:
+            for g, w in enumerate(dense):
+                adapter.set_weight(g, w)
+
+
 def _build_layer(
     name: str,
     index: int,
@@ -482,10 +511,8 @@ def _build_layer(
     per_group = []
     tensors: dict[str, torch.Tensor] = {}
     energy = 0.0
-    Ws = []
     for g in range(G):
         W = adapter.weight(g)
-        Ws.append(W)
         H = hessians[g].hessian().to(W.device)
         energy += float(0.5 * ((W.double() @ H) * W.double()).sum())
         res = solve(W, H, fit, st)
@@ -523,17 +550,7 @@ def _build_layer(
         e["sparsity"] = 1.0 - e["nnz"] / adapter.params
         entries[lv.id] = e
     if model_loss is not None:
-        for lv in fit:
-            if lv.is_dense:
-                entries[lv.id]["model_loss"] = 0.0
-                continue
-            try:
-                for g in range(G):
-                    adapter.set_weight(g, tensors[f"{lv.id}/{g}/weight"].to(Ws[g].device))
-                entries[lv.id]["model_loss"] = model_loss()
-            finally:
-                for g in range(G):
-                    adapter.set_weight(g, Ws[g])
+        _model_level_errors(adapter, entries, tensors, model_loss)
     positions = adapter.positions(input_shape) if input_shape is not None else 1
     record = {
         "format": FORMAT,
@@ -574,7 +591,9 @@ def build_database(
       ``optbrain.calibrate.data``). levels: the grid (None: the grid of an existing database,
       else ``default_levels()``); the dense level is always added.
     A database already in ``root`` whose fingerprint differs (model weights, calibration,
-    levels, settings) raises ``DatabaseMismatchError``; its complete layers are reused.
+    levels, settings) raises ``DatabaseMismatchError``; its complete layers are reused, and
+    asking ``model_level=True`` of one built without adds the model-level errors (from the
+    stored weights, no re-solving).
     on_layer(name): called after each layer is written (progress hooks, tests).
     The model is left unchanged (weights swapped for model-level errors are restored).
     """
@@ -603,12 +622,66 @@ def build_database(
     (root / "layers").mkdir(parents=True, exist_ok=True)
     db = Database(root)
     pending = [n for n in db.layers if not db.is_complete(n, verify=True)]
-    if not pending:
+    upgrade = st.model_level and not db.fingerprint["settings"].get("model_level")
+    if not pending and not upgrade:
         return db
+    mloss = None
+    if st.model_level:
+        few = (
+            batches
+            if st.model_level_samples is None
+            else take_samples(batches, st.model_level_samples)
+        )
+        mloss = _ModelLoss(model, few, forward, inputs)
+    if pending:
+        _build_pending(
+            model, batches, db, pending, layers, st, forward, inputs, mloss, quiet, on_layer
+        )
+    if upgrade:  # model-level errors for the layers built without them, then the fingerprint
+        _add_model_level(db, layers, mloss, quiet)  # type: ignore[arg-type]
+        fp = dict(db.fingerprint)
+        fp["settings"] = {
+            **fp["settings"],
+            "model_level": True,
+            "model_level_samples": st.model_level_samples,
+        }
+        _atomic_json(root / FINGERPRINT, fp)
+    return Database(root)
+
+
+def _add_model_level(
+    db: Database, layers: dict[str, nn.Module], mloss: _ModelLoss, quiet: bool
+) -> None:
+    todo = [
+        n for n in db.layers if any("model_loss" not in e for e in db.record(n)["levels"].values())
+    ]
+    progress = Progress(len(todo), "model-level errors", enabled=not quiet)
+    try:
+        for name in todo:
+            rec = json.loads(json.dumps(db.record(name)))
+            _model_level_errors(adapter_for(layers[name]), rec["levels"], db.tensors(name), mloss)
+            _atomic_json(db.stem(name).with_suffix(".json"), rec)
+            progress.update(name)
+    finally:
+        progress.close()
+
+
+def _build_pending(
+    model: nn.Module,
+    batches: Sequence[Any],
+    db: Database,
+    pending: list[str],
+    layers: dict[str, nn.Module],
+    st: DbSettings,
+    forward: Forward | None,
+    inputs: str,
+    mloss: _ModelLoss | None,
+    quiet: bool,
+    on_layer: Callable[[str], None] | None,
+) -> None:
     adapters = {n: adapter_for(layers[n]) for n in pending}
     shapes = trace_input_shapes(model, adapters, batches[0], forward, inputs=inputs)
     hessians = collect_hessians(model, adapters, batches, forward, inputs=inputs)
-    mloss = _ModelLoss(model, batches, forward, inputs) if st.model_level else None
     progress = Progress(len(pending), "database", enabled=not quiet)
     try:
         for name in pending:
@@ -630,4 +703,3 @@ def build_database(
                 on_layer(name)
     finally:
         progress.close()
-    return Database(root)
