@@ -129,14 +129,20 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
+def _tmp(path: Path) -> Path:
+    """A temporary name beside ``path``, unique per process (two builds of one database at
+    once then never rename each other's half-written files into place)."""
+    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
+
+
 def _atomic_json(path: Path, data: Any) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     tmp.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
     os.replace(tmp, path)
 
 
 def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp(path)
     # no header metadata: safetensors writes its keys in hash-map order, which would make
     # the bytes of two identical builds differ (the JSON record carries the format instead)
     save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(tmp))
