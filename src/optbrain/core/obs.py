@@ -128,6 +128,14 @@ class NMScorer(Scorer):
         return score, None
 
 
+def fold(B: torch.Tensor, U: torch.Tensor, shared: bool) -> torch.Tensor:
+    """``B − UᵀU`` per row: B ``(C, C)`` shared by all rows (a new ``(R, C, C)`` tensor is made)
+    or ``(R, C, C)`` (updated in place); U ``(R, k, C)``."""
+    if shared:
+        return torch.baddbmm(B.unsqueeze(0), U.transpose(1, 2), U, alpha=-1)
+    return B.baddbmm_(U.transpose(1, 2), U, alpha=-1)
+
+
 def greedy_single(
     W: torch.Tensor,
     Hinv: torch.Tensor,
@@ -193,12 +201,8 @@ def greedy_single(
         scorer.removed(p_orig)
         k += 1
         if k == lazy or s == steps - 1:
-            Ut = U[:, :k]
-            if shared:
-                B = torch.baddbmm(Hinv.unsqueeze(0), Ut.transpose(1, 2), Ut, alpha=-1)
-                shared = False
-            else:
-                B.baddbmm_(Ut.transpose(1, 2), Ut, alpha=-1)
+            B = fold(B, U[:, :k], shared)
+            shared = False
             n = alive.shape[1] - int((~alive[0]).sum())
             k = 0
             if s == steps - 1 or n > engine.shrink * alive.shape[1]:
@@ -315,12 +319,8 @@ def greedy_block(
         order[:, s] = j
         k += g
         if k == lazy or s == steps - 1:
-            Ut = U[:, :k]
-            if shared:
-                B = torch.baddbmm(Hinv.unsqueeze(0), Ut.transpose(1, 2), Ut, alpha=-1)
-                shared = False
-            else:
-                B.baddbmm_(Ut.transpose(1, 2), Ut, alpha=-1)
+            B = fold(B, U[:, :k], shared)
+            shared = False
             D = _diag_blocks(B, g)
             U.zero_()
             k = 0

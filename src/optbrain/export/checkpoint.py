@@ -17,7 +17,6 @@ is then bit-identical to the one that was saved.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -28,6 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._files import sha256_file
+
 FORMAT = "optbrain-compressed"
 VERSION = 1
 TENSORS = "compressed.safetensors"
@@ -37,14 +38,6 @@ REPORT = "report.json"
 
 class CheckpointError(ValueError):
     """A run directory that is missing, truncated, tampered with or does not fit the model."""
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _bn_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -111,7 +104,7 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     manifest = {
         "format": FORMAT,
         "version": VERSION,
-        "sha256": _sha256(tpath),
+        "sha256": sha256_file(tpath),
         "layers": index,
         "buffers": buffers,
         "recipe": state["recipe"],
@@ -168,7 +161,7 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     tpath = d / TENSORS
     if not tpath.is_file():
         raise CheckpointError(f"{d} has no {TENSORS}")
-    digest = _sha256(tpath)
+    digest = sha256_file(tpath)
     if digest != manifest["sha256"]:
         raise CheckpointError(
             f"{tpath} does not match its checksum in {MANIFEST} (file "

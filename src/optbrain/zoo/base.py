@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -64,11 +63,3 @@ def cache_dir() -> Path:
     d = Path(os.environ.get("OPTBRAIN_CACHE", Path.home() / ".cache" / "optbrain"))
     d.mkdir(parents=True, exist_ok=True)
     return d
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()

@@ -10,7 +10,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .base import cache_dir, sha256_file
+from .._files import sha256_file
+from .base import cache_dir
 
 
 def train_classifier(
