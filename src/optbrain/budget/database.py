@@ -51,6 +51,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .._files import sha256_file
 from ..api import take_samples
 from ..calibrate import collect_hessians, trace_input_shapes
 from ..calibrate.data import Forward, calibration_mode, call_model, iter_batches, model_device
@@ -121,14 +122,6 @@ class DbSettings:
 # --------------------------------------------------------------------------- files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _tmp(path: Path) -> Path:
     """A temporary name beside ``path``, unique per process (two builds of one database at
     once then never rename each other's half-written files into place)."""
@@ -146,7 +139,7 @@ def _atomic_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     # no header metadata: safetensors writes its keys in hash-map order, which would make
     # the bytes of two identical builds differ (the JSON record carries the format instead)
     save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(tmp))
-    digest = _sha256(tmp)
+    digest = sha256_file(tmp)
     os.replace(tmp, path)
     return digest
 
@@ -299,7 +292,7 @@ class Database:
             return False
         if rec.get("name") != name:
             return False
-        return not verify or _sha256(st) == rec.get("tensors_sha256")
+        return not verify or sha256_file(st) == rec.get("tensors_sha256")
 
     @property
     def complete(self) -> bool:
@@ -320,7 +313,7 @@ class Database:
         """All stored tensors of a layer, checksum verified."""
         rec = self.record(name)
         path = self.stem(name).with_suffix(".safetensors")
-        if _sha256(path) != rec["tensors_sha256"]:
+        if sha256_file(path) != rec["tensors_sha256"]:
             raise DatabaseError(
                 f"{path} does not match its checksum (modified or truncated); delete it and "
                 f"{path.with_suffix('.json').name} and build again to recompute the layer"
