@@ -57,9 +57,8 @@ from ..calibrate import collect_hessians, trace_input_shapes
 from ..calibrate.data import Forward, calibration_mode, call_model, iter_batches, model_device
 from ..calibrate.data import to_device as _to_device
 from ..core.auto import COST
-from ..core.exact import prepare_problem
 from ..core.grid import fit_grid
-from ..core.hessian import row_losses
+from ..core.hessian import prepare_layer, row_losses
 from ..core.obq import obq
 from ..core.obs import DEFAULT_ENGINE, obs_trace, prune_nm
 from ..core.patterns import Pattern
@@ -367,7 +366,7 @@ def _solve_exact(
     trace and the N:M solutions are computed once and shared by all levels that start from them.
     """
     spec = make_spec(W.shape[1], damp=st.damp, dtype=torch.float32)
-    Wc, prep = prepare_problem(W, H, spec)
+    Wc, prep = prepare_layer(W, H, spec)
     trace = None
     if any(lv.sparsity for lv in levels):
         # the full trace, as compress_layer runs it (the last steps are cheap: the working set

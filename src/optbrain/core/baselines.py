@@ -24,15 +24,10 @@ from __future__ import annotations
 import torch
 
 from ..layerwise import register
-from .columnwise import (
-    check_options,
-    option_bool,
-    option_scope,
-    prepare_layer,
-    unchanged,
-)
+from .checks import check_options
+from .columnwise import option_bool, option_scope, unchanged
 from .grid import fit_grid
-from .hessian import PreparedHessian, row_losses
+from .hessian import PreparedHessian, prepare_layer, row_losses
 from .patterns import Pattern
 from .result import CompressSpec, LayerResult
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 
@@ -77,3 +79,13 @@ def check_dtype(dtype: torch.dtype) -> torch.dtype:
     if dtype not in (torch.float32, torch.float64):
         raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
     return dtype
+
+
+def check_options(method: str, options: dict, allowed: Iterable[str]) -> None:
+    """Unknown option names are a ValueError naming the method (catches typos early)."""
+    allowed = sorted(allowed)
+    bad = sorted(set(options) - set(allowed))
+    if bad:
+        raise ValueError(
+            f"method {method!r} does not take option(s) {bad}; its options are {allowed}"
+        )

@@ -33,29 +33,18 @@ Tiny example: ``H = [[2, 1], [1, 2]]``, ``w = (1, 1)``, prune column 0.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 
 from .grid import QuantGrid, fit_grid
-from .hessian import PreparedHessian, prepare_hessian
+from .hessian import PreparedHessian
 from .patterns import Pattern
 from .result import CompressSpec, LayerResult
 
 DEFAULT_BLOCK = 128
 MICRO = 16  # inner block width of the two-level lazy updates
 SCOPES = ("layer", "row")
-
-
-def check_options(method: str, options: dict, allowed: Iterable[str]) -> None:
-    """Unknown option names are a ValueError naming the method (catches typos early)."""
-    allowed = sorted(allowed)
-    bad = sorted(set(options) - set(allowed))
-    if bad:
-        raise ValueError(
-            f"method {method!r} does not take option(s) {bad}; its options are {allowed}"
-        )
 
 
 def option_bool(method: str, options: dict, name: str, default: bool) -> bool:
@@ -77,20 +66,6 @@ def option_scope(method: str, options: dict) -> str:
     if v not in SCOPES:
         raise ValueError(f"method {method!r}: scope must be one of {SCOPES}, got {v!r}")
     return v
-
-
-def prepare_layer(
-    W: torch.Tensor, H: torch.Tensor, spec: CompressSpec
-) -> tuple[torch.Tensor, PreparedHessian]:
-    """``(W in the compute dtype with dead-input columns zeroed, damped prepared H)``.
-
-    A dead input (``H_pp == 0``) never reaches the output, so its weights are set to 0 for free;
-    all losses are measured from this ``W`` under ``prepared.H`` (as the exact solver does).
-    """
-    prep = prepare_hessian(H, spec.damp, dtype=spec.dtype, on_singular=spec.on_singular)
-    Wc = W.to(spec.dtype).clone()
-    Wc[:, prep.dead] = 0
-    return Wc, prep
 
 
 def unchanged(W: torch.Tensor, method: str, spec: CompressSpec) -> LayerResult:

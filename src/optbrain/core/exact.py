@@ -13,8 +13,9 @@ from typing import Any
 import torch
 
 from ..layerwise import register
+from .checks import check_options
 from .grid import fit_grid
-from .hessian import PreparedHessian, prepare_hessian, row_losses
+from .hessian import PreparedHessian, prepare_layer, row_losses
 from .obq import obq
 from .obs import EngineConfig, PruneTrace, obs_trace, prune_nm
 from .result import CompressSpec, LayerResult
@@ -22,28 +23,9 @@ from .result import CompressSpec, LayerResult
 OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row", "outliers")
 
 
-def check_options(method: str, options: dict[str, Any], allowed: tuple[str, ...]) -> None:
-    """Reject method options nobody reads, naming the option and the allowed ones."""
-    for key in options:
-        if key not in allowed:
-            raise ValueError(
-                f"unknown option {key!r} for method {method!r}; allowed: {', '.join(allowed)}"
-            )
-
-
 def engine_config(options: dict[str, Any]) -> EngineConfig:
     kw = {k: options[k] for k in ("lazy", "shrink", "memory") if k in options}
     return EngineConfig(**kw)
-
-
-def prepare_problem(
-    W: torch.Tensor, H: torch.Tensor, spec: CompressSpec
-) -> tuple[torch.Tensor, PreparedHessian]:
-    """Damped, inverted H, and W in the compute dtype with dead-input weights zeroed."""
-    prep = prepare_hessian(H, spec.damp, dtype=spec.dtype, on_singular=spec.on_singular)
-    Wc = W.to(spec.dtype).clone()
-    Wc[:, prep.dead] = 0  # dead inputs: the weight never reaches the output
-    return Wc, prep
 
 
 def exact_prune(
@@ -77,7 +59,7 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
             method="obc",
             row_loss=torch.zeros(W.shape[0], dtype=torch.float64),
         )
-    Wc, prep = prepare_problem(W, H, spec)
+    Wc, prep = prepare_layer(W, H, spec)
     keep, trace = None, None
     weight = Wc
     predicted = torch.zeros(W.shape[0], dtype=torch.float64)

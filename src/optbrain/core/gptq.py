@@ -33,7 +33,9 @@ from __future__ import annotations
 import torch
 
 from ..layerwise import register
-from .columnwise import check_options, column_solve, option_block, option_bool, prepare_layer
+from .checks import check_options
+from .columnwise import column_solve, option_block, option_bool
+from .hessian import prepare_layer
 from .result import CompressSpec, LayerResult
 
 GPTQ_OPTIONS = ("block_size", "act_order", "static_groups", "search")

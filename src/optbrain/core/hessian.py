@@ -17,10 +17,14 @@ Conventions (used everywhere in optbrain):
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 
 from .checks import check_damp
+
+if TYPE_CHECKING:
+    from .result import CompressSpec
 
 ON_SINGULAR = ("raise", "damp", "eig")
 
@@ -180,3 +184,17 @@ def row_losses(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.T
     """Per-row ``½ δ_r H δ_rᵀ``, shape ``(rows,)``, float64."""
     D = W.double() - W_hat.double()
     return 0.5 * ((D @ H.double()) * D).sum(1)
+
+
+def prepare_layer(
+    W: torch.Tensor, H: torch.Tensor, spec: CompressSpec
+) -> tuple[torch.Tensor, PreparedHessian]:
+    """``(W in the compute dtype with dead-input columns zeroed, damped prepared H)``.
+
+    A dead input (``H_pp == 0``) never reaches the output, so its weights are set to 0 for free;
+    all losses are measured from this ``W`` under ``prepared.H`` (as the exact solver does).
+    """
+    prep = prepare_hessian(H, spec.damp, dtype=spec.dtype, on_singular=spec.on_singular)
+    Wc = W.to(spec.dtype).clone()
+    Wc[:, prep.dead] = 0
+    return Wc, prep

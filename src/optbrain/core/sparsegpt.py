@@ -25,15 +25,15 @@ from __future__ import annotations
 import torch
 
 from ..layerwise import register
+from .checks import check_options
 from .columnwise import (
-    check_options,
     column_solve,
     option_block,
     option_bool,
     option_scope,
-    prepare_layer,
     unchanged,
 )
+from .hessian import prepare_layer
 from .result import CompressSpec, LayerResult
 
 SPARSEGPT_OPTIONS = ("block_size", "scope", "static_groups", "search")
