@@ -116,16 +116,17 @@ def prune_layer(
     """
     if sparsity is None and parse_pattern(pattern).kind != "nm":
         raise ValueError("sparsity is required (a fraction in [0, 1)) unless pattern is N:M")
-    spec = make_spec(
-        W.shape[-1] if W.dim() == 2 else 0,
-        sparsity=sparsity,
-        pattern=pattern,
+    return compress_layer(
+        W,
+        H,
+        sparsity,
+        pattern,
+        method=method,
         damp=damp,
         dtype=dtype,
         on_singular=on_singular,
         **options,
     )
-    return solve(W, H, spec, method)
 
 
 def quantize_layer(
@@ -144,17 +145,18 @@ def quantize_layer(
     """Quantize ``W (rows, cols)`` to ``bits`` (per output channel, or per ``group_size``)."""
     if bits is None:
         raise ValueError("bits is required for quantize_layer (an integer >= 1)")
-    spec = make_spec(
-        W.shape[-1] if W.dim() == 2 else 0,
+    return compress_layer(
+        W,
+        H,
         bits=bits,
         sym=sym,
         group_size=group_size,
+        method=method,
         damp=damp,
         dtype=dtype,
         on_singular=on_singular,
         **options,
     )
-    return solve(W, H, spec, method)
 
 
 def compress_layer(
