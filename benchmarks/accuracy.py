@@ -19,8 +19,8 @@ import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/__init__.py
 
-from optbrain import zoo  # noqa: E402
-from optbrain.runs import run_zoo  # noqa: E402
+from optbrain.app import zoo  # noqa: E402
+from optbrain.app.runs import run_zoo  # noqa: E402
 
 BUDGETS = {
     "50%": {"sparsity": 0.5},

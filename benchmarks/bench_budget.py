@@ -25,10 +25,10 @@ from pathlib import Path
 
 import torch
 
-from optbrain import zoo
+from optbrain.app import zoo
+from optbrain.app.zoo.base import cache_dir
 from optbrain.budget import apply_allocation, build_database, plan_allocation
 from optbrain.budget.database import DbSettings
-from optbrain.zoo.base import cache_dir
 
 TARGETS = ["flops=0.25", "flops=0.15", "bops=1/12", "bops=1/24", "size=0.15"]
 

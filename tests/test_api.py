@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from optbrain.api import compress
-from optbrain.calibrate.data import CalibrationError, NonFiniteActivationError
+from optbrain.pipeline.data import CalibrationError, NonFiniteActivationError
 from optbrain.recipe import RecipeError
 
 NOTHING = "the recipe asks nothing of this layer"

@@ -6,7 +6,7 @@ import torch
 import yaml
 
 from optbrain import compress_layer
-from optbrain.layerwise import make_spec
+from optbrain.core.spec import make_spec
 from optbrain.recipe import DEFAULTS, CalibrationConfig, LayerPlan, Recipe, RecipeError, Rule
 
 COMPLEX = {

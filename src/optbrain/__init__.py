@@ -1,20 +1,62 @@
-"""optbrain: post-training pruning and quantization with the Optimal Brain family of methods."""
+"""optbrain: post-training pruning and quantization with the Optimal Brain family of methods.
 
-import os as _os
+The public names below are imported on first use, so ``import optbrain`` is cheap and has no
+side effect on the environment (the command-line entry point sets ``OMP_WAIT_POLICY`` before
+torch is loaded).
+"""
 
-# OpenMP threads that spin while waiting make small tensor ops 10-100x slower whenever another
-# process competes for the cores (shared machines, CI). Passive waiting costs little when the
-# machine is idle. Only effective if torch was not imported before optbrain.
-_os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+from __future__ import annotations
 
-from .api import compress
-from .core.grid import QuantGrid, fit_grid
-from .core.hessian import HessianAccumulator, hessian_from_inputs, layer_loss, prepare_hessian
-from .core.result import CompressSpec, LayerResult
-from .export import load, save
-from .layerwise import METHODS, compress_layer, prune_layer, quantize_layer
-from .recipe import Recipe
-from .report import LayerRecord, Report
+import importlib
+from typing import TYPE_CHECKING, Any
+
+#: public name -> the module that defines it
+_EXPORTS: dict[str, str] = {
+    "compress": ".api",
+    "QuantGrid": ".core.grid",
+    "fit_grid": ".core.grid",
+    "HessianAccumulator": ".core.hessian",
+    "hessian_from_inputs": ".core.hessian",
+    "layer_loss": ".core.hessian",
+    "prepare_hessian": ".core.hessian",
+    "compress_layer": ".core.layer",
+    "prune_layer": ".core.layer",
+    "quantize_layer": ".core.layer",
+    "METHODS": ".core.methods",
+    "LayerResult": ".core.result",
+    "CompressSpec": ".core.spec",
+    "load": ".export",
+    "save": ".export",
+    "Recipe": ".recipe",
+    "LayerRecord": ".report",
+    "Report": ".report",
+}
+
+if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imports lazily
+    from .api import compress
+    from .core.grid import QuantGrid, fit_grid
+    from .core.hessian import HessianAccumulator, hessian_from_inputs, layer_loss, prepare_hessian
+    from .core.layer import compress_layer, prune_layer, quantize_layer
+    from .core.methods import METHODS
+    from .core.result import LayerResult
+    from .core.spec import CompressSpec
+    from .export import load, save
+    from .recipe import Recipe
+    from .report import LayerRecord, Report
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'optbrain' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *_EXPORTS])
+
 
 __all__ = [
     "METHODS",

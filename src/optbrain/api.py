@@ -1,10 +1,10 @@
 """Whole-model API: ``compress(model, calibration, recipe) -> Report`` (``save``/``load``: export).
 
-``compress`` finds every compressible layer (``optbrain.layers``), asks the recipe what to do
+``compress`` finds every compressible layer (``optbrain.adapters``), asks the recipe what to do
 with each, collects Hessians from the calibration data (``independent``: all layers from the
 dense model in one pass, as OBC; ``sequential``: block by block from the compressed blocks
 before, as GPTQ, or layer by layer in a model without a block list), solves each layer (per
-group for grouped convolutions) with ``optbrain.layerwise.compress_layer``, writes the weights
+group for grouped convolutions) with ``optbrain.core.layer.compress_layer``, writes the weights
 back in place, and returns a ``Report``. What was done is kept on the model
 (``model._optbrain``) so that ``save`` can write it and ``load`` can apply it to a fresh copy
 without recompressing.
@@ -19,12 +19,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from .calibrate import collect_hessians, find_blocks, recalibrate_batchnorm, sequential_compress
-from .calibrate.data import Forward
+from .adapters import LayerAdapter, adapter_for, find_layers
 from .core.hessian import HessianAccumulator, row_losses
-from .layers import LayerAdapter, adapter_for, find_layers
-from .layerwise import compress_layer
-from .progress import Progress
+from .core.layer import compress_layer
+from .pipeline import collect_hessians, find_blocks, recalibrate_batchnorm, sequential_compress
+from .pipeline.data import Forward
+from .pipeline.progress import Progress
 from .recipe import LayerPlan, Recipe
 from .report import LayerRecord, Report, peak_memory_tracker
 

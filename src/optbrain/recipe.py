@@ -68,13 +68,13 @@ from typing import Any
 import torch
 import yaml
 
-from . import layerwise
+from .core.methods import METHODS
 from .core.patterns import parse_pattern
-from .core.result import CompressSpec
+from .core.spec import CompressSpec, make_spec
 
 RECIPE_VERSION = 1
 
-#: Method names always accepted (the registry may add more: ``optbrain.layerwise.METHODS``).
+#: Method names always accepted (the registry may add more: ``optbrain.core.methods.METHODS``).
 KNOWN_METHODS = ("obc", "gptq", "sparsegpt", "magnitude", "obd", "rtn", "auto")
 CALIBRATION_MODES = ("independent", "sequential")
 ON_SINGULAR = ("raise", "damp", "eig")
@@ -153,8 +153,7 @@ def _fail(path: tuple, key: str, what: str, value: object, root: str = "recipe")
 
 def allowed_methods() -> list[str]:
     """Every method name a recipe may use: the built-ins and anything registered."""
-    layerwise._ensure_registered()
-    return sorted(set(KNOWN_METHODS) | set(layerwise.METHODS))
+    return sorted(set(KNOWN_METHODS) | set(METHODS))
 
 
 @functools.lru_cache(maxsize=1024)
@@ -353,7 +352,7 @@ class LayerPlan:
 
     def spec(self, cols: int) -> CompressSpec:
         """The validated ``CompressSpec`` for a layer with ``cols`` input columns."""
-        return layerwise.make_spec(cols, **self.spec_kwargs())
+        return make_spec(cols, **self.spec_kwargs())
 
 
 @dataclass

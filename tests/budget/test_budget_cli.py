@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from optbrain.cli import main
+from optbrain.app.cli import main
 
 
 def test_cli_target_writes_a_loadable_run(tmp_path, capsys):

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from optbrain.adapters import adapter_for
 from optbrain.budget import (
     DatabaseError,
     DatabaseMismatchError,
@@ -15,10 +16,9 @@ from optbrain.budget import (
     build_database,
     plan_allocation,
 )
-from optbrain.calibrate import collect_hessians
 from optbrain.core.hessian import row_losses
-from optbrain.layers import adapter_for
-from optbrain.layerwise import compress_layer
+from optbrain.core.layer import compress_layer
+from optbrain.pipeline import collect_hessians
 
 
 def test_levels_equal_compress_layer_obc(tiny_db):

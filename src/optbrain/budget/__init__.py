@@ -10,7 +10,6 @@ program choosing one level per layer under the budget.
 * ``costs``    — cost models per layer and level, ``parse_target("bops=1/12")``
 * ``solver``   — the DP (``solve_dp``) and a brute force for tests
 * ``api``      — ``compress_to_budget``, ``plan_allocation``, ``apply_allocation``
-* ``runs``     — ``run_zoo_budget`` (zoo models end to end) and the CLI's ``--target`` path
 * ``plot``     — ``allocation_svg``: the level chosen per layer as an inline SVG
 """
 
@@ -26,7 +25,6 @@ from .database import (
 )
 from .levels import Level, default_levels, normalize_levels
 from .plot import allocation_svg
-from .runs import run_zoo_budget
 from .solver import BudgetError, Solution, brute_force, solve_dp
 
 __all__ = [
@@ -53,6 +51,5 @@ __all__ = [
     "normalize_levels",
     "parse_target",
     "plan_allocation",
-    "run_zoo_budget",
     "solve_dp",
 ]

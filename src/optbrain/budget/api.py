@@ -27,9 +27,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import adapter_for, find_layers
 from ..api import STATE_ATTR, take_samples
-from ..calibrate.data import Forward, iter_batches
-from ..layers import adapter_for, find_layers
+from ..pipeline.data import Forward, iter_batches
 from ..report import LayerRecord, Report
 from .costs import METRICS, Target, level_cost, parse_target
 from .database import Database, DbSettings, build_database

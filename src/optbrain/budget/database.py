@@ -29,7 +29,7 @@ Solvers: ``"obc"`` (exact: one ExactOBS trace per group gives every unstructured
 ``trace.at(s)``, ExactOBS N:M per pattern, OBQ on top for bits — the arithmetic of
 ``compress_layer(method="obc")``); ``"fast"`` (SparseGPT for pruned levels, GPTQ for
 quantized-only ones, one ``compress_layer`` call per level); ``"auto"`` (per layer: exact when
-the modelled exact time of all its levels, ``optbrain.core.auto.COST``, is within
+the modelled exact time of all its levels, ``optbrain.core.methods.auto.COST``, is within
 ``time_budget`` seconds, else fast).
 
 Resuming: layers are written one at a time, tensors then JSON, each to a temporary file renamed
@@ -52,19 +52,20 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._files import sha256_file
+from ..adapters import LayerAdapter, adapter_for, find_layers
 from ..api import take_samples
-from ..calibrate import collect_hessians, trace_input_shapes
-from ..calibrate.data import Forward, calibration_mode, call_model, iter_batches, model_device
-from ..calibrate.data import to_device as _to_device
-from ..core.auto import COST
 from ..core.grid import fit_grid
 from ..core.hessian import prepare_layer, row_losses
+from ..core.layer import compress_layer
+from ..core.methods.auto import COST
 from ..core.obq import obq
 from ..core.obs import DEFAULT_ENGINE, obs_trace, prune_nm
 from ..core.patterns import Pattern
-from ..layers import LayerAdapter, adapter_for, find_layers
-from ..layerwise import compress_layer, make_spec
-from ..progress import Progress
+from ..core.spec import make_spec
+from ..pipeline import collect_hessians, trace_input_shapes
+from ..pipeline.data import Forward, calibration_mode, call_model, iter_batches, model_device
+from ..pipeline.data import to_device as _to_device
+from ..pipeline.progress import Progress
 from .levels import Level, normalize_levels
 
 FORMAT = "optbrain-budget-db"
@@ -586,7 +587,7 @@ def build_database(
     """Build (or resume, or reuse) the database of ``model`` in directory ``root``.
 
     batches: the calibration batches (a list; the optbrain batch convention, see
-      ``optbrain.calibrate.data``). levels: the grid (None: the grid of an existing database,
+      ``optbrain.pipeline.data``). levels: the grid (None: the grid of an existing database,
       else ``default_levels()``); the dense level is always added.
     A database already in ``root`` whose fingerprint differs (model weights, calibration,
     levels, settings) raises ``DatabaseMismatchError``; its complete layers are reused, and

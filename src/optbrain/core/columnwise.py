@@ -40,7 +40,8 @@ import torch
 from .grid import QuantGrid, fit_grid
 from .hessian import PreparedHessian
 from .patterns import Pattern
-from .result import CompressSpec, LayerResult
+from .result import LayerResult
+from .spec import CompressSpec
 
 DEFAULT_BLOCK = 128
 MICRO = 16  # inner block width of the two-level lazy updates

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .checks import check_bits
+from .spec import check_bits
 
 ROW_CHUNK = 1 << 18  # weights per chunk of rows in the scale search (cache-sized temporaries)
 

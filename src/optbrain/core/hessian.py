@@ -21,10 +21,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .checks import check_damp
+from .spec import check_damp
 
 if TYPE_CHECKING:
-    from .result import CompressSpec
+    from .spec import CompressSpec
 
 ON_SINGULAR = ("raise", "damp", "eig")
 

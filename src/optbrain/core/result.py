@@ -1,4 +1,4 @@
-"""Result and spec dataclasses shared by every layer-wise solver."""
+"""LayerResult: the outcome of compressing one layer, shared by every layer-wise solver."""
 
 from __future__ import annotations
 
@@ -8,37 +8,6 @@ from typing import Any
 import torch
 
 from .grid import QuantGrid
-from .patterns import Pattern
-
-
-@dataclass(frozen=True)
-class CompressSpec:
-    """What to do to one layer. Built and validated by ``optbrain.layerwise``.
-
-    sparsity: pruned fraction in [0, 1) or None (no pruning; for N:M it is fixed by the pattern).
-    pattern: parsed pruning pattern. bits: None for no quantization. sym / group_size: grid.
-    damp: relative damping (λ = damp · mean diag H). dtype: compute dtype (float32 / float64).
-    on_singular: policy when H cannot be inverted ("raise" | "damp" | "eig").
-    options: method-specific knobs (e.g. ``block_size`` for GPTQ, ``act_order``).
-    """
-
-    sparsity: float | None = None
-    pattern: Pattern = field(default_factory=lambda: Pattern("unstructured"))
-    bits: int | None = None
-    sym: bool = True
-    group_size: int | None = None
-    damp: float = 0.01
-    dtype: torch.dtype = torch.float32
-    on_singular: str = "damp"
-    options: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def prunes(self) -> bool:
-        return self.pattern.kind == "nm" or (self.sparsity is not None and self.sparsity > 0)
-
-    @property
-    def quantizes(self) -> bool:
-        return self.bits is not None
 
 
 @dataclass

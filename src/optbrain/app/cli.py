@@ -1,0 +1,238 @@
+"""The ``optbrain`` command: compress, eval, report, demo. Parses flags, calls the API, prints."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def _recipe_from_args(args: argparse.Namespace) -> Any:
+    from ..recipe import Recipe
+
+    if args.recipe:
+        rec = Recipe.coerce(args.recipe)
+        flags = {
+            k: getattr(args, k)
+            for k in (
+                "method",
+                "sparsity",
+                "pattern",
+                "bits",
+                "group_size",
+                "damp",
+                "targets",
+                "ignore",
+                "mode",
+                "samples",
+            )
+            if getattr(args, k) is not None
+        }
+        if args.asym:
+            flags["asym"] = True
+        if flags:
+            raise ValueError(
+                f"--recipe cannot be combined with {sorted(flags)}; put them in the recipe file"
+            )
+        return rec
+    rule: dict[str, Any] = {"method": args.method or "obc"}
+    for k in ("sparsity", "pattern", "bits", "group_size", "damp"):
+        v = getattr(args, k)
+        if v is not None:
+            rule[k] = v
+    if args.asym:
+        rule["sym"] = False
+    if "sparsity" not in rule and "bits" not in rule and ":" not in str(rule.get("pattern")):
+        raise ValueError("say what to do: --sparsity, --pattern N:M, --bits or --recipe")
+    d: dict[str, Any] = {
+        "rules": [{"targets": args.targets or ["*"], **rule}],
+        "calibration": {
+            "mode": args.mode or "independent",
+            "samples": 128 if args.samples is None else args.samples,
+        },
+    }
+    if args.ignore:
+        d["ignore"] = args.ignore
+    return Recipe.from_dict(d)
+
+
+def _print_metrics(report: Any) -> None:
+    if not report.metrics:
+        return
+    print("\n| metric | dense | compressed |\n|---|---:|---:|")
+    for k, v in report.metrics.items():
+        if isinstance(v, dict):
+            d, c = v.get("dense"), v.get("compressed")
+            fd = "—" if d is None else f"{d:.4f}"
+            fc = "—" if c is None else f"{c:.4f}"
+            print(f"| {k} | {fd} | {fc} |")
+        else:
+            print(f"| {k} | {v} | |")
+
+
+def cmd_compress(args: argparse.Namespace) -> int:
+    from ..report import render_table
+    from .runs import run_zoo
+
+    if getattr(args, "target", None):  # a global budget: non-uniform levels (optbrain.budget)
+        from .budget_runs import cmd_compress_budget
+
+        return cmd_compress_budget(args)
+    recipe = _recipe_from_args(args)
+    out = Path(args.out) if args.out else Path("runs") / args.model
+    _, report = run_zoo(args.model, recipe, out, quiet=args.quiet, limit=args.limit)
+    print(render_table(report))
+    _print_metrics(report)
+    print(f"\nrun written to {out}/ (report: {out / 'report.html'})")
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from ..export import load
+    from . import zoo
+
+    entry = zoo.get(args.model)
+    dense = entry.load()
+    metrics = {"dense": entry.evaluate(dense, limit=args.limit)}
+    if args.compressed:
+        import copy
+
+        model = load(copy.deepcopy(dense), args.compressed)
+        metrics["compressed"] = entry.evaluate(model, dense=dense, limit=args.limit)
+    if args.json:
+        print(json.dumps(metrics, indent=1))
+    else:
+        keys = sorted({k for m in metrics.values() for k in m})
+        cols = list(metrics)
+        print("| metric | " + " | ".join(cols) + " |")
+        print("|---|" + "---:|" * len(cols))
+        for k in keys:
+            vals = [metrics[c].get(k) for c in cols]
+            print(f"| {k} | " + " | ".join("—" if v is None else f"{v:.4f}" for v in vals) + " |")
+        if entry.notes:
+            print(f"\nnote: {entry.notes}")
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from ..report import Report, render_table
+
+    run = Path(args.run_dir)
+    path = run / "report.json" if run.is_dir() else run
+    if not path.is_file():
+        raise ValueError(
+            f"{path} not found: pass a run directory written by "
+            "'optbrain compress' (or a report.json)"
+        )
+    report = Report.load(path)
+    html = Path(args.html) if args.html else path.with_name("report.html")
+    report.to_html(html)
+    if not args.quiet:
+        print(render_table(report))
+        _print_metrics(report)
+    print(f"\nHTML report: {html.resolve()}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(out=Path(args.out), quiet=args.quiet)
+
+
+def cmd_models(args: argparse.Namespace) -> int:
+    from . import zoo
+
+    for name in zoo.names():
+        e = zoo.get(name)
+        print(f"{name:20s} {e.description}" + (f"  [{e.notes}]" if e.notes else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from ..core.methods import METHODS
+
+    p = argparse.ArgumentParser(
+        prog="optbrain",
+        description="Post-training pruning and quantization with the Optimal Brain family "
+        "(ExactOBS, OBQ, OBC, GPTQ, SparseGPT) and baselines.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compress", help="compress a zoo model and write a run directory")
+    c.add_argument("--model", required=True, help="zoo model name (see 'optbrain models')")
+    c.add_argument("--recipe", help="recipe YAML file (instead of the flags below)")
+    c.add_argument("--method", choices=sorted(METHODS), help="solver (default: obc)")
+    c.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
+    c.add_argument("--pattern", help="'unstructured' (default), 'N:M' e.g. 2:4, or 'blockB'")
+    c.add_argument("--bits", type=int, help="quantize to this many bits")
+    c.add_argument(
+        "--group-size",
+        type=int,
+        dest="group_size",
+        help="quantization group size (default: one grid per output channel)",
+    )
+    c.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
+    c.add_argument("--damp", type=float, help="relative damping of H (default 0.01)")
+    c.add_argument("--targets", nargs="+", help="module name patterns to compress (glob or re:)")
+    c.add_argument("--ignore", nargs="+", help="module name patterns to leave alone")
+    c.add_argument(
+        "--mode",
+        choices=["independent", "sequential"],
+        help="calibration mode (default: independent, as OBC)",
+    )
+    c.add_argument("--samples", type=int, help="calibration samples (default 128)")
+    c.add_argument("--limit", type=int, help="evaluate on the first N examples only")
+    c.add_argument("--out", help="run directory (default: runs/MODEL)")
+    c.add_argument("--quiet", action="store_true", help="no progress line")
+    c.add_argument(
+        "--target",
+        help="global budget instead of one setting for all layers, e.g. flops=0.25, "
+        "bops=1/12, size=0.3: a level per layer chosen by dynamic programming",
+    )
+    c.add_argument("--db", help="per-layer database directory for --target (default: OUT/db)")
+    c.set_defaults(func=cmd_compress)
+
+    e = sub.add_parser("eval", help="print a zoo model's metrics, dense and compressed")
+    e.add_argument("--model", required=True, help="zoo model name")
+    e.add_argument("--compressed", metavar="RUN_DIR", help="a run directory to evaluate")
+    e.add_argument("--limit", type=int, help="evaluate on the first N examples only")
+    e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.set_defaults(func=cmd_eval)
+
+    r = sub.add_parser("report", help="render a run's report as a table and an HTML page")
+    r.add_argument("run_dir", help="run directory (or report.json)")
+    r.add_argument("--html", help="where to write the HTML (default: RUN_DIR/report.html)")
+    r.add_argument("--quiet", action="store_true", help="only write the HTML")
+    r.set_defaults(func=cmd_report)
+
+    d = sub.add_parser("demo", help="train a digits CNN, compress it with OBC and baselines")
+    d.add_argument("--out", default="runs/demo", help="where to write the runs")
+    d.add_argument("--quiet", action="store_true", help="no progress lines")
+    d.set_defaults(func=cmd_demo)
+
+    m = sub.add_parser("models", help="list the zoo models")
+    m.set_defaults(func=cmd_models)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """The ``optbrain`` entry point (console script and ``python -m optbrain``)."""
+    # OpenMP threads that spin while waiting make small tensor ops 10-100x slower whenever
+    # another process competes for the cores (shared machines, CI); passive waiting costs little
+    # on an idle machine. Set here, in the entry point, before torch is imported.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError) as e:
+        print(f"optbrain {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

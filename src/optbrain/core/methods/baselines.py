@@ -1,0 +1,160 @@
+"""Baselines beside every result: magnitude pruning, OBD diagonal saliency, round-to-nearest.
+
+None of them updates the remaining weights; their loss is measured directly,
+``½ Σ_r δ_r H δ_rᵀ`` under the damped ``H`` (``row_losses``), from the same starting weights
+as the other solvers (dead-input columns zeroed).
+
+* ``"magnitude"``: remove the smallest ``|w|``. Patterns: unstructured, N:M, blockB (block score
+  = L2 norm of the block). Option ``scope``: ``"layer"`` (default; one threshold over the layer,
+  exactly ``round(s · rows · cols)`` weights / ``round(s · rows · cols/B)`` blocks) or ``"row"``
+  (``round(s · cols)`` per row). With ``bits``: prune, then round to nearest on a grid fitted to
+  the pruned weights (``fit_grid`` with ``weight = diag H``, as OBC fits its compound grid).
+* ``"obd"``: Optimal Brain Damage, remove the smallest diagonal saliency ``w_p² H_pp / 2`` (the
+  loss of zeroing ``w_p`` alone if H were diagonal); blocks sum it. Same patterns and ``scope``.
+  Pruning only: ``bits`` is a ValueError.
+* ``"rtn"``: round every weight to the nearest level of the grid ``fit_grid(W, bits,
+  weight = diag H)`` — the grid OBQ/OBC and GPTQ start from, so the comparison isolates the
+  error compensation. Quantization only: a sparsity or N:M pattern is a ValueError.
+
+Option ``search`` (bool, default True) of magnitude/rtn is ``fit_grid``'s MSE scale search.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..columnwise import option_bool, option_scope, unchanged
+from ..grid import fit_grid
+from ..hessian import PreparedHessian, prepare_layer, row_losses
+from ..patterns import Pattern
+from ..result import LayerResult
+from ..spec import CompressSpec, check_options
+
+
+def prune_mask(
+    score: torch.Tensor, pattern: Pattern, sparsity: float | None, scope: str = "layer"
+) -> torch.Tensor:
+    """Kept-weight mask ``(R, C)`` removing the lowest ``score (R, C)`` under ``pattern``.
+
+    unstructured: ``round(s·R·C)`` lowest over the layer (``scope="layer"``) or ``round(s·C)``
+    per row; N:M: the ``M − N`` lowest of every ``M`` consecutive columns of each row; blockB:
+    blocks scored by the sum of their scores, ``round(s·R·C/B)`` (layer) or ``round(s·C/B)``
+    per row removed. Ties are broken by ``topk`` (counts are exact).
+    """
+    R, C = score.shape
+    dev = score.device
+    if pattern.kind == "nm":
+        n, m = pattern.n, pattern.m
+        s = score.reshape(R, C // m, m)
+        idx = torch.topk(s, m - n, dim=2, largest=False).indices
+        removed = torch.zeros_like(s, dtype=torch.bool).scatter_(2, idx, True)
+        return ~removed.reshape(R, C)
+    g = pattern.block if pattern.kind == "block" else 1
+    s = score.reshape(R, C // g, g).sum(2) if g > 1 else score
+    sp = float(sparsity or 0.0)
+    nb = s.shape[1]
+    removed = torch.zeros(R, nb, dtype=torch.bool, device=dev)
+    if scope == "row":
+        k = int(round(sp * nb))
+        if k:
+            removed.scatter_(1, torch.topk(s, k, dim=1, largest=False).indices, True)
+    else:
+        k = int(round(sp * R * nb))
+        if k:
+            removed.view(-1)[torch.topk(s.reshape(-1), k, largest=False).indices] = True
+    if g > 1:
+        removed = removed.repeat_interleave(g, dim=1)
+    return ~removed
+
+
+def _result(
+    Wc: torch.Tensor,
+    weight: torch.Tensor,
+    keep: torch.Tensor | None,
+    prep: PreparedHessian,
+    spec: CompressSpec,
+    method: str,
+    grid=None,
+    info: dict | None = None,
+) -> LayerResult:
+    rl = row_losses(Wc, weight, prep.H).cpu()
+    return LayerResult(
+        weight=weight,
+        mask=keep,
+        loss=float(rl.sum()),
+        method=method,
+        bits=spec.bits if grid is not None else None,
+        grid=grid,
+        damping=prep.damping,
+        fallback=prep.fallback,
+        row_loss=rl,
+        info={"pattern": str(spec.pattern), **(info or {})},
+    )
+
+
+def solve_magnitude(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
+    """Magnitude pruning (and round-to-nearest of the kept weights when ``bits`` is set)."""
+    check_options("magnitude", spec.options, ("scope", "search"))
+    scope = option_scope("magnitude", spec.options)
+    search = option_bool("magnitude", spec.options, "search", True)
+    if not spec.prunes and not spec.quantizes:
+        return unchanged(W, "magnitude", spec)
+    Wc, prep = prepare_layer(W, H, spec)
+    keep, weight, grid = None, Wc, None
+    if spec.prunes:
+        keep = prune_mask(Wc * Wc, spec.pattern, spec.sparsity, scope)  # blocks: squared L2
+        weight = torch.where(keep, Wc, torch.zeros_like(Wc))
+    if spec.quantizes:
+        grid = fit_grid(
+            weight,
+            spec.bits,
+            sym=spec.sym,
+            group_size=spec.group_size,
+            search=search,
+            weight=torch.diagonal(prep.H),
+        )
+        weight = grid.quantize(weight)
+    return _result(Wc, weight, keep, prep, spec, "magnitude", grid, {"scope": scope})
+
+
+def solve_obd(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
+    """Optimal Brain Damage: prune by ``w_p² H_pp / 2`` without updating the other weights."""
+    check_options("obd", spec.options, ("scope",))
+    if spec.quantizes:
+        raise ValueError(
+            f"method 'obd' prunes only; it cannot quantize (got bits={spec.bits}); use 'obc', "
+            "'gptq' or 'rtn' for quantization, or 'sparsegpt'/'magnitude' for both"
+        )
+    scope = option_scope("obd", spec.options)
+    if not spec.prunes:
+        return unchanged(W, "obd", spec)
+    Wc, prep = prepare_layer(W, H, spec)
+    keep, weight = None, Wc
+    if spec.prunes:
+        score = 0.5 * Wc * Wc * torch.diagonal(prep.H).unsqueeze(0)
+        keep = prune_mask(score, spec.pattern, spec.sparsity, scope)
+        weight = torch.where(keep, Wc, torch.zeros_like(Wc))
+    return _result(Wc, weight, keep, prep, spec, "obd", None, {"scope": scope})
+
+
+def solve_rtn(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
+    """Round-to-nearest on the grid ``fit_grid(W, bits, weight=diag H)``; quantization only."""
+    check_options("rtn", spec.options, ("search",))
+    if spec.prunes:
+        raise ValueError(
+            f"method 'rtn' quantizes only; it cannot prune (got pattern {spec.pattern}, "
+            f"sparsity={spec.sparsity}); use 'magnitude' with bits for prune-then-round"
+        )
+    if not spec.quantizes:
+        raise ValueError("method 'rtn' needs bits (it is a quantization method)")
+    search = option_bool("rtn", spec.options, "search", True)
+    Wc, prep = prepare_layer(W, H, spec)
+    grid = fit_grid(
+        Wc,
+        spec.bits,
+        sym=spec.sym,
+        group_size=spec.group_size,
+        search=search,
+        weight=torch.diagonal(prep.H),
+    )
+    return _result(Wc, grid.quantize(Wc), None, prep, spec, "rtn", grid)

@@ -1,0 +1,332 @@
+"""The ``optbrain`` command, run in-process (``optbrain.app.cli.main``) on the digits zoo models,
+plus one ``python -m optbrain`` subprocess: run directories, printed metrics that agree with
+``report.json`` and with a fresh evaluation, bad flags (exit code 2, message on stderr) and a
+one-budget ``optbrain demo``.
+
+The digits models are trained once per session into a temporary ``$OPTBRAIN_CACHE``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import optbrain.app.demo
+from optbrain.app import zoo
+from optbrain.app.cli import main
+from optbrain.export import load
+from optbrain.recipe import Recipe
+
+RUN_FILES = {"manifest.json", "compressed.safetensors", "report.json", "report.html", "recipe.yaml"}
+METRIC_ROW = re.compile(r"^\| (\w+) \| ([0-9.]+|—) \| ([0-9.]+|—) \|$")
+
+
+@pytest.fixture(scope="session")
+def zoo_cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("optbrain-cache")
+
+
+@pytest.fixture(autouse=True)
+def _env(zoo_cache, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPTBRAIN_CACHE", str(zoo_cache))
+    monkeypatch.chdir(tmp_path)  # default run directories (runs/...) land in the test's folder
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def metric_rows(text: str) -> dict[str, tuple[float | None, float | None]]:
+    """``{metric: (first column, second column)}`` of the markdown metric tables printed."""
+    out = {}
+    for line in text.splitlines():
+        m = METRIC_ROW.match(line.strip())
+        if m and m.group(1) != "metric":
+            out[m.group(1)] = tuple(None if v == "—" else float(v) for v in m.group(2, 3))
+    return out
+
+
+@pytest.fixture(scope="module")
+def mlp_run(tmp_path_factory, zoo_cache):
+    """``optbrain compress --model digits-mlp --sparsity 0.5 --out DIR --quiet``, run once."""
+    out = tmp_path_factory.mktemp("cli") / "mlp-sparse50"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OPTBRAIN_CACHE", str(zoo_cache))
+    try:
+        stdout, stderr = io.StringIO(), io.StringIO()
+        with contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+            argv = "compress --model digits-mlp --sparsity 0.5 --quiet --out".split()
+            code = main([*argv, str(out)])
+    finally:
+        mp.undo()
+    return out, code, stdout.getvalue(), stderr.getvalue()
+
+
+# ------------------------------------------------------------------------------ models
+
+
+def test_models_lists_the_zoo(capsys):
+    assert main(["models"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    names = [line.split()[0] for line in lines]
+    assert names == zoo.names()
+    assert {"digits-cnn", "digits-mlp"} <= set(names)
+    cnn_line = lines[names.index("digits-cnn")]
+    assert zoo.get("digits-cnn").description in cnn_line
+
+
+def test_python_m_optbrain_models(zoo_cache, capsys):
+    assert main(["models"]) == 0
+    in_process = capsys.readouterr().out
+    env = {**os.environ, "OPTBRAIN_CACHE": str(zoo_cache)}
+    proc = subprocess.run(
+        [sys.executable, "-m", "optbrain", "models"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == in_process
+    assert "digits-cnn" in proc.stdout
+
+
+# ------------------------------------------------------------------------------ compress
+
+
+def test_compress_writes_the_run_directory(mlp_run):
+    out, code, stdout, stderr = mlp_run
+    assert code == 0
+    assert stderr == ""  # --quiet: no progress line
+    assert {p.name for p in out.iterdir()} == RUN_FILES
+    report = json.loads((out / "report.json").read_text())
+    layers = report["layers"]
+    assert [r["name"] for r in layers] == ["1", "3", "5"]
+    assert all(r["status"] == "compressed" and r["sparsity"] == 0.5 for r in layers)
+    assert all(r["tokens"] == 128 for r in layers)  # --samples default
+    # the saved weights are 50% zeros, layer by layer
+    tensors = load_file(str(out / "compressed.safetensors"))
+    for name in ("1", "3", "5"):
+        assert float((tensors[f"{name}.weight"] == 0).float().mean()) == 0.5
+    # the printed table is the report's metrics, and the dense number is a fresh evaluation
+    rows = metric_rows(stdout)
+    metrics = report["metrics"]
+    assert set(rows) == set(metrics) == {"accuracy", "agreement"}
+    for k, (dense, comp) in rows.items():
+        for printed, stored in ((dense, metrics[k]["dense"]), (comp, metrics[k]["compressed"])):
+            assert (printed is None) == (stored is None)
+            if stored is not None:
+                assert printed == pytest.approx(stored, abs=5e-5)
+    entry = zoo.get("digits-mlp")
+    dense = entry.load()
+    assert entry.evaluate(dense)["accuracy"] == metrics["accuracy"]["dense"]
+    # at 50% sparsity OBC keeps the MLP's accuracy within 2 points (measured: no change)
+    assert metrics["accuracy"]["compressed"] >= metrics["accuracy"]["dense"] - 2
+    # the recipe file reproduces the recipe recorded in the report
+    assert Recipe.from_yaml(out / "recipe.yaml").to_dict() == report["recipe"]
+    assert f"run written to {out}/" in stdout
+
+
+def test_eval_prints_the_compressed_accuracy_of_the_report(mlp_run, capsys):
+    out = mlp_run[0]
+    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    assert main(["eval", "--model", "digits-mlp", "--compressed", str(out)]) == 0
+    rows = metric_rows(capsys.readouterr().out)
+    assert rows["accuracy"][0] == pytest.approx(metrics["accuracy"]["dense"], abs=5e-5)
+    assert rows["accuracy"][1] == pytest.approx(metrics["accuracy"]["compressed"], abs=5e-5)
+    assert main(["eval", "--model", "digits-mlp", "--compressed", str(out), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["compressed"]["accuracy"] == metrics["accuracy"]["compressed"]
+    assert got["compressed"]["agreement"] == metrics["agreement"]["compressed"]
+    assert got["dense"]["accuracy"] == metrics["accuracy"]["dense"]
+    # and the same number from the library: load the run into a fresh dense copy
+    entry = zoo.get("digits-mlp")
+    dense = entry.load()
+    model = load(copy.deepcopy(dense), out)
+    assert entry.evaluate(model)["accuracy"] == metrics["accuracy"]["compressed"]
+
+
+def test_report_writes_html(mlp_run, tmp_path, capsys):
+    out = mlp_run[0]
+    html = tmp_path / "page.html"
+    assert main(["report", str(out), "--html", str(html)]) == 0
+    printed = capsys.readouterr().out
+    assert f"HTML report: {html.resolve()}" in printed
+    text = html.read_text()
+    assert text.lstrip().lower().startswith("<!doctype html")
+    assert "digits-mlp" in text and "<svg" in text
+    assert "accuracy" in metric_rows(printed)
+    # default: next to report.json
+    (out / "report.html").unlink()
+    assert main(["report", str(out), "--quiet"]) == 0
+    assert (out / "report.html").read_text() == text
+
+
+def test_compress_with_recipe_file(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(
+        "calibration: {samples: 64}\n"
+        "rules:\n"
+        "  - targets: ['1', '3']\n"
+        "    method: magnitude\n"
+        "    pattern: 2:4\n"
+    )
+    out = tmp_path / "run"
+    code = main(["compress", "--model", "digits-mlp", "--recipe", str(recipe), "--out", str(out)])
+    assert code == 0
+    cap = capsys.readouterr()
+    assert "[compress] 1/2 1" in cap.err and "[compress] 2/2 3" in cap.err  # not --quiet
+    report = json.loads((out / "report.json").read_text())
+    by = {r["name"]: r for r in report["layers"]}
+    for name in ("1", "3"):
+        assert by[name]["status"] == "compressed" and by[name]["pattern"] == "2:4"
+        assert by[name]["method"] == "magnitude" and by[name]["tokens"] == 64
+    assert by["5"]["status"] == "skipped"
+    tensors = load_file(str(out / "compressed.safetensors"))
+    assert "5.weight" not in tensors
+    for name in ("1", "3"):
+        w = tensors[f"{name}.weight"]
+        assert bool(((w.reshape(w.shape[0], -1, 4) == 0).sum(-1) >= 2).all())
+    assert Recipe.from_yaml(out / "recipe.yaml") == Recipe.from_yaml(recipe)
+
+
+def test_compress_flags_mode_and_samples(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["compress", "--model", "digits-mlp", "--bits", "4", "--group-size", "32"]
+    argv += ["--mode", "sequential", "--samples", "32", "--targets", "3", "5", "--out", str(out)]
+    assert main(argv + ["--quiet"]) == 0
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert report["metadata"]["calibration_mode"] == "sequential"
+    by = {r["name"]: r for r in report["layers"]}
+    assert by["1"]["status"] == "skipped"
+    for name in ("3", "5"):
+        r = by[name]
+        assert r["status"] == "compressed" and r["bits"] == 4 and r["group_size"] == 32
+        assert r["tokens"] == 32
+    assert main(["eval", "--model", "digits-mlp", "--compressed", str(out), "--json"]) == 0
+    full = json.loads(capsys.readouterr().out)["compressed"]["accuracy"]
+    assert full == report["metrics"]["accuracy"]["compressed"]
+    # --limit 100: the accuracy on the first 100 test digits, as the library computes it
+    argv = ["eval", "--model", "digits-mlp", "--compressed", str(out), "--json", "--limit", "100"]
+    assert main(argv) == 0
+    part = json.loads(capsys.readouterr().out)["compressed"]["accuracy"]
+    entry = zoo.get("digits-mlp")
+    model = load(copy.deepcopy(entry.load()), out)
+    assert part == entry.evaluate(model, limit=100)["accuracy"]
+    assert part == round(part)  # a whole number of percent of 100 digits
+
+
+# ------------------------------------------------------------------------------ bad input
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["compress", "--model", "digits-mlp", "--sparsity", "1.5"], r"sparsity .*1\.5"),
+        (
+            ["compress", "--model", "no-such-model", "--sparsity", "0.5"],
+            "unknown model 'no-such-model'",
+        ),
+        (["eval", "--model", "no-such-model"], "unknown model 'no-such-model'.*digits-cnn"),
+        (["compress", "--model", "digits-mlp"], "say what to do"),
+        (
+            ["compress", "--model", "digits-mlp", "--recipe", "R", "--bits", "4"],
+            r"--recipe.*\['bits'\]",
+        ),
+        (
+            ["compress", "--model", "digits-mlp", "--recipe", "R", "--samples", "16"],
+            r"--recipe.*\['samples'\]",
+        ),
+        (
+            ["compress", "--model", "digits-mlp", "--recipe", "R", "--group-size", "8", "--asym"],
+            r"--recipe.*\['asym', 'group_size'\]",
+        ),
+        (["compress", "--model", "digits-mlp", "--recipe", "missing.yaml"], "not found"),
+        (["report", "no-such-dir"], "no-such-dir.*not found"),
+    ],
+    ids=[
+        "sparsity",
+        "model",
+        "eval-model",
+        "nothing",
+        "recipe+bits",
+        "recipe+samples",
+        "recipe+grid",
+        "recipe-file",
+        "report",
+    ],
+)
+def test_bad_flags_exit_2_with_message(argv, message, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: obc\nsparsity: 0.5\n")
+    argv = [str(recipe) if a == "R" else a for a in argv]
+    out = tmp_path / "run"
+    if argv[0] == "compress":
+        argv += ["--out", str(out)]
+    assert main(argv) == 2
+    cap = capsys.readouterr()
+    assert cap.out == ""
+    assert re.search(message, cap.err), cap.err
+    assert cap.err.startswith(f"optbrain {argv[0]}: error: ")
+    assert not out.exists()
+
+
+def test_argparse_errors_exit_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["compress", "--model", "digits-mlp", "--method", "nope", "--sparsity", "0.5"])
+    assert e.value.code == 2
+    assert "invalid choice: 'nope'" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------------ demo
+
+ROW = re.compile(r"^\| (.+?) \| (\w+) \| ([0-9.]+)% \| ([+-][0-9.]+) pt \| ([0-9.]+) \|$")
+
+
+def test_demo_one_budget(monkeypatch, tmp_path, capsys):
+    """The demo with one budget and two methods (the full one takes ~30 s): the table has an
+    OBC and a magnitude row whose numbers agree with the header, the run directories and their
+    reports. Layer ``10`` (the 1024-column Linear, slow for exact OBC) is left dense."""
+    budget = {"sparsity": 0.5, "ignore": ["10"]}
+    monkeypatch.setattr(
+        optbrain.app.demo, "BUDGETS", [("50% unstructured", "sp50", budget, ["obc", "magnitude"])]
+    )
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out)]) == 0
+    text = capsys.readouterr().out
+    head = re.search(r"^digits-cnn: .*dense test accuracy ([0-9.]+)%", text, re.M)
+    assert head, text
+    dense_acc = float(head.group(1))
+    rows = {}
+    for line in text.splitlines():
+        m = ROW.match(line.strip())
+        if m:
+            rows[m.group(2)] = (m.group(1), float(m.group(3)), float(m.group(4)), float(m.group(5)))
+    assert set(rows) == {"obc", "magnitude"}, text
+    for method, (label, acc, drop, secs) in rows.items():
+        assert label == "50% unstructured"
+        assert 0 <= acc <= 100 and secs >= 0
+        assert drop == pytest.approx(dense_acc - acc, abs=0.11)
+        assert re.search(rf"^  50% unstructured\s+{method}\s+accuracy\s+{acc:5.1f}%", text, re.M)
+        run = out / f"sp50-{method}"
+        assert RUN_FILES <= {p.name for p in run.iterdir()}
+        report = json.loads((run / "report.json").read_text())
+        assert f"{report['metrics']['accuracy']['compressed']:.1f}" == f"{acc:.1f}"
+        by = {r["name"]: r for r in report["layers"]}
+        assert by["10"]["status"] == "skipped"
+        assert all(by[n]["sparsity"] == 0.5 and by[n]["method"] == method for n in ("0", "3", "12"))
+    # measured: OBC 99.4%, magnitude 99.0% (dense 99.6%); bound: OBC within 2 points of dense
+    assert rows["obc"][1] >= dense_acc - 2
+    assert str(out / "sp50-obc" / "report.html") in text
