@@ -14,8 +14,9 @@ from optbrain.budget import (
     parse_target,
     plan_allocation,
 )
-from optbrain.budget.plot import allocation_svg, insert_into_html
 from optbrain.export import load, save
+from optbrain.report.charts import allocation_svg
+from optbrain.report.html import insert_into_html
 
 
 @pytest.mark.parametrize(

@@ -13,8 +13,8 @@ from typing import Any
 from torch import nn
 
 from ..budget.api import compress_to_budget
-from ..budget.plot import insert_into_html
 from ..report import Report
+from ..report.html import insert_into_html
 
 
 def run_zoo_budget(

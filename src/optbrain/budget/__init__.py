@@ -10,9 +10,10 @@ program choosing one level per layer under the budget.
 * ``costs``    — cost models per layer and level, ``parse_target("bops=1/12")``
 * ``solver``   — the DP (``solve_dp``) and a brute force for tests
 * ``api``      — ``compress_to_budget``, ``plan_allocation``, ``apply_allocation``
-* ``plot``     — ``allocation_svg``: the level chosen per layer as an inline SVG
+* ``allocation_svg`` (from ``report.charts``): the level chosen per layer as an inline SVG
 """
 
+from ..report.charts import allocation_svg
 from .api import OBJECTIVES, Allocation, apply_allocation, compress_to_budget, plan_allocation
 from .costs import DENSE_BITS, METRICS, Target, level_cost, parse_target
 from .database import (
@@ -24,7 +25,6 @@ from .database import (
     fingerprint,
 )
 from .levels import Level, default_levels, normalize_levels
-from .plot import allocation_svg
 from .solver import BudgetError, Solution, brute_force, solve_dp
 
 __all__ = [

@@ -1,4 +1,4 @@
-"""A dependency-free progress line for calibration and compression (stderr, one line)."""
+"""Progress of calibration and compression on stderr, drawn by ``tqdm``; silent when disabled."""
 
 from __future__ import annotations
 
@@ -6,18 +6,17 @@ import sys
 import time
 from typing import TextIO
 
+from tqdm import tqdm
 
-def _clock(seconds: float) -> str:
-    seconds = int(max(0, seconds))
-    h, rem = divmod(seconds, 3600)
-    m, s = divmod(rem, 60)
-    return f"{h:d}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+# one line per update where stderr is not a terminal (logs, CI): tqdm's meter, no bar
+_LINE = "[{desc}] {n_fmt}/{total_fmt} {what}  elapsed {elapsed}  ETA {remaining}"
+_LINE_OPEN = "[{desc}] {n_fmt} {what}  elapsed {elapsed}"  # total unknown
 
 
 class Progress:
-    """``[label] i/N name  elapsed mm:ss  ETA mm:ss`` rewritten in place; silent when disabled.
-
-    On a terminal the line is redrawn with ``\\r``; elsewhere (logs, CI) one line per update.
+    """A ``tqdm`` bar ``label: 40%|████      | 2/5 [00:03<00:04, what]`` redrawn in place on a
+    terminal; elsewhere (logs, CI) one plain line per update,
+    ``[label] i/N what  elapsed mm:ss  ETA mm:ss``. Nothing at all when not ``enabled``.
     """
 
     def __init__(
@@ -30,27 +29,34 @@ class Progress:
         self.done = 0
         self.start = time.perf_counter()
         self._tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._bar = tqdm(
+            total=total,
+            desc=label,
+            file=self.stream,
+            disable=not (enabled and self._tty),
+            dynamic_ncols=True,
+            mininterval=0.0,
+            unit="layer",
+        )
 
     def update(self, what: str = "", step: int = 1) -> None:
         self.done += step
         if not self.enabled:
             return
-        elapsed = time.perf_counter() - self.start
-        if self.total:
-            eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
-            count = f"{self.done}/{self.total}"
-            tail = f"elapsed {_clock(elapsed)}  ETA {_clock(eta)}"
-        else:
-            count = f"{self.done}"
-            tail = f"elapsed {_clock(elapsed)}"
-        line = f"[{self.label}] {count} {what}  {tail}"
         if self._tty:
-            self.stream.write("\r\033[K" + line)
-        else:
-            self.stream.write(line + "\n")
+            self._bar.set_postfix_str(what, refresh=False)
+            self._bar.update(step)
+            return
+        line = tqdm.format_meter(
+            self.done,
+            self.total,
+            time.perf_counter() - self.start,
+            prefix=self.label,
+            bar_format=_LINE if self.total else _LINE_OPEN,
+            what=what,
+        )
+        self.stream.write(line + "\n")
         self.stream.flush()
 
     def close(self) -> None:
-        if self.enabled and self._tty and self.done:
-            self.stream.write("\n")
-            self.stream.flush()
+        self._bar.close()
