@@ -1,13 +1,15 @@
 """Peak memory of a block (``peak_memory_tracker``), for ``LayerRecord.peak_memory_mb``.
 
 CUDA devices use PyTorch's allocator counters (``torch.cuda.max_memory_allocated``); the CPU
-uses the process's resident set size: its current value from ``psutil`` and its peak from
-``resource.getrusage`` (``ru_maxrss``). No ``/proc`` writes, no global lock.
+uses the process's resident set size, sampled by a background thread through ``psutil`` while
+the block runs, and its lifetime peak from ``resource.getrusage`` (``ru_maxrss``). No ``/proc``
+writes, no global lock.
 """
 
 from __future__ import annotations
 
 import sys
+import threading
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
@@ -16,6 +18,8 @@ from typing import Any
 __all__ = ["PeakMemory", "peak_memory_tracker"]
 
 _MB = 1024.0 * 1024.0
+#: period of the CPU RSS sampler
+SAMPLE_SECONDS = 0.002
 
 
 @dataclass
@@ -30,12 +34,12 @@ class PeakMemory:
       / ``max_memory_allocated``, whose peak is reset at entry). Exact for tensors; misses
       cuBLAS / cuDNN workspaces, other libraries and memory reserved but not allocated by the
       cache.
-    - ``"ru_maxrss"`` (POSIX, CPU): resident set size of the whole process. ``start_mb`` is the
-      RSS at entry (``psutil``). When the block raised the process's lifetime RSS peak
-      (``getrusage``), ``peak_mb`` is that new peak, exactly; otherwise it is the larger of the
-      RSS at entry and at exit, a lower bound (the block stayed below an earlier peak). Counts
-      every thread of the process and freed memory the allocator keeps; pages of a tensor count
-      once touched (``torch.empty`` without writes may not count).
+    - ``"sampled"`` (CPU): resident set size of the whole process. ``start_mb`` is the RSS at
+      entry; ``peak_mb`` the highest RSS a sampling thread saw (every ``SAMPLE_SECONDS``) and, when
+      the block raised the process's lifetime peak (``getrusage``), that peak, exactly. A spike
+      shorter than the sampling period can be missed (a lower bound then). Counts every thread of
+      the process and freed memory the allocator keeps; pages of a tensor count once touched
+      (``torch.empty`` without writes may not count).
     - ``"none"``: no way to measure (no ``resource`` module, e.g. Windows; ``mb`` stays None).
     """
 
@@ -92,18 +96,41 @@ def _cuda(device: str) -> Iterator[PeakMemory]:
         rec.mb = max(0.0, rec.peak_mb - rec.start_mb)
 
 
+class _Sampler(threading.Thread):
+    """Samples the process RSS until stopped; ``peak`` is the highest value seen (MB)."""
+
+    def __init__(self, start_mb: float) -> None:
+        super().__init__(name="optbrain-rss-sampler", daemon=True)
+        import psutil
+
+        self._proc = psutil.Process()
+        self._stop_event = threading.Event()
+        self.peak = start_mb
+
+    def run(self) -> None:
+        while not self._stop_event.wait(SAMPLE_SECONDS):
+            self.peak = max(self.peak, self._proc.memory_info().rss / _MB)
+
+    def stop(self) -> float:
+        self._stop_event.set()
+        self.join()
+        return max(self.peak, _rss_mb())
+
+
 @contextmanager
 def _cpu() -> Iterator[PeakMemory]:
     lifetime = _ru_maxrss_mb()
-    if lifetime is None:
-        yield PeakMemory("cpu", "none")
-        return
-    rec = PeakMemory("cpu", "ru_maxrss", start_mb=_rss_mb())
+    rec = PeakMemory("cpu", "sampled", start_mb=_rss_mb())
+    sampler = _Sampler(rec.start_mb)
+    sampler.start()
     try:
         yield rec
     finally:
-        now = _ru_maxrss_mb() or 0.0
-        rec.peak_mb = now if now > lifetime else max(rec.start_mb, _rss_mb())
+        peak = sampler.stop()
+        now = _ru_maxrss_mb()
+        if lifetime is not None and now is not None and now > lifetime:
+            peak = max(peak, now)  # the block set a new lifetime peak: that is its peak, exactly
+        rec.peak_mb = peak
         rec.mb = max(0.0, rec.peak_mb - rec.start_mb)
 
 
