@@ -40,8 +40,6 @@ import torch
 from .grid import QuantGrid, fit_grid
 from .hessian import PreparedHessian
 from .patterns import Pattern
-from .result import LayerResult
-from .spec import CompressSpec
 
 DEFAULT_BLOCK = 128
 MICRO = 16  # inner block width of the two-level lazy updates
@@ -67,18 +65,6 @@ def option_scope(method: str, options: dict) -> str:
     if v not in SCOPES:
         raise ValueError(f"method {method!r}: scope must be one of {SCOPES}, got {v!r}")
     return v
-
-
-def unchanged(W: torch.Tensor, method: str, spec: CompressSpec) -> LayerResult:
-    """Nothing asked (sparsity 0, no bits): ``W`` returned exactly, loss 0 (as ``obc`` does)."""
-    return LayerResult(
-        weight=W.clone(),
-        mask=None,
-        loss=0.0,
-        method=method,
-        row_loss=torch.zeros(W.shape[0], dtype=torch.float64),
-        info={"pattern": str(spec.pattern)},
-    )
 
 
 def upper_inverse_factor(

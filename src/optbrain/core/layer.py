@@ -13,7 +13,7 @@ import torch
 from .methods import solve
 from .patterns import parse_pattern
 from .result import LayerResult
-from .spec import make_spec
+from .spec import DEFAULT_DAMP, DEFAULT_DTYPE, DEFAULT_ON_SINGULAR, make_spec
 
 
 def prune_layer(
@@ -23,9 +23,9 @@ def prune_layer(
     pattern: str = "unstructured",
     *,
     method: str = "obc",
-    damp: float = 0.01,
-    dtype: torch.dtype = torch.float32,
-    on_singular: str = "damp",
+    damp: float = DEFAULT_DAMP,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    on_singular: str = DEFAULT_ON_SINGULAR,
     **options: object,
 ) -> LayerResult:
     """Prune ``W (rows, cols)`` under ``H = 2 Xᵀ X / N (cols, cols)``.
@@ -57,9 +57,9 @@ def quantize_layer(
     sym: bool = True,
     group_size: int | None = None,
     method: str = "obc",
-    damp: float = 0.01,
-    dtype: torch.dtype = torch.float32,
-    on_singular: str = "damp",
+    damp: float = DEFAULT_DAMP,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    on_singular: str = DEFAULT_ON_SINGULAR,
     **options: object,
 ) -> LayerResult:
     """Quantize ``W (rows, cols)`` to ``bits`` (per output channel, or per ``group_size``)."""
@@ -89,9 +89,9 @@ def compress_layer(
     sym: bool = True,
     group_size: int | None = None,
     method: str = "obc",
-    damp: float = 0.01,
-    dtype: torch.dtype = torch.float32,
-    on_singular: str = "damp",
+    damp: float = DEFAULT_DAMP,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    on_singular: str = DEFAULT_ON_SINGULAR,
     **options: object,
 ) -> LayerResult:
     """Prune and/or quantize ``W`` in one call (OBC compound when both are given)."""

@@ -34,7 +34,7 @@ import torch
 
 from ..columnwise import column_solve, option_block, option_bool
 from ..hessian import prepare_layer
-from ..result import LayerResult
+from ..result import LayerResult, layer_result
 from ..spec import CompressSpec, check_options
 
 GPTQ_OPTIONS = ("block_size", "act_order", "static_groups", "search")
@@ -76,21 +76,7 @@ def solve_gptq(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerRes
         static_groups=static,
         search=search,
     )
-    info = {
-        "pattern": str(spec.pattern),
-        "act_order": act_order,
-        "static_groups": static,
-        **out.info,
-    }
-    return LayerResult(
-        weight=out.weight,
-        mask=None,
-        loss=float(out.row_loss.sum()),
-        method="gptq",
-        bits=spec.bits,
-        grid=out.grid,
-        damping=prep.damping,
-        fallback=prep.fallback,
-        row_loss=out.row_loss,
-        info=info,
+    info = {"act_order": act_order, "static_groups": static, **out.info}
+    return layer_result(
+        "gptq", spec, out.weight, None, out.row_loss, prep=prep, grid=out.grid, info=info
     )

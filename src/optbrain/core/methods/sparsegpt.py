@@ -24,15 +24,9 @@ from __future__ import annotations
 
 import torch
 
-from ..columnwise import (
-    column_solve,
-    option_block,
-    option_bool,
-    option_scope,
-    unchanged,
-)
+from ..columnwise import column_solve, option_block, option_bool, option_scope
 from ..hessian import prepare_layer
-from ..result import LayerResult
+from ..result import LayerResult, layer_result, unchanged
 from ..spec import CompressSpec, check_options
 
 SPARSEGPT_OPTIONS = ("block_size", "scope", "static_groups", "search")
@@ -62,16 +56,7 @@ def solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> Lay
         sparsity=spec.sparsity,
         scope=scope,
     )
-    info = {"pattern": str(spec.pattern), "scope": scope, **out.info}
-    return LayerResult(
-        weight=out.weight,
-        mask=out.keep,
-        loss=float(out.row_loss.sum()),
-        method="sparsegpt",
-        bits=spec.bits,
-        grid=out.grid,
-        damping=prep.damping,
-        fallback=prep.fallback,
-        row_loss=out.row_loss,
-        info=info,
+    info = {"scope": scope, **out.info}
+    return layer_result(
+        "sparsegpt", spec, out.weight, out.keep, out.row_loss, prep=prep, grid=out.grid, info=info
     )
