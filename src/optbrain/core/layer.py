@@ -13,7 +13,7 @@ import torch
 from .methods import solve
 from .patterns import parse_pattern
 from .result import LayerResult
-from .spec import DEFAULT_DAMP, DEFAULT_DTYPE, DEFAULT_ON_SINGULAR, make_spec
+from .spec import DEFAULT_DAMP, DEFAULT_DTYPE, DEFAULT_METHOD, DEFAULT_ON_SINGULAR, make_spec
 
 
 def prune_layer(
@@ -22,7 +22,7 @@ def prune_layer(
     sparsity: float | None = None,
     pattern: str = "unstructured",
     *,
-    method: str = "obc",
+    method: str = DEFAULT_METHOD,
     damp: float = DEFAULT_DAMP,
     dtype: torch.dtype = DEFAULT_DTYPE,
     on_singular: str = DEFAULT_ON_SINGULAR,
@@ -56,7 +56,7 @@ def quantize_layer(
     *,
     sym: bool = True,
     group_size: int | None = None,
-    method: str = "obc",
+    method: str = DEFAULT_METHOD,
     damp: float = DEFAULT_DAMP,
     dtype: torch.dtype = DEFAULT_DTYPE,
     on_singular: str = DEFAULT_ON_SINGULAR,
@@ -88,7 +88,7 @@ def compress_layer(
     *,
     sym: bool = True,
     group_size: int | None = None,
-    method: str = "obc",
+    method: str = DEFAULT_METHOD,
     damp: float = DEFAULT_DAMP,
     dtype: torch.dtype = DEFAULT_DTYPE,
     on_singular: str = DEFAULT_ON_SINGULAR,

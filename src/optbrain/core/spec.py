@@ -17,6 +17,8 @@ import torch
 
 from .patterns import Pattern, parse_pattern
 
+#: The layer solver used when none is named (``core.methods.METHODS``).
+DEFAULT_METHOD = "obc"
 #: Relative damping of H (λ = damp · mean diag H) when none is given.
 DEFAULT_DAMP = 0.01
 #: What to do when H cannot be inverted (see ``core.hessian.prepare_hessian``).
