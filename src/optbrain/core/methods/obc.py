@@ -21,10 +21,11 @@ import torch
 from ..grid import QuantGrid, fit_layer_grid
 from ..hessian import PreparedHessian, prepare_layer, row_losses
 from ..obq import obq
-from ..obs import DEFAULT_ENGINE, EngineConfig, PruneTrace, obs_trace, prune_nm
+from ..obs import DEFAULT_ENGINE, EngineConfig
 from ..patterns import Pattern, parse_pattern
 from ..result import LayerResult, layer_result, unchanged
 from ..spec import DEFAULT_DAMP, CompressSpec, check_options, make_spec
+from ..trace import PruneTrace, obs_trace, prune_nm
 
 OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row", "outliers")
 
