@@ -21,8 +21,8 @@ from obs_reference import (
 )
 
 from optbrain import prepare_hessian, prune_layer
-from optbrain.core.obs import masked_optimum, obs_trace
 from optbrain.core.patterns import Pattern, blocks_ok, nm_ok
+from optbrain.core.trace import masked_optimum, obs_trace
 
 F64 = torch.float64
 EXACT = {"damp": 0.0, "dtype": F64}

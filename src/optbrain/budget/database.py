@@ -54,14 +54,10 @@ from torch import nn
 from .._files import sha256_file
 from ..adapters import LayerAdapter, adapter_for, find_layers
 from ..api import take_samples
-from ..core.grid import fit_grid
-from ..core.hessian import prepare_layer, row_losses
+from ..core.hessian import row_losses
 from ..core.layer import compress_layer
-from ..core.methods.auto import COST
-from ..core.obq import obq
-from ..core.obs import DEFAULT_ENGINE, obs_trace, prune_nm
-from ..core.patterns import Pattern
-from ..core.spec import make_spec
+from ..core.methods.auto import estimate_levels_seconds
+from ..core.methods.obc import solve_obc_levels
 from ..pipeline import collect_hessians, trace_input_shapes
 from ..pipeline.data import Forward, calibration_mode, call_model, iter_batches, model_device
 from ..pipeline.data import to_device as _to_device
@@ -342,68 +338,19 @@ class Database:
 # --------------------------------------------------------------------------- building
 
 
-def _part_seconds(part: str, rows: int, cols: int) -> float:
-    a, b, c = COST[part]
-    return a * cols + b * rows * cols**2 + c * rows * cols**3
-
-
 def exact_seconds(adapter: LayerAdapter, levels: Sequence[Level]) -> float:
     """Modelled seconds of the exact solver for all of a layer's levels (all groups)."""
-    r, c = adapter.rows, adapter.cols
-    t = 0.0
-    if any(lv.sparsity for lv in levels):
-        t += _part_seconds("unstructured", r, c)
-    t += sum(_part_seconds("nm", r, c) for p in {lv.pattern for lv in levels if lv.pattern})
-    t += sum(_part_seconds("quant", r, c) for lv in levels if lv.quantizes)
-    return t * adapter.groups
+    return estimate_levels_seconds(adapter.rows, adapter.cols, levels) * adapter.groups
 
 
 def _solve_exact(
     W: torch.Tensor, H: torch.Tensor, levels: Sequence[Level], st: DbSettings
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, Any, float]]:
-    """Every level of one group with the exact solver: ``{id: (weight, keep, grid, predicted)}``.
-
-    The same arithmetic as ``compress_layer(method="obc")`` for each level, but the ExactOBS
-    trace and the N:M solutions are computed once and shared by all levels that start from them.
-    """
-    spec = make_spec(W.shape[1], damp=st.damp, dtype=torch.float32)
-    Wc, prep = prepare_layer(W, H, spec)
-    trace = None
-    if any(lv.sparsity for lv in levels):
-        # the full trace, as compress_layer runs it (the last steps are cheap: the working set
-        # has shrunk); stopping it early changes the rounding of the final lazy updates
-        trace = obs_trace(Wc, prep, Pattern("unstructured"), max_sparsity=1.0)
-    pruned: dict[str, tuple[torch.Tensor, torch.Tensor | None, float]] = {"": (Wc, None, 0.0)}
-    out = {}
-    for lv in levels:
-        if lv.is_dense:
-            continue
-        key = f"s{lv.sparsity}" if lv.sparsity else (lv.pattern or "")
-        if key not in pruned:
-            if lv.sparsity:
-                w, keep, rl = trace.at(lv.sparsity)  # type: ignore[union-attr]
-                pruned[key] = (w, keep, float(rl.sum()))
-            else:
-                n, m = lv.nm  # type: ignore[misc]
-                g = prune_nm(Wc, prep, n, m)
-                removed = torch.zeros(Wc.shape, dtype=torch.bool, device=Wc.device)
-                removed.scatter_(1, g.order, True)
-                pruned[key] = (g.weight, ~removed, float(g.step_loss.sum()))
-        weight, keep, loss = pruned[key]
-        grid = None
-        if lv.quantizes:
-            grid = fit_grid(
-                weight,
-                lv.bits,
-                sym=st.sym,
-                group_size=st.group_size,
-                weight=torch.diagonal(prep.H),
-            )
-            q = obq(weight, prep, grid, keep=keep, engine=DEFAULT_ENGINE, outliers=True)
-            weight = q.weight
-            loss = loss + float(q.step_loss.sum())
-        out[lv.id] = (weight, keep, grid, loss)
-    return out
+    """Every level of one group with the exact solver: ``{id: (weight, keep, grid, predicted)}``
+    (``optbrain.core.methods.obc.solve_obc_levels``)."""
+    todo = [lv for lv in levels if not lv.is_dense]
+    solved = solve_obc_levels(W, H, todo, damp=st.damp, sym=st.sym, group_size=st.group_size)
+    return {lv.id: sol for lv, sol in zip(todo, solved, strict=True)}
 
 
 def _solve_fast(

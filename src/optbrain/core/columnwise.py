@@ -38,9 +38,9 @@ from dataclasses import dataclass
 import torch
 
 from .grid import QuantGrid, fit_grid
-from .hessian import PreparedHessian
+from .hessian import PreparedHessian, prepare_layer
 from .patterns import Pattern
-from .result import LayerResult
+from .result import LayerResult, layer_result
 from .spec import CompressSpec
 
 DEFAULT_BLOCK = 128
@@ -67,18 +67,6 @@ def option_scope(method: str, options: dict) -> str:
     if v not in SCOPES:
         raise ValueError(f"method {method!r}: scope must be one of {SCOPES}, got {v!r}")
     return v
-
-
-def unchanged(W: torch.Tensor, method: str, spec: CompressSpec) -> LayerResult:
-    """Nothing asked (sparsity 0, no bits): ``W`` returned exactly, loss 0 (as ``obc`` does)."""
-    return LayerResult(
-        weight=W.clone(),
-        mask=None,
-        loss=0.0,
-        method=method,
-        row_loss=torch.zeros(W.shape[0], dtype=torch.float64),
-        info={"pattern": str(spec.pattern)},
-    )
 
 
 def upper_inverse_factor(
@@ -355,3 +343,44 @@ def _select_block(
         if k:
             sel.view(-1).copy_(smallest(score.reshape(-1), k))
     P1.copy_(sel.repeat_interleave(g, 0) if g > 1 else sel)
+
+
+def column_method(
+    method: str,
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: CompressSpec,
+    *,
+    static_groups: bool,
+    act_order: bool = False,
+    scope: str | None = None,
+    info: dict | None = None,
+) -> LayerResult:
+    """The one driver of GPTQ and SparseGPT: prepare H, run ``column_solve`` with the spec's
+    grid (and, given a ``scope``, its pruning pattern), build the result. ``act_order``: columns
+    by descending ``diag H``. Reads the ``block_size`` and ``search`` options."""
+    block = option_block(method, spec.options)
+    search = option_bool(method, spec.options, "search", True)
+    Wc, prep = prepare_layer(W, H, spec)
+    perm = None
+    if act_order:
+        perm = torch.argsort(torch.diagonal(prep.H), descending=True, stable=True)
+    prune = scope is not None
+    out = column_solve(
+        Wc,
+        prep,
+        perm=perm,
+        block_size=block,
+        bits=spec.bits,
+        sym=spec.sym,
+        group_size=spec.group_size,
+        static_groups=static_groups,
+        search=search,
+        pattern=spec.pattern if prune and spec.prunes else None,
+        sparsity=spec.sparsity if prune else None,
+        scope=scope or "layer",
+    )
+    info = {**(info or {}), **out.info}
+    return layer_result(
+        method, spec, out.weight, out.keep, out.row_loss, prep=prep, grid=out.grid, info=info
+    )

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .spec import check_bits
+from .spec import CompressSpec, check_bits
 
 ROW_CHUNK = 1 << 18  # weights per chunk of rows in the scale search (cache-sized temporaries)
 
@@ -143,6 +143,22 @@ def fit_grid(
             group_size=group_size,
         )
     return _fit(W, bits, sym, group_size, search, grid_points, max_shrink, weight)
+
+
+def fit_layer_grid(
+    W: torch.Tensor, H: torch.Tensor, spec: CompressSpec, search: bool = True
+) -> QuantGrid:
+    """The grid every layer solver starts from: ``fit_grid(W, spec.bits, weight=diag H)`` with
+    the spec's ``sym`` / ``group_size``."""
+    assert spec.bits is not None
+    return fit_grid(
+        W,
+        spec.bits,
+        sym=spec.sym,
+        group_size=spec.group_size,
+        search=search,
+        weight=torch.diagonal(H),
+    )
 
 
 def _fit(

@@ -21,12 +21,10 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .spec import check_damp
+from .spec import DEFAULT_DAMP, DEFAULT_DTYPE, DEFAULT_ON_SINGULAR, check_damp, check_on_singular
 
 if TYPE_CHECKING:
     from .spec import CompressSpec
-
-ON_SINGULAR = ("raise", "damp", "eig")
 
 
 class HessianAccumulator:
@@ -109,10 +107,10 @@ def _chol_inverse(H: torch.Tensor) -> torch.Tensor | None:
 
 def prepare_hessian(
     H: torch.Tensor,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     *,
-    dtype: torch.dtype = torch.float32,
-    on_singular: str = "damp",
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    on_singular: str = DEFAULT_ON_SINGULAR,
     max_tries: int = 6,
 ) -> PreparedHessian:
     """Damp H, fix dead inputs and invert it, following a stated failure policy.
@@ -128,8 +126,7 @@ def prepare_hessian(
     The λ actually used and the fallback taken are recorded on the result.
     """
     damp = check_damp(damp)
-    if on_singular not in ON_SINGULAR:
-        raise ValueError(f"on_singular must be one of {ON_SINGULAR}, got {on_singular!r}")
+    check_on_singular(on_singular)
     H = H.to(dtype).clone()
     diag = torch.diagonal(H)
     dead = diag <= 0

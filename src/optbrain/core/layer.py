@@ -13,7 +13,7 @@ import torch
 from .methods import solve
 from .patterns import parse_pattern
 from .result import LayerResult
-from .spec import make_spec
+from .spec import DEFAULT_DAMP, DEFAULT_DTYPE, DEFAULT_METHOD, DEFAULT_ON_SINGULAR, make_spec
 
 
 def prune_layer(
@@ -22,10 +22,10 @@ def prune_layer(
     sparsity: float | None = None,
     pattern: str = "unstructured",
     *,
-    method: str = "obc",
-    damp: float = 0.01,
-    dtype: torch.dtype = torch.float32,
-    on_singular: str = "damp",
+    method: str = DEFAULT_METHOD,
+    damp: float = DEFAULT_DAMP,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    on_singular: str = DEFAULT_ON_SINGULAR,
     **options: object,
 ) -> LayerResult:
     """Prune ``W (rows, cols)`` under ``H = 2 Xᵀ X / N (cols, cols)``.
@@ -36,17 +36,8 @@ def prune_layer(
     """
     if sparsity is None and parse_pattern(pattern).kind != "nm":
         raise ValueError("sparsity is required (a fraction in [0, 1)) unless pattern is N:M")
-    return compress_layer(
-        W,
-        H,
-        sparsity,
-        pattern,
-        method=method,
-        damp=damp,
-        dtype=dtype,
-        on_singular=on_singular,
-        **options,
-    )
+    shared = {"method": method, "damp": damp, "dtype": dtype, "on_singular": on_singular}
+    return compress_layer(W, H, sparsity, pattern, **shared, **options)
 
 
 def quantize_layer(
@@ -56,27 +47,17 @@ def quantize_layer(
     *,
     sym: bool = True,
     group_size: int | None = None,
-    method: str = "obc",
-    damp: float = 0.01,
-    dtype: torch.dtype = torch.float32,
-    on_singular: str = "damp",
+    method: str = DEFAULT_METHOD,
+    damp: float = DEFAULT_DAMP,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    on_singular: str = DEFAULT_ON_SINGULAR,
     **options: object,
 ) -> LayerResult:
     """Quantize ``W (rows, cols)`` to ``bits`` (per output channel, or per ``group_size``)."""
     if bits is None:
         raise ValueError("bits is required for quantize_layer (an integer >= 1)")
-    return compress_layer(
-        W,
-        H,
-        bits=bits,
-        sym=sym,
-        group_size=group_size,
-        method=method,
-        damp=damp,
-        dtype=dtype,
-        on_singular=on_singular,
-        **options,
-    )
+    shared = {"method": method, "damp": damp, "dtype": dtype, "on_singular": on_singular}
+    return compress_layer(W, H, bits=bits, sym=sym, group_size=group_size, **shared, **options)
 
 
 def compress_layer(
@@ -88,25 +69,16 @@ def compress_layer(
     *,
     sym: bool = True,
     group_size: int | None = None,
-    method: str = "obc",
-    damp: float = 0.01,
-    dtype: torch.dtype = torch.float32,
-    on_singular: str = "damp",
+    method: str = DEFAULT_METHOD,
+    damp: float = DEFAULT_DAMP,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    on_singular: str = DEFAULT_ON_SINGULAR,
     **options: object,
 ) -> LayerResult:
     """Prune and/or quantize ``W`` in one call (OBC compound when both are given)."""
     if sparsity is None and bits is None and parse_pattern(pattern).kind != "nm":
         raise ValueError("compress_layer needs a sparsity, an N:M pattern, or bits")
-    spec = make_spec(
-        W.shape[-1] if W.dim() == 2 else 0,
-        sparsity=sparsity,
-        pattern=pattern,
-        bits=bits,
-        sym=sym,
-        group_size=group_size,
-        damp=damp,
-        dtype=dtype,
-        on_singular=on_singular,
-        **options,
-    )
+    cols = W.shape[-1] if W.dim() == 2 else 0
+    settings = (sparsity, pattern, bits, sym, group_size, damp, dtype, on_singular)
+    spec = make_spec(cols, *settings, **options)  # make_spec's positional order
     return solve(W, H, spec, method)

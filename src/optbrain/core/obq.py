@@ -16,7 +16,16 @@ import torch
 
 from .grid import QuantGrid, quantize_values
 from .hessian import PreparedHessian
-from .obs import DEFAULT_ENGINE, EngineConfig, GreedyOut, Scorer, greedy_single, row_chunks
+from .obs import (
+    DEFAULT_ENGINE,
+    EngineConfig,
+    GreedyOut,
+    Scorer,
+    greedy_single,
+    restricted_cholesky,
+    row_chunks,
+    selected_positions,
+)
 
 
 class QuantScorer(Scorer):
@@ -55,21 +64,6 @@ class QuantScorer(Scorer):
         return score, q
 
 
-def masked_inverse(H: torch.Tensor, pos: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """Per-row inverse of H restricted to the coordinates ``pos``.
-
-    H: ``(C, C)``; pos: ``(R, n)`` column indices; valid: ``(R, n)`` bool — invalid (padding)
-    coordinates are decoupled (identity). Returns ``(R, n, n)`` = ``[H_FF]⁻¹``, which equals
-    H⁻¹ after exact OBS downdates of every coordinate outside F.
-    """
-    A = H[pos.unsqueeze(2), pos.unsqueeze(1)]
-    both = valid.unsqueeze(2) & valid.unsqueeze(1)
-    eye = torch.eye(pos.shape[1], dtype=H.dtype, device=H.device)
-    A = torch.where(both, A, eye)
-    L, _ = torch.linalg.cholesky_ex(A)
-    return torch.cholesky_inverse(L)
-
-
 def obq(
     W: torch.Tensor,
     prepared: PreparedHessian,
@@ -106,9 +100,9 @@ def obq(
                 )
             )
             continue
-        pos = torch.argsort((~k).to(torch.int8), dim=1, stable=True)[:, :steps]
-        valid = k.gather(1, pos)
-        Hinv = masked_inverse(prepared.H, pos, valid)
+        pos, valid = selected_positions(k, steps)
+        # [H_FF]⁻¹: H⁻¹ after exact OBS downdates of the pruned coordinates
+        Hinv = torch.cholesky_inverse(restricted_cholesky(prepared.H, pos, valid))
         out = greedy_single(Wk, Hinv, steps, scorer, pos=pos, engine=engine)
         out.weight = torch.where(k, out.weight, torch.zeros_like(out.weight))
         outs.append(out)

@@ -1,13 +1,17 @@
-"""LayerResult: the outcome of compressing one layer, shared by every layer-wise solver."""
+"""LayerResult, the outcome of compressing one layer, and layer_result, its one builder."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .grid import QuantGrid
+
+if TYPE_CHECKING:
+    from .hessian import PreparedHessian
+    from .spec import CompressSpec
 
 
 @dataclass
@@ -36,3 +40,54 @@ class LayerResult:
     trace: Any = None
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
+
+
+def layer_result(
+    method: str,
+    spec: CompressSpec,
+    weight: torch.Tensor,
+    mask: torch.Tensor | None,
+    row_loss: torch.Tensor,
+    *,
+    prep: PreparedHessian | None = None,
+    grid: QuantGrid | None = None,
+    loss: float | None = None,
+    trace: Any = None,
+    info: dict[str, Any] | None = None,
+) -> LayerResult:
+    """The one assembly of a solver's ``LayerResult`` (every method in ``core.methods`` uses it).
+
+    ``spec`` is the layer's ``CompressSpec`` (its ``bits`` and ``pattern`` are recorded, the
+    pattern first in ``info``), ``prep`` the ``PreparedHessian`` it ran on (damping, fallback;
+    None when nothing ran), ``row_loss`` the per-row loss; ``loss`` defaults to its sum.
+    """
+    return LayerResult(
+        weight=weight,
+        mask=mask,
+        loss=float(row_loss.sum()) if loss is None else loss,
+        method=method,
+        bits=spec.bits,
+        grid=grid,
+        damping=prep.damping if prep is not None else 0.0,
+        fallback=prep.fallback if prep is not None else None,
+        row_loss=row_loss,
+        trace=trace,
+        info={"pattern": str(spec.pattern), **(info or {})},
+    )
+
+
+def unchanged(
+    W: torch.Tensor, method: str, spec: CompressSpec, *, with_pattern: bool = True
+) -> LayerResult:
+    """Nothing asked (sparsity 0, no bits): ``W`` returned exactly, loss 0.
+
+    ``with_pattern=False`` leaves ``info`` empty (what ``method="obc"`` has always returned).
+    """
+    return LayerResult(
+        weight=W.clone(),
+        mask=None,
+        loss=0.0,
+        method=method,
+        row_loss=torch.zeros(W.shape[0], dtype=torch.float64),
+        info={"pattern": str(spec.pattern)} if with_pattern else {},
+    )

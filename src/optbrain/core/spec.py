@@ -1,8 +1,14 @@
-"""CompressSpec, what to do to one layer, and its one validator (make_spec); every failure is a
-ValueError naming the argument."""
+"""CompressSpec, what to do to one layer: the defaults of every layer setting, the one validator
+of each setting, and make_spec; every failure is a ValueError naming the setting.
+
+The recipe (``optbrain.recipe``) validates its settings with the same functions, passing
+``plain=True`` (values as written in YAML: no strings for numbers, dtype by name), and re-words
+a ``SettingError`` with where the setting is (``rules[1].sparsity must be ...``).
+"""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,6 +16,57 @@ from typing import Any
 import torch
 
 from .patterns import Pattern, parse_pattern
+
+#: The layer solver used when none is named (``core.methods.METHODS``).
+DEFAULT_METHOD = "obc"
+#: Relative damping of H (λ = damp · mean diag H) when none is given.
+DEFAULT_DAMP = 0.01
+#: What to do when H cannot be inverted (see ``core.hessian.prepare_hessian``).
+ON_SINGULAR = ("raise", "damp", "eig")
+DEFAULT_ON_SINGULAR = "damp"
+#: Compute dtypes by name (the recipe's spelling) and the default.
+DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
+DEFAULT_DTYPE = torch.float32
+MAX_BITS = 16
+
+#: Every layer setting of ``make_spec`` with its default, in the recipe's order.
+SETTING_DEFAULTS: dict[str, Any] = {
+    "sparsity": None,
+    "pattern": "unstructured",
+    "bits": None,
+    "sym": True,
+    "group_size": None,
+    "damp": DEFAULT_DAMP,
+    "on_singular": DEFAULT_ON_SINGULAR,
+    "dtype": DEFAULT_DTYPE,
+}
+
+
+class SettingError(ValueError):
+    """A bad layer setting: ``key`` must be ``what``, got ``value`` (``detail``: a message of
+    its own, e.g. from the pattern parser). Callers with more context re-word it."""
+
+    def __init__(self, key: str, what: str, value: object, detail: str | None = None) -> None:
+        super().__init__(detail or f"{key} must be {what}, got {value!r}")
+        self.key, self.what, self.value, self.detail = key, what, value, detail
+
+
+class PatternSparsityError(ValueError):
+    """A sparsity that does not fit the pattern: N:M with a different sparsity (``fixed`` is
+    the one N:M implies), or a block pattern without a sparsity (``fixed`` None)."""
+
+    def __init__(self, pattern: Pattern, sparsity: float | None, message: str) -> None:
+        super().__init__(message)
+        self.pattern, self.sparsity = pattern, sparsity
+        self.fixed = pattern.fixed_sparsity if pattern.kind == "nm" else None
+
+
+def _is_number(v: object) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def check_weight_hessian(W: torch.Tensor, H: torch.Tensor) -> None:
@@ -48,42 +105,115 @@ def check_weight_hessian(W: torch.Tensor, H: torch.Tensor) -> None:
         raise ValueError("H has negative diagonal entries; it is not a valid Hessian 2 X X^T / N")
 
 
-def check_sparsity(sparsity: float, name: str = "sparsity") -> float:
+def check_sparsity(sparsity: object, name: str = "sparsity", plain: bool = False) -> float:
     """Sparsity is the pruned fraction, in [0, 1)."""
+    what = "a number in [0, 1) (the pruned fraction)"
+    if plain and not _is_number(sparsity):
+        raise SettingError(name, what, sparsity)
     try:
-        s = float(sparsity)
+        s = float(sparsity)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"{name} must be a number in [0, 1), got {sparsity!r}") from None
+        raise SettingError(name, what, sparsity) from None
     if not (0.0 <= s < 1.0):
-        raise ValueError(f"{name} must be in [0, 1), got {sparsity!r}")
+        raise SettingError(name, what, sparsity)
     return s
 
 
-def check_bits(bits: int) -> int:
-    """Bit width: an integer >= 1 (at most 16)."""
-    if isinstance(bits, bool) or not isinstance(bits, int | float) or int(bits) != bits:
-        raise ValueError(f"bits must be an integer >= 1, got {bits!r}")
-    if not (1 <= int(bits) <= 16):
-        raise ValueError(f"bits must be an integer in [1, 16], got {bits!r}")
-    return int(bits)
-
-
-def check_damp(damp: float) -> float:
-    """Relative damping: a finite number >= 0."""
+def check_pattern(pattern: object, plain: bool = False) -> Pattern:
+    """A pattern string (or ``Pattern``): "unstructured", "N:M" (N < M) or "blockB"."""
+    what = "'unstructured', 'N:M' (e.g. '2:4', N < M) or 'blockB' (e.g. 'block4')"
+    if plain and not isinstance(pattern, str):
+        raise SettingError("pattern", what + " (quote N:M in YAML)", pattern)
+    if not plain:
+        return parse_pattern(pattern)  # type: ignore[arg-type]
     try:
-        d = float(damp)
+        return parse_pattern(pattern)  # type: ignore[arg-type]
+    except ValueError as e:
+        raise SettingError("pattern", what, pattern, detail=str(e)) from None
+
+
+def check_bits(bits: object, plain: bool = False) -> int:
+    """Bit width: an integer in [1, 16] (a whole float is accepted unless ``plain``)."""
+    ok = _is_int(bits) or (not plain and _is_number(bits) and int(bits) == bits)  # type: ignore[arg-type]
+    if not ok or not (1 <= int(bits) <= MAX_BITS):  # type: ignore[arg-type]
+        raise SettingError(
+            "bits", f"an integer in [1, {MAX_BITS}] (or null for no quantization)", bits
+        )
+    return int(bits)  # type: ignore[arg-type]
+
+
+def check_sym(sym: object) -> bool:
+    """Symmetric grid: True or False."""
+    if not isinstance(sym, bool):
+        raise SettingError("sym", "true or false", sym)
+    return sym
+
+
+def check_group_size(group_size: object, cols: int | None = None, plain: bool = False) -> int:
+    """Columns per quantization group: a positive integer (dividing ``cols`` when given)."""
+    g = group_size
+    ok = _is_int(g) or (not plain and _is_number(g) and int(g) == g)  # type: ignore[arg-type]
+    if not ok or int(group_size) < 1:  # type: ignore[arg-type]
+        raise SettingError("group_size", "a positive integer (or null for per-channel)", group_size)
+    g = int(group_size)  # type: ignore[arg-type]
+    if cols is not None and cols % g != 0:
+        raise ValueError(f"group_size={group_size} does not divide the {cols} columns of W")
+    return g
+
+
+def check_damp(damp: object, plain: bool = False) -> float:
+    """Relative damping: a finite number >= 0."""
+    what = "a finite number >= 0 (relative damping)"
+    if plain and not _is_number(damp):
+        raise SettingError("damp", what, damp)
+    try:
+        d = float(damp)  # type: ignore[arg-type]
     except (TypeError, ValueError):
-        raise ValueError(f"damp must be a number >= 0, got {damp!r}") from None
-    if not (d >= 0.0) or d != d or d == float("inf"):
-        raise ValueError(f"damp must be a finite number >= 0, got {damp!r}")
+        raise SettingError("damp", what, damp) from None
+    if not math.isfinite(d) or d < 0.0:
+        raise SettingError("damp", what, damp)
     return d
 
 
-def check_dtype(dtype: torch.dtype) -> torch.dtype:
-    """Compute dtype: float32 (default) or float64."""
-    if dtype not in (torch.float32, torch.float64):
-        raise ValueError(f"dtype must be torch.float32 or torch.float64, got {dtype}")
-    return dtype
+def check_on_singular(on_singular: object) -> str:
+    """Policy when H cannot be inverted: one of ``ON_SINGULAR``."""
+    if on_singular not in ON_SINGULAR:
+        raise SettingError("on_singular", f"one of {list(ON_SINGULAR)}", on_singular)
+    return on_singular  # type: ignore[return-value]
+
+
+def check_dtype(dtype: object, plain: bool = False) -> torch.dtype:
+    """Compute dtype: torch.float32 (default) or torch.float64; by name too when ``plain``."""
+    if plain and isinstance(dtype, str) and dtype in DTYPES:
+        return DTYPES[dtype]
+    if dtype not in DTYPES.values():
+        raise SettingError("dtype", f"one of {list(DTYPES)}", dtype)
+    return dtype  # type: ignore[return-value]
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.float32`` -> ``"float32"`` (the recipe's spelling)."""
+    return str(dtype).removeprefix("torch.")
+
+
+def check_pattern_sparsity(pattern: Pattern, sparsity: float | None) -> float | None:
+    """The sparsity a pattern implies: N:M fixes it (a different one > 0 is an error); a block
+    pattern needs one. Otherwise ``sparsity`` as given."""
+    if pattern.kind == "nm":
+        fixed = pattern.fixed_sparsity
+        if sparsity is not None and sparsity > 0 and abs(sparsity - fixed) > 1e-9:
+            raise PatternSparsityError(
+                pattern,
+                sparsity,
+                f"sparsity={sparsity} contradicts pattern {pattern} (which fixes sparsity "
+                f"{fixed:g}); leave sparsity unset for N:M",
+            )
+        return fixed
+    if pattern.kind == "block" and sparsity is None:
+        raise PatternSparsityError(
+            pattern, None, f"pattern {pattern} needs a sparsity (fraction of blocks to remove)"
+        )
+    return sparsity
 
 
 def check_options(method: str, options: dict, allowed: Iterable[str]) -> None:
@@ -112,9 +242,9 @@ class CompressSpec:
     bits: int | None = None
     sym: bool = True
     group_size: int | None = None
-    damp: float = 0.01
-    dtype: torch.dtype = torch.float32
-    on_singular: str = "damp"
+    damp: float = DEFAULT_DAMP
+    dtype: torch.dtype = DEFAULT_DTYPE
+    on_singular: str = DEFAULT_ON_SINGULAR
     options: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -133,44 +263,25 @@ def make_spec(
     bits: int | None = None,
     sym: bool = True,
     group_size: int | None = None,
-    damp: float = 0.01,
-    dtype: torch.dtype = torch.float32,
-    on_singular: str = "damp",
+    damp: float = DEFAULT_DAMP,
+    dtype: torch.dtype = DEFAULT_DTYPE,
+    on_singular: str = DEFAULT_ON_SINGULAR,
     **options: object,
 ) -> CompressSpec:
     """Validate arguments into a ``CompressSpec`` for a layer with ``cols`` input columns."""
-    pat = parse_pattern(pattern)
+    pat = check_pattern(pattern)
     pat.check_cols(cols)
     if sparsity is not None:
         sparsity = check_sparsity(sparsity)
-    if pat.kind == "nm":
-        fixed = pat.fixed_sparsity
-        if sparsity is not None and sparsity > 0 and abs(sparsity - fixed) > 1e-9:
-            raise ValueError(
-                f"sparsity={sparsity} contradicts pattern {pat} (which fixes sparsity {fixed:g}); "
-                "leave sparsity unset for N:M"
-            )
-        sparsity = fixed
-    elif pat.kind == "block" and sparsity is None:
-        raise ValueError(f"pattern {pat} needs a sparsity (fraction of blocks to remove)")
-    if bits is not None:
-        bits = check_bits(bits)
-    if not isinstance(sym, bool):
-        raise ValueError(f"sym must be True or False, got {sym!r}")
-    if group_size is not None:
-        if isinstance(group_size, bool) or int(group_size) != group_size or group_size < 1:
-            raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
-        if cols % int(group_size) != 0:
-            raise ValueError(f"group_size={group_size} does not divide the {cols} columns of W")
-        group_size = int(group_size)
+    sparsity = check_pattern_sparsity(pat, sparsity)
     return CompressSpec(
         sparsity=sparsity,
         pattern=pat,
-        bits=bits,
-        sym=sym,
-        group_size=group_size,
+        bits=None if bits is None else check_bits(bits),
+        sym=check_sym(sym),
+        group_size=None if group_size is None else check_group_size(group_size, cols),
         damp=check_damp(damp),
         dtype=check_dtype(dtype),
-        on_singular=on_singular,
+        on_singular=check_on_singular(on_singular),
         options=dict(options),
     )

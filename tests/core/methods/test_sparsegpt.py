@@ -14,8 +14,8 @@ from fast_reference import F64, damped, make_problem, naive_sparsegpt, naive_spa
 
 from optbrain import compress_layer, prune_layer, quantize_layer
 from optbrain.core.hessian import layer_loss, prepare_hessian
-from optbrain.core.obs import masked_optimum
 from optbrain.core.patterns import blocks_ok, nm_ok
+from optbrain.core.trace import masked_optimum
 
 CASES = [
     {"sparsity": 0.5},

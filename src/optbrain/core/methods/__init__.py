@@ -12,7 +12,7 @@ from collections.abc import Callable
 import torch
 
 from ..result import LayerResult
-from ..spec import CompressSpec, check_weight_hessian
+from ..spec import DEFAULT_METHOD, CompressSpec, SettingError, check_weight_hessian
 from .auto import solve_auto
 from .baselines import solve_magnitude, solve_obd, solve_rtn
 from .gptq import solve_gptq
@@ -45,12 +45,14 @@ def register(name: str) -> Callable[[Solver], Solver]:
 
 def check_method(method: str) -> str:
     """A registered method name, else a ValueError listing them."""
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {sorted(METHODS)}, got {method!r}")
+    if not isinstance(method, str) or method not in METHODS:
+        raise SettingError("method", f"one of {sorted(METHODS)}", method)
     return method
 
 
-def solve(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec, method: str = "obc") -> LayerResult:
+def solve(
+    W: torch.Tensor, H: torch.Tensor, spec: CompressSpec, method: str = DEFAULT_METHOD
+) -> LayerResult:
     """Run a registered solver on a validated spec; the result is in W's dtype and device."""
     check_method(method)
     check_weight_hessian(W, H)

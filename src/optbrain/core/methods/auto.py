@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Iterable
 
 import torch
 
@@ -33,10 +34,14 @@ from ..result import LayerResult
 from ..spec import CompressSpec
 from .gptq import GPTQ_OPTIONS, solve_gptq
 from .obc import OPTIONS as OBC_OPTIONS
-from .obc import solve_obc
+from .obc import LevelLike, solve_obc
 from .sparsegpt import SPARSEGPT_OPTIONS, solve_sparsegpt
 
+#: ``method="auto"``: seconds of modelled exact solving allowed per layer and spec.
 DEFAULT_BUDGET = 30.0
+#: The budget database's ``solver="auto"`` (``budget.database.DbSettings.time_budget``): seconds
+#: for *all* levels of a layer (a dozen or more solves sharing one trace), hence larger.
+DATABASE_TIME_BUDGET = 300.0
 
 # part -> (a, b, c): seconds ≈ a·cols + b·rows·cols² + c·rows·cols³ (see the module docstring)
 COST: dict[str, tuple[float, float, float]] = {
@@ -45,6 +50,12 @@ COST: dict[str, tuple[float, float, float]] = {
     "nm": (3.5e-5, 3.9e-9, 1.7e-11),
     "block": (6.5e-5, 1.3e-8, 4.1e-11),
 }
+
+
+def part_seconds(part: str, rows: int, cols: int) -> float:
+    """Modelled seconds of one part (a key of ``COST``) of the exact solver on ``rows × cols``."""
+    a, b, c = COST[part]
+    return a * cols + b * rows * cols**2 + c * rows * cols**3
 
 
 def estimate_obc_seconds(rows: int, cols: int, spec: CompressSpec) -> float:
@@ -56,9 +67,21 @@ def estimate_obc_seconds(rows: int, cols: int, spec: CompressSpec) -> float:
         parts.append("quant")
     total = 0.0
     for p in parts:
-        a, b, c = COST[p]
-        total += a * cols + b * rows * cols**2 + c * rows * cols**3
+        total += part_seconds(p, rows, cols)
     return total
+
+
+def estimate_levels_seconds(rows: int, cols: int, levels: Iterable[LevelLike]) -> float:
+    """Modelled seconds of ``obc.solve_obc_levels`` for all ``levels`` of one layer: one
+    unstructured trace shared by every sparsity, one N:M solve per pattern, one OBQ per
+    quantized level."""
+    levels = list(levels)
+    t = 0.0
+    if any(lv.sparsity for lv in levels):
+        t += part_seconds("unstructured", rows, cols)
+    t += sum(part_seconds("nm", rows, cols) for p in {lv.pattern for lv in levels if lv.pattern})
+    t += sum(part_seconds("quant", rows, cols) for lv in levels if lv.bits is not None)
+    return t
 
 
 def _budget(options: dict) -> float:

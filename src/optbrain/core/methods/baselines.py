@@ -21,13 +21,15 @@ Option ``search`` (bool, default True) of magnitude/rtn is ``fit_grid``'s MSE sc
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
-from ..columnwise import option_bool, option_scope, unchanged
-from ..grid import fit_grid
+from ..columnwise import option_bool, option_scope
+from ..grid import fit_layer_grid
 from ..hessian import PreparedHessian, prepare_layer, row_losses
 from ..patterns import Pattern
-from ..result import LayerResult
+from ..result import LayerResult, layer_result, unchanged
 from ..spec import CompressSpec, check_options
 
 
@@ -67,29 +69,36 @@ def prune_mask(
     return ~removed
 
 
-def _result(
-    Wc: torch.Tensor,
-    weight: torch.Tensor,
-    keep: torch.Tensor | None,
-    prep: PreparedHessian,
-    spec: CompressSpec,
+def _prune_then_round(
     method: str,
-    grid=None,
-    info: dict | None = None,
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: CompressSpec,
+    score: Callable[[torch.Tensor, PreparedHessian], torch.Tensor] | None,
+    search: bool = True,
+    scope: str | None = None,
 ) -> LayerResult:
+    """Prune the lowest ``score(Wc, prep)`` (when the spec prunes), then round to nearest on
+    ``fit_layer_grid`` of the pruned weights (when it quantizes); the loss is measured."""
+    Wc, prep = prepare_layer(W, H, spec)
+    keep, weight, grid = None, Wc, None
+    if spec.prunes and score is not None:
+        keep = prune_mask(score(Wc, prep), spec.pattern, spec.sparsity, scope or "layer")
+        weight = torch.where(keep, Wc, torch.zeros_like(Wc))
+    if spec.quantizes:
+        grid = fit_layer_grid(weight, prep.H, spec, search)
+        weight = grid.quantize(weight)
     rl = row_losses(Wc, weight, prep.H).cpu()
-    return LayerResult(
-        weight=weight,
-        mask=keep,
-        loss=float(rl.sum()),
-        method=method,
-        bits=spec.bits if grid is not None else None,
-        grid=grid,
-        damping=prep.damping,
-        fallback=prep.fallback,
-        row_loss=rl,
-        info={"pattern": str(spec.pattern), **(info or {})},
-    )
+    info = {"scope": scope} if scope is not None else None
+    return layer_result(method, spec, weight, keep, rl, prep=prep, grid=grid, info=info)
+
+
+def _magnitude_score(Wc: torch.Tensor, prep: PreparedHessian) -> torch.Tensor:
+    return Wc * Wc  # blocks: squared L2
+
+
+def _obd_score(Wc: torch.Tensor, prep: PreparedHessian) -> torch.Tensor:
+    return 0.5 * Wc * Wc * torch.diagonal(prep.H).unsqueeze(0)
 
 
 def solve_magnitude(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
@@ -99,22 +108,7 @@ def solve_magnitude(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> Lay
     search = option_bool("magnitude", spec.options, "search", True)
     if not spec.prunes and not spec.quantizes:
         return unchanged(W, "magnitude", spec)
-    Wc, prep = prepare_layer(W, H, spec)
-    keep, weight, grid = None, Wc, None
-    if spec.prunes:
-        keep = prune_mask(Wc * Wc, spec.pattern, spec.sparsity, scope)  # blocks: squared L2
-        weight = torch.where(keep, Wc, torch.zeros_like(Wc))
-    if spec.quantizes:
-        grid = fit_grid(
-            weight,
-            spec.bits,
-            sym=spec.sym,
-            group_size=spec.group_size,
-            search=search,
-            weight=torch.diagonal(prep.H),
-        )
-        weight = grid.quantize(weight)
-    return _result(Wc, weight, keep, prep, spec, "magnitude", grid, {"scope": scope})
+    return _prune_then_round("magnitude", W, H, spec, _magnitude_score, search, scope)
 
 
 def solve_obd(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
@@ -128,13 +122,7 @@ def solve_obd(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
     scope = option_scope("obd", spec.options)
     if not spec.prunes:
         return unchanged(W, "obd", spec)
-    Wc, prep = prepare_layer(W, H, spec)
-    keep, weight = None, Wc
-    if spec.prunes:
-        score = 0.5 * Wc * Wc * torch.diagonal(prep.H).unsqueeze(0)
-        keep = prune_mask(score, spec.pattern, spec.sparsity, scope)
-        weight = torch.where(keep, Wc, torch.zeros_like(Wc))
-    return _result(Wc, weight, keep, prep, spec, "obd", None, {"scope": scope})
+    return _prune_then_round("obd", W, H, spec, _obd_score, scope=scope)
 
 
 def solve_rtn(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
@@ -148,13 +136,4 @@ def solve_rtn(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
     if not spec.quantizes:
         raise ValueError("method 'rtn' needs bits (it is a quantization method)")
     search = option_bool("rtn", spec.options, "search", True)
-    Wc, prep = prepare_layer(W, H, spec)
-    grid = fit_grid(
-        Wc,
-        spec.bits,
-        sym=spec.sym,
-        group_size=spec.group_size,
-        search=search,
-        weight=torch.diagonal(prep.H),
-    )
-    return _result(Wc, grid.quantize(Wc), None, prep, spec, "rtn", grid)
+    return _prune_then_round("rtn", W, H, spec, None, search)

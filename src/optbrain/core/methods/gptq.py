@@ -32,8 +32,7 @@ from __future__ import annotations
 
 import torch
 
-from ..columnwise import column_solve, option_block, option_bool
-from ..hessian import prepare_layer
+from ..columnwise import column_method, option_bool
 from ..result import LayerResult
 from ..spec import CompressSpec, check_options
 
@@ -57,40 +56,7 @@ def solve_gptq(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerRes
     check_options("gptq", spec.options, GPTQ_OPTIONS)
     check_gptq(spec)
     opts = spec.options
-    block = option_block("gptq", opts)
     act_order = option_bool("gptq", opts, "act_order", False)
     static = option_bool("gptq", opts, "static_groups", False)
-    search = option_bool("gptq", opts, "search", True)
-    Wc, prep = prepare_layer(W, H, spec)
-    perm = None
-    if act_order:
-        perm = torch.argsort(torch.diagonal(prep.H), descending=True, stable=True)
-    out = column_solve(
-        Wc,
-        prep,
-        perm=perm,
-        block_size=block,
-        bits=spec.bits,
-        sym=spec.sym,
-        group_size=spec.group_size,
-        static_groups=static,
-        search=search,
-    )
-    info = {
-        "pattern": str(spec.pattern),
-        "act_order": act_order,
-        "static_groups": static,
-        **out.info,
-    }
-    return LayerResult(
-        weight=out.weight,
-        mask=None,
-        loss=float(out.row_loss.sum()),
-        method="gptq",
-        bits=spec.bits,
-        grid=out.grid,
-        damping=prep.damping,
-        fallback=prep.fallback,
-        row_loss=out.row_loss,
-        info=info,
-    )
+    info = {"act_order": act_order, "static_groups": static}
+    return column_method("gptq", W, H, spec, static_groups=static, act_order=act_order, info=info)

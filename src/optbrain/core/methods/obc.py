@@ -4,20 +4,28 @@ Options (``prune_layer(..., lazy=32)`` etc.): ``lazy``, ``shrink``, ``memory`` (
 knobs, see ``EngineConfig``; results do not depend on them), ``max_sparsity`` (how far the
 unstructured/block trace runs, default 1.0: every level), ``per_row`` (same sparsity in every
 row instead of the layer-wide selection).
+
+The per-part solves (``exact_nm``, ``exact_prune``, ``exact_quantize``) are public so that
+``solve_obc_levels`` (the budget database: many levels of one layer) runs the same arithmetic,
+sharing one ExactOBS trace and one N:M solve per pattern between all levels built on them.
 """
 
 from __future__ import annotations
 
-from typing import Any
+import dataclasses
+from collections.abc import Sequence
+from typing import Any, Protocol
 
 import torch
 
-from ..grid import fit_grid
+from ..grid import QuantGrid, fit_layer_grid
 from ..hessian import PreparedHessian, prepare_layer, row_losses
 from ..obq import obq
-from ..obs import EngineConfig, PruneTrace, obs_trace, prune_nm
-from ..result import LayerResult
-from ..spec import CompressSpec, check_options
+from ..obs import DEFAULT_ENGINE, EngineConfig
+from ..patterns import Pattern, parse_pattern
+from ..result import LayerResult, layer_result, unchanged
+from ..spec import DEFAULT_DAMP, CompressSpec, check_options, make_spec
+from ..trace import PruneTrace, obs_trace, prune_nm
 
 OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row", "outliers")
 
@@ -27,16 +35,24 @@ def engine_config(options: dict[str, Any]) -> EngineConfig:
     return EngineConfig(**kw)
 
 
+def exact_nm(
+    Wc: torch.Tensor, prep: PreparedHessian, n: int, m: int, engine: EngineConfig = DEFAULT_ENGINE
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ExactOBS N:M → ``(weight, keep, step_loss (rows, steps))``, compute dtype and device."""
+    out = prune_nm(Wc, prep, n, m, engine=engine)
+    removed = torch.zeros(Wc.shape, dtype=torch.bool, device=Wc.device)
+    removed.scatter_(1, out.order, True)
+    return out.weight, ~removed, out.step_loss
+
+
 def exact_prune(
     Wc: torch.Tensor, prep: PreparedHessian, spec: CompressSpec, engine: EngineConfig
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PruneTrace | None]:
     """Prune with ExactOBS → ``(weight, keep, row_loss, trace or None)``, compute dtype."""
     pat = spec.pattern
     if pat.kind == "nm":
-        out = prune_nm(Wc, prep, pat.n, pat.m, engine=engine)
-        removed = torch.zeros(Wc.shape, dtype=torch.bool, device=Wc.device)
-        removed.scatter_(1, out.order, True)
-        return out.weight, ~removed, out.step_loss.sum(1).cpu(), None
+        weight, keep, step_loss = exact_nm(Wc, prep, pat.n, pat.m, engine)
+        return weight, keep, step_loss.sum(1).cpu(), None
     max_sp = float(spec.options.get("max_sparsity", 1.0))
     if not (0.0 < max_sp <= 1.0):
         raise ValueError(f"max_sparsity must be in (0, 1], got {max_sp!r}")
@@ -45,18 +61,26 @@ def exact_prune(
     return weight, keep, rl, trace
 
 
+def exact_quantize(
+    weight: torch.Tensor,
+    keep: torch.Tensor | None,
+    prep: PreparedHessian,
+    spec: CompressSpec,
+    engine: EngineConfig = DEFAULT_ENGINE,
+    outliers: bool = True,
+) -> tuple[torch.Tensor, QuantGrid, torch.Tensor]:
+    """OBQ of the (kept) weights on ``fit_layer_grid`` → ``(weight, grid, step_loss)``."""
+    grid = fit_layer_grid(weight, prep.H, spec)
+    out = obq(weight, prep, grid, keep=keep, engine=engine, outliers=outliers)
+    return out.weight, grid, out.step_loss
+
+
 def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
     """Exact OBS/OBQ/OBC for one layer; ``loss`` is the greedy's predicted loss."""
     check_options("obc", spec.options, OPTIONS)
     engine = engine_config(spec.options)
     if not spec.prunes and not spec.quantizes:  # nothing asked: W unchanged, exactly
-        return LayerResult(
-            weight=W.clone(),
-            mask=None,
-            loss=0.0,
-            method="obc",
-            row_loss=torch.zeros(W.shape[0], dtype=torch.float64),
-        )
+        return unchanged(W, "obc", spec, with_pattern=False)
     Wc, prep = prepare_layer(W, H, spec)
     keep, trace = None, None
     weight = Wc
@@ -65,35 +89,65 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
         weight, keep, predicted, trace = exact_prune(Wc, prep, spec, engine)
     grid = None
     if spec.quantizes:
-        grid = fit_grid(
-            weight,
-            spec.bits,
-            sym=spec.sym,
-            group_size=spec.group_size,
-            weight=torch.diagonal(prep.H),
-        )
-        out = obq(
-            weight,
-            prep,
-            grid,
-            keep=keep,
-            engine=engine,
-            outliers=bool(spec.options.get("outliers", True)),
-        )
-        weight = out.weight
+        outliers = bool(spec.options.get("outliers", True))
+        weight, grid, step_loss = exact_quantize(weight, keep, prep, spec, engine, outliers)
         # the pruned state is the optimum on {Ŵ_S = 0}, so the losses add (Pythagoras)
-        predicted = predicted + out.step_loss.sum(1).cpu()
+        predicted = predicted + step_loss.sum(1).cpu()
     measured = row_losses(Wc, weight, prep.H).cpu()
-    return LayerResult(
-        weight=weight,
-        mask=keep,
-        loss=float(predicted.sum()),
-        method="obc",
-        bits=spec.bits,
-        grid=grid,
-        damping=prep.damping,
-        fallback=prep.fallback,
-        row_loss=predicted,
-        trace=trace,
-        info={"pattern": str(spec.pattern), "measured_loss": float(measured.sum())},
+    info = {"measured_loss": float(measured.sum())}
+    return layer_result(
+        "obc", spec, weight, keep, predicted, prep=prep, grid=grid, trace=trace, info=info
     )
+
+
+class LevelLike(Protocol):
+    """One level of ``solve_obc_levels``: unstructured ``sparsity`` (0: none) or an N:M
+    ``pattern`` (None: none), plus ``bits`` (None: not quantized)."""
+
+    sparsity: float
+    pattern: str | None
+    bits: int | None
+
+
+def solve_obc_levels(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    levels: Sequence[LevelLike],
+    *,
+    damp: float = DEFAULT_DAMP,
+    sym: bool = True,
+    group_size: int | None = None,
+) -> list[tuple[torch.Tensor, torch.Tensor | None, QuantGrid | None, float]]:
+    """Every (non-dense) level of one layer with the exact solver, float32:
+    ``[(weight, keep, grid, predicted loss)]`` in the order of ``levels``.
+
+    The arithmetic of ``compress_layer(method="obc")`` for each level, but the ExactOBS trace
+    and the N:M solutions are computed once and shared by all levels that start from them.
+    """
+    spec = make_spec(W.shape[1], damp=damp, dtype=torch.float32)
+    Wc, prep = prepare_layer(W, H, spec)
+    trace = None
+    if any(lv.sparsity for lv in levels):
+        # the full trace, as compress_layer runs it (the last steps are cheap: the working set
+        # has shrunk); stopping it early changes the rounding of the final lazy updates
+        trace = obs_trace(Wc, prep, Pattern("unstructured"), max_sparsity=1.0)
+    pruned: dict[str, tuple[torch.Tensor, torch.Tensor | None, float]] = {"": (Wc, None, 0.0)}
+    out = []
+    for lv in levels:
+        key = f"s{lv.sparsity}" if lv.sparsity else (lv.pattern or "")
+        if key not in pruned:
+            if lv.sparsity:
+                w, keep, rl = trace.at(lv.sparsity)  # type: ignore[union-attr]
+                pruned[key] = (w, keep, float(rl.sum()))
+            else:
+                pat = parse_pattern(key)
+                w, keep, step_loss = exact_nm(Wc, prep, pat.n, pat.m)
+                pruned[key] = (w, keep, float(step_loss.sum()))
+        weight, keep, loss = pruned[key]
+        grid = None
+        if lv.bits is not None:
+            qspec = dataclasses.replace(spec, bits=lv.bits, sym=sym, group_size=group_size)
+            weight, grid, step_loss = exact_quantize(weight, keep, prep, qspec)
+            loss = loss + float(step_loss.sum())
+        out.append((weight, keep, grid, loss))
+    return out

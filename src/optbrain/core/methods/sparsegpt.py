@@ -24,15 +24,8 @@ from __future__ import annotations
 
 import torch
 
-from ..columnwise import (
-    column_solve,
-    option_block,
-    option_bool,
-    option_scope,
-    unchanged,
-)
-from ..hessian import prepare_layer
-from ..result import LayerResult
+from ..columnwise import column_method, option_bool, option_scope
+from ..result import LayerResult, unchanged
 from ..spec import CompressSpec, check_options
 
 SPARSEGPT_OPTIONS = ("block_size", "scope", "static_groups", "search")
@@ -42,36 +35,9 @@ def solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> Lay
     """SparseGPT on one layer ``W (rows, cols)``; see the module docstring."""
     check_options("sparsegpt", spec.options, SPARSEGPT_OPTIONS)
     opts = spec.options
-    block = option_block("sparsegpt", opts)
     scope = option_scope("sparsegpt", opts)
     static = option_bool("sparsegpt", opts, "static_groups", False)
-    search = option_bool("sparsegpt", opts, "search", True)
     if not spec.prunes and not spec.quantizes:
         return unchanged(W, "sparsegpt", spec)
-    Wc, prep = prepare_layer(W, H, spec)
-    out = column_solve(
-        Wc,
-        prep,
-        block_size=block,
-        bits=spec.bits,
-        sym=spec.sym,
-        group_size=spec.group_size,
-        static_groups=static,
-        search=search,
-        pattern=spec.pattern if spec.prunes else None,
-        sparsity=spec.sparsity,
-        scope=scope,
-    )
-    info = {"pattern": str(spec.pattern), "scope": scope, **out.info}
-    return LayerResult(
-        weight=out.weight,
-        mask=out.keep,
-        loss=float(out.row_loss.sum()),
-        method="sparsegpt",
-        bits=spec.bits,
-        grid=out.grid,
-        damping=prep.damping,
-        fallback=prep.fallback,
-        row_loss=out.row_loss,
-        info=info,
-    )
+    info = {"scope": scope}
+    return column_method("sparsegpt", W, H, spec, static_groups=static, scope=scope, info=info)

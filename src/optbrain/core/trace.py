@@ -1,0 +1,242 @@
+"""ExactOBS pruning runs: the unstructured / block trace (``PruneTrace``, every sparsity from one
+greedy pass, read off with the fixed-mask optimum ``masked_optimum``) and N:M (``prune_nm``).
+The greedy engine itself is ``core.obs``."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from .hessian import PreparedHessian
+from .obs import (
+    DEFAULT_ENGINE,
+    DEFAULT_MEMORY,
+    EngineConfig,
+    GreedyOut,
+    NMScorer,
+    PruneScorer,
+    greedy_block,
+    greedy_single,
+    restricted_cholesky,
+    row_chunks,
+    selected_positions,
+)
+from .patterns import Pattern
+
+
+def select_counts(step_loss: torch.Tensor, total: int) -> torch.Tensor:
+    """Layer-wide selection: how many greedy steps each row takes, ``total`` steps in all.
+
+    step_loss: ``(R, S)``. The marginal cost of a row's k-th step is made non-decreasing
+    (running maximum), then the ``total`` cheapest steps over all rows are taken; each row's
+    taken steps form a prefix of its greedy order. Returns counts ``(R,)``.
+    """
+    R, S = step_loss.shape
+    total = int(max(0, min(total, R * S)))
+    if total == 0:
+        return torch.zeros(R, dtype=torch.long, device=step_loss.device)
+    marg = torch.cummax(step_loss, dim=1).values.reshape(-1)
+    idx = torch.sort(marg, stable=True).indices[:total]
+    return torch.bincount(idx // S, minlength=R)
+
+
+def masked_optimum(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    keep: torch.Tensor,
+    memory: int = DEFAULT_MEMORY,
+    Hinv: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Least-squares optimum with a fixed mask: ``argmin ½ δ H δᵀ`` s.t. ``Ŵ = 0`` where pruned.
+
+    W: ``(R, C)``, H: ``(C, C)`` positive definite, keep: ``(R, C)`` bool; Hinv: optional
+    ``H⁻¹``. For each row with pruned set S and kept set F, two equal closed forms::
+
+        Ŵ_F = W_F + H_FF⁻¹ H_FS W_S                     (a |F|×|F| solve)
+        Ŵ   = W − H⁻¹[:, S] (H⁻¹_SS)⁻¹ W_S,  Ŵ_S = 0     (a |S|×|S| solve)
+
+    The smaller system is solved, batched over rows (padded to the largest row).
+    """
+    R, C = W.shape
+    out = torch.where(keep, W, torch.zeros_like(W))
+    n_pruned = (~keep).sum(1)
+    rows = ((n_pruned > 0) & (n_pruned < C)).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return out
+    kmax = int(n_pruned[rows].max())
+    fmax = int((C - n_pruned[rows]).max())
+    use_inv = kmax <= fmax
+    if use_inv and Hinv is None:
+        Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    n = kmax if use_inv else fmax
+    for sl in row_chunks(rows.numel(), 2 * (n * n + n * C) * W.element_size(), memory):
+        r = rows[sl]
+        kp = keep[r]
+        Wr = W[r]
+        pos, valid = selected_positions(~kp if use_inv else kp, n)
+        L = restricted_cholesky(Hinv if use_inv else H, pos, valid)
+        if use_inv:
+            ws = (Wr.gather(1, pos) * valid).unsqueeze(2)
+            sol = torch.cholesky_solve(ws, L)  # (n_rows, k, 1)
+            res = Wr - torch.bmm(sol.transpose(1, 2), Hinv[pos]).squeeze(1)
+        else:
+            rhs = ((Wr * (~kp)) @ H).gather(1, pos) * valid
+            delta = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2) * valid
+            res = Wr.scatter_add(1, pos, delta)
+        out[r] = torch.where(kp, res, torch.zeros_like(res))
+    return out
+
+
+class PruneTrace:
+    """One ExactOBS pass: every row's greedy order and per-step losses, all sparsities from it.
+
+    ``order (rows, steps)``: coordinate (unstructured) or block index (block pattern) removed
+    at each step; ``step_loss (rows, steps)``: loss increment of each step. ``at(s)`` gives the
+    layer at sparsity ``s`` (layer-wide selection: rows may end at different sparsities; the
+    weights are the exact OBS state, i.e. the least-squares optimum for the chosen mask);
+    ``levels([...])`` several at once — no greedy re-run.
+    """
+
+    def __init__(
+        self,
+        W: torch.Tensor,
+        prepared: PreparedHessian,
+        order: torch.Tensor,
+        step_loss: torch.Tensor,
+        pattern: Pattern,
+        engine: EngineConfig = DEFAULT_ENGINE,
+    ) -> None:
+        self.W = W
+        self.prepared = prepared
+        self.order = order
+        self.step_loss = step_loss
+        self.pattern = pattern
+        self.group = pattern.block if pattern.kind == "block" else 1
+        self.engine = engine
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.W.shape)  # type: ignore[return-value]
+
+    @property
+    def units(self) -> int:
+        """Removable units per row: columns (unstructured) or blocks."""
+        return self.W.shape[1] // self.group
+
+    @property
+    def max_sparsity(self) -> float:
+        """The highest sparsity this trace can give (it may have stopped early)."""
+        return self.step_loss.shape[1] / self.units
+
+    def counts(self, sparsity: float, per_row: bool = False) -> torch.Tensor:
+        """Steps taken per row ``(rows,)`` for a target ``sparsity`` of the whole layer.
+
+        Layer-wide (default): ``round(sparsity · rows · units)`` steps in all, split over rows
+        by ``select_counts``; if the same sparsity in every row has a lower predicted loss (the
+        running-max rule is a heuristic when step costs are not monotone), that split is used.
+        ``per_row``: ``round(sparsity · units)`` steps in every row.
+        """
+        R, S = self.step_loss.shape
+        per = int(round(sparsity * self.units))
+        if per > S or sparsity > self.max_sparsity + 1e-12:
+            raise ValueError(
+                f"sparsity {sparsity} is beyond this trace, which stops at "
+                f"max_sparsity={self.max_sparsity:.4g}; run the trace further"
+            )
+        uniform = torch.full((R,), per, dtype=torch.long, device=self.step_loss.device)
+        if per_row:
+            return uniform
+        layer = select_counts(self.step_loss, int(round(sparsity * R * self.units)))
+        if int(layer.sum()) == int(uniform.sum()) and (
+            float(self.loss(uniform).sum()) < float(self.loss(layer).sum())
+        ):
+            return uniform
+        return layer
+
+    def mask(self, counts: torch.Tensor) -> torch.Tensor:
+        """Kept-weight mask ``(rows, cols)`` after ``counts[r]`` steps in row r."""
+        R, S = self.order.shape
+        taken = torch.arange(S, device=self.order.device).unsqueeze(0) < counts.unsqueeze(1)
+        removed = torch.zeros(R, self.units, dtype=torch.bool, device=self.order.device)
+        removed.scatter_(1, self.order, taken)
+        if self.group > 1:
+            removed = removed.repeat_interleave(self.group, dim=1)
+        return ~removed
+
+    def loss(self, counts: torch.Tensor) -> torch.Tensor:
+        """Per-row predicted loss ``(rows,)`` after ``counts[r]`` steps (float64)."""
+        S = self.step_loss.shape[1]
+        counts = counts.to(self.step_loss.device)
+        taken = torch.arange(S, device=counts.device).unsqueeze(0) < counts.unsqueeze(1)
+        return (self.step_loss * taken).sum(1).cpu()
+
+    def at(
+        self, sparsity: float, per_row: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(weight, mask, row_loss)`` at ``sparsity`` (compute dtype)."""
+        counts = self.counts(sparsity, per_row)
+        keep = self.mask(counts)
+        weight = masked_optimum(
+            self.W, self.prepared.H, keep, self.engine.memory, self.prepared.Hinv
+        )
+        return weight, keep, self.loss(counts)
+
+    def levels(
+        self, sparsities: Sequence[float], per_row: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        return [self.at(s, per_row) for s in sparsities]
+
+
+def obs_trace(
+    W: torch.Tensor,
+    prepared: PreparedHessian,
+    pattern: Pattern,
+    max_sparsity: float = 1.0,
+    engine: EngineConfig = DEFAULT_ENGINE,
+) -> PruneTrace:
+    """Run ExactOBS (unstructured or block) on every row of ``W (rows, cols)``.
+
+    Records ``ceil(max_sparsity · steps)`` greedy steps per row (all of them by default), so
+    every sparsity up to ``max_sparsity`` can be read from the trace.
+    """
+    R, C = W.shape
+    g = pattern.block if pattern.kind == "block" else 1
+    total = C // g
+    steps = max(1, min(total, int(-(-max_sparsity * total // 1))))
+    orders, losses = [], []
+    for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory):
+        if g == 1:
+            out = greedy_single(W[sl], prepared.Hinv, steps, PruneScorer(), engine=engine)
+        else:
+            out = greedy_block(W[sl], prepared.Hinv, g, steps, engine=engine)
+        orders.append(out.order)
+        losses.append(out.step_loss)
+    return PruneTrace(W, prepared, torch.cat(orders), torch.cat(losses), pattern, engine)
+
+
+def prune_nm(
+    W: torch.Tensor,
+    prepared: PreparedHessian,
+    n: int,
+    m: int,
+    engine: EngineConfig = DEFAULT_ENGINE,
+) -> GreedyOut:
+    """ExactOBS under the N:M pattern: prune ``m − n`` of every ``m`` consecutive columns."""
+    R, C = W.shape
+    steps = (C // m) * (m - n)
+    outs = [
+        greedy_single(
+            W[sl],
+            prepared.Hinv,
+            steps,
+            NMScorer(sl.stop - sl.start, C, n, m, W.device),
+            engine=engine,
+        )
+        for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory)
+    ]
+    return GreedyOut(
+        torch.cat([o.weight for o in outs]),
+        torch.cat([o.order for o in outs]),
+        torch.cat([o.step_loss for o in outs]),
+    )

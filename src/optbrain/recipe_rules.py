@@ -1,0 +1,427 @@
+"""Recipe rules: the keys a rule may set, their defaults, matching module names, and the data
+classes (Rule, LayerPlan, CalibrationConfig). Settings are validated by ``optbrain.core.spec``."""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import fnmatch
+import functools
+import re
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from .core.methods import METHODS, check_method
+from .core.patterns import parse_pattern
+from .core.spec import (
+    DEFAULT_METHOD,
+    SETTING_DEFAULTS,
+    CompressSpec,
+    PatternSparsityError,
+    SettingError,
+    check_bits,
+    check_damp,
+    check_dtype,
+    check_group_size,
+    check_on_singular,
+    check_pattern,
+    check_pattern_sparsity,
+    check_sparsity,
+    check_sym,
+    dtype_name,
+    make_spec,
+)
+
+RECIPE_VERSION = 1
+
+#: The built-in method names (the registry, ``optbrain.core.methods.METHODS``, may add more).
+KNOWN_METHODS = tuple(METHODS)
+CALIBRATION_MODES = ("independent", "sequential")
+
+#: Per-layer settings a rule may set, with the value a module starts from (``make_spec``'s
+#: defaults, dtype by name), plus the method, its options and ``skip``.
+DEFAULTS: dict[str, Any] = {
+    "method": DEFAULT_METHOD,
+    **{k: dtype_name(v) if k == "dtype" else v for k, v in SETTING_DEFAULTS.items()},
+    "options": {},
+    "skip": False,
+}
+SETTINGS = tuple(DEFAULTS)
+RULE_KEYS = ("targets", "ignore", *SETTINGS)
+CALIBRATION_KEYS = ("mode", "samples", "batch_size")
+GLOBAL_KEYS = ("version", "calibration", "seed", "bn_recalibration", "ignore", "rules")
+# options are passed to make_spec / compress_layer as keyword arguments: these names are taken
+_RESERVED_OPTIONS = ("cols", "method", "W", "H", *SETTINGS)
+
+
+class RecipeError(ValueError):
+    """An invalid recipe. ``path`` locates the offending key, e.g. ``("rules", 1, "sparsity")``."""
+
+    def __init__(self, message: str, path: tuple = ()) -> None:
+        super().__init__(message)
+        self.path = tuple(path)
+
+
+# ----------------------------------------------------------------------------- small checks
+
+
+def _where(path: tuple, root: str = "recipe") -> str:
+    """``("rules", 1, "bits")`` -> ``rules[1].bits``; ``()`` -> ``root``."""
+    out = ""
+    for p in path:
+        out += f"[{p}]" if isinstance(p, int) else (f".{p}" if out else str(p))
+    return out or root
+
+
+def _check_keys(d: Mapping, allowed: Iterable[str], path: tuple, root: str = "recipe") -> None:
+    allowed = list(allowed)
+    for key in d:
+        if key in allowed:
+            continue
+        hint = ""
+        if isinstance(key, str):
+            close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
+            if close:
+                hint = f" (did you mean {close[0]!r}?)"
+            elif path == () and key in CALIBRATION_KEYS:
+                hint = f" (it belongs under calibration: {{{key}: ...}})"
+        raise RecipeError(
+            f"{_where(path, root)}: unknown key {key!r}{hint}; allowed keys: {', '.join(allowed)}",
+            (*path, key),
+        )
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _fail(path: tuple, key: str, what: str, value: object, root: str = "recipe") -> RecipeError:
+    return RecipeError(f"{_where((*path, key), root)} must be {what}, got {value!r}", (*path, key))
+
+
+def allowed_methods() -> list[str]:
+    """Every method name a recipe may use: the built-ins and anything registered."""
+    return sorted(METHODS)
+
+
+@functools.lru_cache(maxsize=1024)
+def _compile(pattern: str) -> re.Pattern:
+    if pattern.startswith("re:"):
+        return re.compile(pattern[3:])
+    return re.compile(fnmatch.translate(pattern))
+
+
+def _matches(name: str, patterns: Iterable[str]) -> bool:
+    return any(_compile(p).fullmatch(name) for p in patterns)
+
+
+def _check_patterns(value: object, path: tuple, key: str, root: str, empty_ok: bool) -> list[str]:
+    """targets / ignore: a list of glob or ``re:`` patterns (one string is wrapped)."""
+    if isinstance(value, str):
+        value = [value]
+    what = "a list of module-name patterns (globs, or 're:' + a regular expression)"
+    if not isinstance(value, list | tuple) or not all(isinstance(p, str) for p in value):
+        raise _fail(path, key, what, value, root)
+    if not value and not empty_ok:
+        raise _fail(path, key, "a non-empty list (leave it out to target every layer)", value, root)
+    for i, p in enumerate(value):
+        if not p.strip() or p == "re:":
+            raise RecipeError(
+                f"{_where((*path, key), root)}[{i}] is an empty pattern", (*path, key)
+            )
+        if p.startswith("re:"):
+            try:
+                _compile(p)
+            except re.error as e:
+                raise RecipeError(
+                    f"{_where((*path, key), root)}[{i}]: bad regular expression {p[3:]!r}: {e}",
+                    (*path, key),
+                ) from None
+    return list(value)
+
+
+def _yaml_safe(v: object) -> bool:
+    if v is None or isinstance(v, bool | int | float | str):
+        return True
+    if isinstance(v, list | tuple):
+        return all(_yaml_safe(x) for x in v)
+    if isinstance(v, Mapping):
+        return all(isinstance(k, str) and _yaml_safe(x) for k, x in v.items())
+    return False
+
+
+#: The one validator (``optbrain.core.spec``) of each layer setting, on values as written.
+_CHECKS: dict[str, Callable[[Any], Any]] = {
+    "method": check_method,
+    "sparsity": lambda v: check_sparsity(v, plain=True),
+    "pattern": lambda v: str(check_pattern(v, plain=True)),
+    "bits": lambda v: check_bits(v, plain=True),
+    "sym": check_sym,
+    "group_size": lambda v: check_group_size(v, plain=True),
+    "damp": lambda v: check_damp(v, plain=True),
+    "on_singular": check_on_singular,
+    "dtype": lambda v: dtype_name(check_dtype(v, plain=True)),
+}
+
+
+def _check_setting(key: str, v: object, path: tuple, root: str) -> object:
+    """Validate and normalise one non-None per-layer setting."""
+    if key in _CHECKS:
+        try:
+            return _CHECKS[key](v)
+        except SettingError as e:
+            where = _where((*path, key), root)
+            msg = f"{where}: {e.detail}" if e.detail else f"{where} must be {e.what}, got {v!r}"
+            raise RecipeError(msg, (*path, key)) from None
+    if key == "skip":
+        if not isinstance(v, bool):
+            raise _fail(path, key, "true or false", v, root)
+        return v
+    if key == "options":
+        if not isinstance(v, Mapping) or not all(isinstance(k, str) for k in v):
+            raise _fail(path, key, "a mapping of option names to values", v, root)
+        for k, x in v.items():
+            if k in _RESERVED_OPTIONS:
+                raise RecipeError(
+                    f"{_where((*path, key), root)}: {k!r} is not an option; "
+                    f"set it as a rule key ({k}: ...) instead",
+                    (*path, key, k),
+                )
+            if not _yaml_safe(x):
+                raise RecipeError(
+                    f"{_where((*path, key, k), root)} must be a plain value (number, string, "
+                    f"bool, null, list or mapping), got {x!r}",
+                    (*path, key, k),
+                )
+        return copy.deepcopy(dict(v))
+    raise AssertionError(key)  # pragma: no cover
+
+
+def _normalize_rule(d: Mapping, path: tuple, root: str = "recipe") -> dict:
+    """Validate a rule mapping (``None`` = reset to default) into Rule keyword arguments."""
+    _check_keys(d, RULE_KEYS, path, root)
+    targets = d.get("targets")
+    ignore = d.get("ignore")
+    out: dict[str, Any] = {
+        "targets": ["*"]
+        if targets is None
+        else _check_patterns(targets, path, "targets", root, False),
+        "ignore": [] if ignore is None else _check_patterns(ignore, path, "ignore", root, True),
+        "reset": [],
+    }
+    for key in SETTINGS:
+        if key not in d:
+            continue
+        if d[key] is None:
+            out["reset"].append(key)
+        else:
+            out[key] = _check_setting(key, d[key], path, root)
+    pat = out.get("pattern")
+    if pat is not None and out.get("sparsity") is not None:
+        try:
+            check_pattern_sparsity(parse_pattern(pat), out["sparsity"])
+        except PatternSparsityError as e:
+            raise RecipeError(
+                f"{_where((*path, 'sparsity'), root)}={out['sparsity']:g} contradicts pattern "
+                f"{pat!r} (which fixes sparsity {e.fixed:g}); leave sparsity out for N:M",
+                (*path, "sparsity"),
+            ) from None
+    return out
+
+
+def check_merged(pattern: str, sparsity: float | None, where: str) -> None:
+    """The pattern/sparsity combination of merged settings (``Recipe.plan``), via the spec's
+    one check, re-worded with the module and the rules applied (``where``)."""
+    pat = parse_pattern(pattern)
+    try:
+        check_pattern_sparsity(pat, sparsity or None)
+    except PatternSparsityError as e:
+        if e.fixed is None:
+            raise RecipeError(
+                f"{where}: pattern {pat} needs a sparsity > 0 (fraction of blocks)"
+            ) from None
+        raise RecipeError(
+            f"{where}: sparsity {sparsity:g} contradicts pattern {pat} (which fixes sparsity "
+            f"{e.fixed:g}); set 'sparsity: null' in the rule that sets the pattern"
+        ) from None
+
+
+# ----------------------------------------------------------------------------- data classes
+
+
+@dataclass(frozen=True)
+class LayerPlan:
+    """The merged settings for one module: what ``compress_layer`` is called with.
+
+    ``pattern`` is the canonical pattern string, ``dtype`` a torch dtype, ``options`` the
+    method-specific knobs. ``rules`` lists the indices of the rules that applied (for reports).
+    """
+
+    method: str
+    sparsity: float | None
+    pattern: str
+    bits: int | None
+    sym: bool
+    group_size: int | None
+    damp: float
+    on_singular: str
+    dtype: torch.dtype
+    options: dict[str, Any] = field(default_factory=dict)
+    rules: tuple[int, ...] = field(default=(), compare=False)
+
+    def spec_kwargs(self, with_method: bool = False) -> dict[str, Any]:
+        """Keyword arguments for ``make_spec(cols, **kw)`` / ``compress_layer(W, H, **kw)``.
+
+        ``method`` is left out unless ``with_method`` (``make_spec`` does not take it), so:
+        ``compress_layer(W, H, method=plan.method, **plan.spec_kwargs())``.
+        """
+        kw: dict[str, Any] = {
+            "sparsity": self.sparsity,
+            "pattern": self.pattern,
+            "bits": self.bits,
+            "sym": self.sym,
+            "group_size": self.group_size,
+            "damp": self.damp,
+            "dtype": self.dtype,
+            "on_singular": self.on_singular,
+            **copy.deepcopy(self.options),
+        }
+        if with_method:
+            kw["method"] = self.method
+        return kw
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON/YAML-friendly settings (dtype as its name), e.g. for reports."""
+        d = self.spec_kwargs(with_method=True)
+        d = {k: d[k] for k in ("method", *SETTINGS[1:-2])}
+        d["dtype"] = dtype_name(self.dtype)
+        d["options"] = copy.deepcopy(self.options)
+        return d
+
+    def spec(self, cols: int) -> CompressSpec:
+        """The validated ``CompressSpec`` for a layer with ``cols`` input columns."""
+        return make_spec(cols, **self.spec_kwargs())
+
+
+@dataclass
+class Rule:
+    """One rule: the modules it applies to and the settings it sets (None = left unset).
+
+    ``reset`` names settings this rule puts back to their default (written ``key: null``).
+    """
+
+    targets: list[str] = field(default_factory=lambda: ["*"])
+    ignore: list[str] = field(default_factory=list)
+    method: str | None = None
+    sparsity: float | None = None
+    pattern: str | None = None
+    bits: int | None = None
+    sym: bool | None = None
+    group_size: int | None = None
+    damp: float | None = None
+    on_singular: str | None = None
+    dtype: str | None = None
+    options: dict[str, Any] | None = None
+    skip: bool | None = None
+    reset: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._normalize((), "Rule")
+
+    def _normalize(self, path: tuple, root: str) -> None:
+        reset = self.reset
+        if isinstance(reset, str):
+            reset = [reset]
+        if not isinstance(reset, list | tuple):
+            raise _fail(
+                path, "reset", f"a list of setting names from {list(SETTINGS)}", reset, root
+            )
+        for key in reset:
+            if key not in SETTINGS:
+                raise _fail(
+                    path, "reset", f"a list of setting names from {list(SETTINGS)}", key, root
+                )
+            if getattr(self, key) is not None:
+                raise RecipeError(f"{_where(path, root)}: {key!r} is both set and reset", path)
+        d: dict[str, Any] = {"targets": self.targets, "ignore": self.ignore}
+        d.update({k: getattr(self, k) for k in SETTINGS if getattr(self, k) is not None})
+        d.update({k: None for k in reset})
+        for k, v in _normalize_rule(d, path, root).items():
+            setattr(self, k, v)
+        self.reset = [k for k in SETTINGS if k in reset]
+
+    @classmethod
+    def from_dict(cls, d: Mapping) -> Rule:
+        if not isinstance(d, Mapping):
+            raise RecipeError(f"a rule must be a mapping, got {d!r}")
+        return cls(**_normalize_rule(d, (), "rule"))
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain mapping; settings left unset are omitted, reset ones written as None."""
+        out: dict[str, Any] = {"targets": list(self.targets)}
+        if self.ignore:
+            out["ignore"] = list(self.ignore)
+        for key in SETTINGS:
+            v = getattr(self, key)
+            if v is not None:
+                out[key] = copy.deepcopy(v)
+            elif key in self.reset:
+                out[key] = None
+        return out
+
+    def matches(self, name: str) -> bool:
+        """Whether this rule applies to module ``name`` (a target matches, no ignore does)."""
+        return _matches(name, self.targets) and not _matches(name, self.ignore)
+
+
+@dataclass
+class CalibrationConfig:
+    """How calibration data is used.
+
+    mode: "independent" (every layer's H from the dense model, one pass; OBC) or "sequential"
+    (block by block, each block fed the already-compressed model's outputs; GPTQ).
+    samples: number of calibration samples. batch_size: samples per forward pass (None: library
+    default).
+    """
+
+    mode: str = "independent"
+    samples: int = 128
+    batch_size: int | None = None
+
+    def __post_init__(self) -> None:
+        self._normalize(("calibration",))
+
+    def _normalize(self, path: tuple) -> None:
+        if self.mode not in CALIBRATION_MODES:
+            raise _fail(path, "mode", f"one of {list(CALIBRATION_MODES)}", self.mode)
+        if not _is_int(self.samples) or self.samples < 1:
+            raise _fail(path, "samples", "a positive integer", self.samples)
+        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
+            raise _fail(path, "batch_size", "a positive integer or null", self.batch_size)
+
+    @classmethod
+    def from_dict(cls, d: Mapping | None, path: tuple = ("calibration",)) -> CalibrationConfig:
+        if d is None:
+            return cls()
+        if not isinstance(d, Mapping):
+            raise RecipeError(
+                f"{_where(path)} must be a mapping with keys {', '.join(CALIBRATION_KEYS)}, "
+                f"got {d!r}",
+                path,
+            )
+        _check_keys(d, CALIBRATION_KEYS, path)
+        # null means "the default"; validation errors then name calibration.<key>
+        return cls(**{k: d[k] for k in CALIBRATION_KEYS if d.get(k) is not None})
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"mode": self.mode, "samples": self.samples}
+        if self.batch_size is not None:
+            out["batch_size"] = self.batch_size
+        return out
+
+
+def _matches_some(pattern: str, names: list[str]) -> bool:
+    return any(_compile(pattern).fullmatch(n) for n in names)
