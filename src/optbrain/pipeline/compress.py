@@ -1,6 +1,6 @@
 """The one traversal of a model: plan the recipe per layer, calibrate and solve, finish.
 
-``compress_model`` (behind ``optbrain.compress``) runs three steps:
+``compress`` (public as ``optbrain.compress``) runs three steps:
 
 1. ``plan_layers``: every compressible layer (``optbrain.adapters.find_layers``) gets the
    recipe's ``LayerPlan``, or a skip record saying why not (uncompressible, not asked for,
@@ -255,7 +255,7 @@ def finish(
     return report
 
 
-def compress_model(
+def compress(
     model: nn.Module,
     calibration: Any,
     recipe: Recipe | Mapping | str,
@@ -265,7 +265,18 @@ def compress_model(
     quiet: bool = False,
     name: str | None = None,
 ) -> Report:
-    """``optbrain.compress`` (see its docstring): plan, calibrate and solve, finish."""
+    """Compress ``model`` in place following ``recipe``; returns the per-layer ``Report``.
+
+    calibration: an iterable of model inputs — tensors, tuples (positional arguments), dicts
+      (keyword arguments, as transformers models take them) or a DataLoader of those; for
+      labelled ``(x, y)`` batches pass ``inputs="first"``, or ``forward=fn(model, batch)``.
+      At most ``recipe.calibration.samples`` samples are used.
+    recipe: a ``Recipe``, a dict (shortest form ``{"method": "obc", "sparsity": 0.5}``) or a
+      YAML path.
+    quiet: no progress line.
+    If anything fails (a calibration forward, a solver), no hook is left behind and the
+    weights written so far are put back: the model is left as it was.
+    """
     rec = Recipe.coerce(recipe)
     torch.manual_seed(rec.seed)
     t0 = time.perf_counter()
