@@ -4,7 +4,8 @@
 per-layer database, prices every (layer, level) with the target's cost model, chooses one level
 per layer by dynamic programming (least summed error with total cost <= budget), writes the
 chosen weights into the model through the layer adapters, and records masks and grids on
-``model._optbrain`` so ``optbrain.export.save`` / ``load`` work as after ``optbrain.compress``.
+``model._optbrain`` (a ``ModelState``) so ``optbrain.export.save`` / ``load`` work as after
+``optbrain.compress``.
 
 Objectives (the error the DP sums): ``"relative"`` (default without model-level errors): the
 layer-wise loss divided by the layer's dense output energy ``½ Σ_r W_r H W_rᵀ``, so layers with
@@ -28,8 +29,9 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for, find_layers
-from ..api import STATE_ATTR, take_samples
-from ..pipeline.data import Forward, iter_batches
+from ..pipeline.compress import WeightBackup, sort_records
+from ..pipeline.data import Forward, iter_batches, take_samples
+from ..pipeline.state import GroupState, LayerState, ModelState
 from ..report import LayerRecord, Report
 from .costs import METRICS, Target, level_cost, parse_target
 from .database import Database, DbSettings, build_database
@@ -183,13 +185,12 @@ def plan_allocation(
     )
 
 
-def apply_allocation(
-    model: nn.Module, db: Database, alloc: Allocation
-) -> dict[str, dict[str, Any]]:
+def apply_allocation(model: nn.Module, db: Database, alloc: Allocation) -> dict[str, LayerState]:
     """Write the chosen levels' weights into ``model`` (in place); returns the per-layer state
-    kept on ``model._optbrain["layers"]`` (masks, grids) for ``optbrain.export.save``."""
+    kept on ``model._optbrain.layers`` (masks, grids) for ``optbrain.export.save``. If a write
+    fails, the weights written so far are put back."""
     modules = dict(model.named_modules())
-    state: dict[str, dict[str, Any]] = {}
+    state: dict[str, LayerState] = {}
     writes = []
     for name, lid in alloc.levels.items():
         if lid == "dense":
@@ -200,48 +201,43 @@ def apply_allocation(
             raise ValueError(f"layer {name!r} of the database is not a compressible layer here")
         rec = db.record(name)
         entry = rec["levels"][lid]
-        groups = db.level_weights(name, lid)
-        gstate = []
-        for g, t in enumerate(groups):
+        layer = LayerState(plan=_level_plan(rec, lid, entry, db.fingerprint["settings"]["damp"]))
+        for g, t in enumerate(db.level_weights(name, lid)):
             writes.append((adapter, g, t["weight"]))
-            gstate.append(
-                {
-                    "mask": None if t["mask"] is None else t["mask"].bool(),
-                    "scale": t["scale"],
-                    "zero": t["zero"],
-                    "bits": entry["bits"],
-                    "sym": entry["sym"],
-                    "group_size": entry["group_size"],
-                }
+            layer.groups.append(
+                GroupState(
+                    mask=None if t["mask"] is None else t["mask"].bool(),
+                    scale=t["scale"],
+                    zero=t["zero"],
+                    bits=entry["bits"],
+                    sym=entry["sym"],
+                    group_size=entry["group_size"],
+                )
             )
-        lv = Level.parse(lid)
-        state[name] = {
-            "plan": {
-                "method": rec["solver"],
-                "level": lid,
-                "sparsity": lv.sparsity or None,
-                "pattern": lv.pattern or "unstructured",
-                "bits": lv.bits,
-                "sym": entry["sym"] if entry["sym"] is not None else True,
-                "group_size": entry["group_size"],
-                "damp": db.fingerprint["settings"]["damp"],
-                "dtype": "float32",
-                "options": {},
-            },
-            "groups": gstate,
-        }
-    originals = [
-        (a.module.weight, a.module.weight.detach().clone()) for a, g, _ in writes if g == 0
-    ]
-    try:
+        state[name] = layer
+    with WeightBackup().restoring() as backup:  # leave the model as it was, not half stitched
         for adapter, g, w in writes:
+            if g == 0:
+                backup.keep(adapter.module.weight)
             adapter.set_weight(g, w)
-    except BaseException:  # leave the model as it was, not half stitched
-        with torch.no_grad():
-            for p, dense in originals:
-                p.copy_(dense)
-        raise
     return state
+
+
+def _level_plan(rec: dict[str, Any], lid: str, entry: dict[str, Any], damp: float) -> dict:
+    """The plan recorded for a layer stitched at level ``lid`` (as ``LayerPlan.to_dict``)."""
+    lv = Level.parse(lid)
+    return {
+        "method": rec["solver"],
+        "level": lid,
+        "sparsity": lv.sparsity or None,
+        "pattern": lv.pattern or "unstructured",
+        "bits": lv.bits,
+        "sym": entry["sym"] if entry["sym"] is not None else True,
+        "group_size": entry["group_size"],
+        "damp": damp,
+        "dtype": "float32",
+        "options": {},
+    }
 
 
 def achieved_entry(model: nn.Module, name: str, entry: dict[str, Any], lid: str) -> dict:
@@ -351,12 +347,7 @@ def compress_to_budget(
     finally:
         if tmp is not None:
             tmp.cleanup()
-    model.__dict__[STATE_ATTR] = {
-        "recipe": report.recipe,
-        "layers": state,
-        "report": report.to_dict(),
-        "bn_recalibrated": False,
-    }
+    ModelState(recipe=report.recipe, layers=state, report=report.to_dict()).attach(model)
     return report
 
 
@@ -421,8 +412,7 @@ def _report(
         w = getattr(model.get_submodule(n), "weight", None)
         shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
         records.append(LayerRecord(name=n, shape=shape, status="skipped", reason=reason))
-    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
-    records.sort(key=lambda r: order.get(r.name, len(order)))
+    sort_records(model, records)
     meta = alloc.to_dict()
     total = sum(achieved.values(), Fraction(0))
     meta["achieved_cost"] = float(total)

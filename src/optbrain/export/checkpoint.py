@@ -28,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .._files import sha256_file
+from ..pipeline.state import GroupState, LayerState, ModelState, compressed_state
 
 FORMAT = "optbrain-compressed"
 VERSION = 1
@@ -51,45 +52,30 @@ def _bn_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
     """Write the compressed layers of ``model`` (after ``optbrain.compress``) to directory
     ``path`` (created if needed). Returns the directory."""
-    from ..api import compressed_state
-
     state = compressed_state(model)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, Any] = {}
     modules = dict(model.named_modules())
-    for name, entry in state["layers"].items():
+    for name, entry in state.layers.items():
         module = modules.get(name)
         if module is None:
             raise CheckpointError(f"layer {name!r} was compressed but is no longer in the model")
         w = module.weight.detach()
         key = f"{name}.weight"
         tensors[key] = w.cpu().contiguous()
-        groups = []
-        for g, grp in enumerate(entry["groups"]):
-            gi: dict[str, Any] = {
-                "bits": grp["bits"],
-                "sym": grp["sym"],
-                "group_size": grp["group_size"],
-            }
-            for part in ("mask", "scale", "zero"):
-                t = grp[part]
-                if t is None:
-                    continue
-                k = f"{name}.g{g}.{part}"
-                tensors[k] = (t.to(torch.uint8) if part == "mask" else t).contiguous()
-                gi[part] = k
-            groups.append(gi)
         index[name] = {
             "weight": key,
             "shape": list(w.shape),
             "dtype": str(w.dtype).removeprefix("torch."),
-            "groups": groups,
-            "plan": entry["plan"],
+            "groups": [
+                grp.to_manifest(f"{name}.g{g}", tensors) for g, grp in enumerate(entry.groups)
+            ],
+            "plan": entry.plan,
         }
     buffers: dict[str, list[str]] = {}
-    if state.get("bn_recalibrated"):
+    if state.bn_recalibrated:
         for name, bn in _bn_modules(model).items():
             keys = []
             for b in ("running_mean", "running_var", "num_batches_tracked"):
@@ -107,10 +93,10 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
         "sha256": sha256_file(tpath),
         "layers": index,
         "buffers": buffers,
-        "recipe": state["recipe"],
+        "recipe": state.recipe,
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    (out / REPORT).write_text(json.dumps(state["report"], indent=1))
+    (out / REPORT).write_text(json.dumps(state.report, indent=1))
     return out
 
 
@@ -139,14 +125,6 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         if key not in manifest:
             raise CheckpointError(f"{mpath} lacks {key!r} (truncated or edited?)")
     return manifest
-
-
-def _group_state(info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
-    out: dict[str, Any] = {k: info.get(k) for k in ("bits", "sym", "group_size")}
-    for part in ("mask", "scale", "zero"):
-        t = tensors.get(info[part]) if part in info else None
-        out[part] = t.bool() if (t is not None and part == "mask") else t
-    return out
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
@@ -188,14 +166,15 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     with torch.no_grad():
         for dst, src in plan:
             dst.copy_(src.to(dst.device))
-    model.__dict__["_optbrain"] = {**state, "report": report}
+    state.report = report
+    state.attach(model)
     return model
 
 
 def _plan_load(
     model: nn.Module, d: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], dict[str, Any]]:
-    """(destination, source) pairs to copy and the model's new ``_optbrain`` state, after
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], ModelState]:
+    """(destination, source) pairs to copy and the model's new ``ModelState``, after
     checking that the checkpoint fits ``model``; nothing is written."""
     modules = dict(model.named_modules())
     plan: list[tuple[torch.Tensor, torch.Tensor]] = []
@@ -223,13 +202,15 @@ def _plan_load(
             if t is None or not isinstance(buf, torch.Tensor) or buf.shape != t.shape:
                 raise CheckpointError(f"buffer {k!r} is missing or has another shape")
             plan.append((buf, t))
-    state = {
-        "recipe": manifest["recipe"],
-        "loaded_from": str(d),
-        "layers": {
-            n: {"plan": i["plan"], "groups": [_group_state(g, tensors) for g in i["groups"]]}
+    state = ModelState(
+        recipe=manifest["recipe"],
+        loaded_from=str(d),
+        layers={
+            n: LayerState(
+                plan=i["plan"], groups=[GroupState.from_manifest(g, tensors) for g in i["groups"]]
+            )
             for n, i in manifest["layers"].items()
         },
-        "bn_recalibrated": bool(manifest["buffers"]),
-    }
+        bn_recalibrated=bool(manifest["buffers"]),
+    )
     return plan, state

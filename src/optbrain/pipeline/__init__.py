@@ -1,5 +1,8 @@
-"""Calibration: hooks that capture layer inputs and accumulate per-group Hessians.
+"""The pipeline: calibration passes, the model traversal and the compressed-layer state.
 
+* ``compress.compress`` — THE traversal behind ``optbrain.compress`` (plan, solve, finish).
+* ``state.ModelState`` — the typed compressed-layer state kept on a model (save / load).
+* ``data.forward_batches`` — THE calibration forward loop every pass goes through.
 * ``collect_hessians`` — independent (OBC) mode: all targets from the dense model, one pass.
 * ``sequential_compress`` / ``find_blocks`` — sequential (GPTQ) mode, block by block.
 * ``recalibrate_batchnorm`` — re-estimate batch-norm running statistics.

@@ -8,8 +8,8 @@ re-estimated as a cumulative average over the calibration batches (``momentum=No
 with ``mean_b`` / ``var_b`` the per-channel statistics of batch ``b`` (PyTorch's train-mode
 semantics: each batch weighs the same whatever its size, and during the pass every batch norm
 normalises with the current batch's statistics). Only the batch norms are in train mode;
-dropout and the rest stay in eval mode. Momenta and modes are restored afterwards; if anything
-fails, the old running statistics are put back.
+dropout and the rest stay in eval mode (``calibration_mode``). Momenta and modes are restored
+afterwards; if anything fails, the old running statistics are put back.
 """
 
 from __future__ import annotations
@@ -19,16 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .data import (
-    Forward,
-    call_model,
-    check_inputs_option,
-    empty_error,
-    iter_batches,
-    model_device,
-    run_batch,
-    to_device,
-)
+from .data import Forward, calibration_mode, check_inputs_option, forward_batches
 
 
 def recalibrate_batchnorm(
@@ -52,7 +43,6 @@ def recalibrate_batchnorm(
     ]
     if not bns:
         return 0
-    modes = [(m, m.training) for m in model.modules()]
     saved = [
         (
             m,
@@ -63,32 +53,16 @@ def recalibrate_batchnorm(
         )
         for m in bns
     ]
-    dev = model_device(model)
     ok = False
     try:
-        model.eval()
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-            m.train()
-        n = 0
-        with torch.no_grad():
-            for i, batch in iter_batches(calibration):
-                b = to_device(batch, dev)
-                run_batch(
-                    i,
-                    lambda b=b: call_model(model, b, forward, inputs),
-                    batch=b,
-                    inputs=inputs,
-                    forward=forward,
-                )
-                n += 1
-        if n == 0:
-            raise empty_error()
+        with calibration_mode(model):  # eval mode and no grad, modes restored on exit
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None
+                m.train()
+            forward_batches(model, calibration, forward, inputs)
         ok = True
     finally:
-        for m, mode in modes:
-            m.training = mode
         for m, momentum, mean, var, nbt in saved:
             m.momentum = momentum
             if not ok:

@@ -1,5 +1,6 @@
-"""Calibration batches: how an item becomes a forward call, device moves, errors and the
-calibration context (eval mode, no grad, hooks always removed).
+"""Calibration batches: how an item becomes a forward call, device moves, errors, the
+calibration context (eval mode, no grad, hooks always removed) and THE calibration forward
+loop (``forward_batch`` / ``forward_batches``) every pass over the data goes through.
 
 Batch convention (shared by every function in ``optbrain.pipeline``):
 
@@ -17,7 +18,8 @@ Batch convention (shared by every function in ``optbrain.pipeline``):
 Errors: a forward that raises is re-raised as ``CalibrationError("calibration batch 3 failed
 in forward: TypeError: ...")`` (out-of-memory errors pass through unchanged); NaN/Inf in a
 layer's input raises ``NonFiniteActivationError`` naming the layer and the batch; an empty
-calibration raises ``ValueError``.
+calibration raises ``ValueError``. ``take_samples`` keeps the batches holding the first N
+samples.
 """
 
 from __future__ import annotations
@@ -84,17 +86,22 @@ def check_inputs_option(inputs: str) -> str:
     return inputs
 
 
+def _batches(calibration: Any, what: str, not_iterable: type[Exception]) -> Iterable[Any]:
+    """``calibration`` as an iterable of batches, a lone tensor / mapping being one batch."""
+    if calibration is None:
+        raise ValueError(f"calibration is None; pass an iterable of {what}")
+    if isinstance(calibration, (torch.Tensor, Mapping)):
+        return [calibration]
+    if not isinstance(calibration, Iterable):
+        raise not_iterable(
+            f"calibration must be an iterable of {what}, got {type(calibration).__name__}"
+        )
+    return calibration
+
+
 def iter_batches(calibration: Any) -> Iterator[tuple[int, Any]]:
     """``enumerate(calibration)``, a lone tensor / mapping being one batch."""
-    if calibration is None:
-        raise ValueError("calibration is None; pass an iterable of batches")
-    if isinstance(calibration, (torch.Tensor, Mapping)):
-        calibration = [calibration]
-    if not isinstance(calibration, Iterable):
-        raise TypeError(
-            f"calibration must be an iterable of batches, got {type(calibration).__name__}"
-        )
-    return enumerate(calibration)
+    return enumerate(_batches(calibration, "batches", TypeError))
 
 
 def empty_error() -> ValueError:
@@ -168,6 +175,47 @@ def run_batch(
     return True
 
 
+def forward_batch(
+    model: nn.Module,
+    i: int,
+    batch: Any,
+    forward: Forward | None = None,
+    inputs: str = "all",
+    device: torch.device | None = None,
+) -> bool:
+    """Run ``model`` on calibration batch ``i`` (moved to ``device``, default the model's).
+
+    True if the forward completed, False if a hook stopped it (``StopForward``); a failure is
+    a ``CalibrationError`` naming the batch (see the module docstring).
+    """
+    b = to_device(batch, model_device(model) if device is None else device)
+    return run_batch(
+        i,
+        lambda: call_model(model, b, forward, inputs),
+        batch=b,
+        inputs=inputs,
+        forward=forward,
+    )
+
+
+def forward_batches(
+    model: nn.Module, calibration: Any, forward: Forward | None = None, inputs: str = "all"
+) -> int:
+    """Run ``model`` on every calibration batch (``forward_batch``); returns how many.
+
+    Call it inside ``calibration_mode`` (or a mode of the caller's); hooks attached before
+    see every batch. Raises ``ValueError`` when the calibration yields no batch.
+    """
+    dev = model_device(model)
+    n = 0
+    for i, batch in iter_batches(calibration):
+        forward_batch(model, i, batch, forward, inputs, dev)
+        n += 1
+    if n == 0:
+        raise empty_error()
+    return n
+
+
 @contextlib.contextmanager
 def calibration_mode(model: nn.Module) -> Iterator[list[torch.utils.hooks.RemovableHandle]]:
     """Eval mode, no grad, ``config.use_cache = False`` (transformers), and a list in which
@@ -207,3 +255,56 @@ def layer_input(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
     if not isinstance(x, torch.Tensor):
         raise CalibrationError(f"layer {name!r} was called with a {type(x).__name__} input")
     return x
+
+
+# ------------------------------------------------------------------------------- samples ----
+def _leading_dim(batch: Any) -> int | None:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else None
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            n = _leading_dim(v)
+            if n is not None:
+                return n
+    if isinstance(batch, (tuple, list)):
+        for v in batch:
+            n = _leading_dim(v)
+            if n is not None:
+                return n
+    return None
+
+
+def _trim(batch: Any, n: int, full: int) -> Any:
+    """The first ``n`` samples of a batch whose tensors share the leading dimension ``full``."""
+    if isinstance(batch, torch.Tensor):
+        return batch[:n] if batch.dim() and batch.shape[0] == full else batch
+    if isinstance(batch, Mapping):
+        return (
+            type(batch)({k: _trim(v, n, full) for k, v in batch.items()})
+            if not hasattr(batch, "data")
+            else {k: _trim(v, n, full) for k, v in batch.items()}
+        )
+    if isinstance(batch, tuple):
+        return tuple(_trim(v, n, full) for v in batch)
+    if isinstance(batch, list):
+        return [_trim(v, n, full) for v in batch]
+    return batch
+
+
+def take_samples(calibration: Any, samples: int) -> list[Any]:
+    """The calibration batches holding the first ``samples`` samples (a sample is one entry of
+    a batch's leading dimension; the last batch is cut to fit). Materialised as a list, since
+    calibration may be iterated more than once."""
+    out, seen = [], 0
+    for batch in _batches(calibration, "model inputs", ValueError):
+        n = _leading_dim(batch) or 1
+        if seen + n > samples:
+            batch = _trim(batch, samples - seen, n)
+            n = samples - seen
+        out.append(batch)
+        seen += n
+        if seen >= samples:
+            break
+    if not out:
+        raise ValueError("calibration is empty: it yielded no batches")
+    return out

@@ -23,14 +23,10 @@ from .data import (
     NonFiniteActivationError,
     StopForward,
     calibration_mode,
-    call_model,
     check_inputs_option,
-    empty_error,
-    iter_batches,
+    forward_batch,
+    forward_batches,
     layer_input,
-    model_device,
-    run_batch,
-    to_device,
 )
 
 # a conv input is unfolded in chunks of samples so one chunk holds at most this many numbers
@@ -140,22 +136,9 @@ def collect_hessians(
     if not targets:
         raise ValueError("no target layers given")
     hooks = HessianHooks(targets, device=device, dtype=dtype)
-    dev = model_device(model)
-    n = 0
     with calibration_mode(model) as handles:
         hooks.attach(handles)
-        for i, batch in iter_batches(calibration):
-            batch = to_device(batch, dev)
-            run_batch(
-                i,
-                lambda b=batch: call_model(model, b, forward, inputs),
-                batch=batch,
-                inputs=inputs,
-                forward=forward,
-            )
-            n += 1
-    if n == 0:
-        raise empty_error()
+        forward_batches(model, calibration, forward, inputs)
     hooks.check_seen()
     return hooks.hessians
 
@@ -182,12 +165,5 @@ def trace_input_shapes(
                     shapes[name] = tuple(layer_input(args, kwargs, name).shape)
 
             handles.append(module.register_forward_pre_hook(hook, with_kwargs=True))
-        b = to_device(batch, model_device(model))
-        run_batch(
-            0,
-            lambda: call_model(model, b, forward, inputs),
-            batch=b,
-            inputs=inputs,
-            forward=forward,
-        )
+        forward_batch(model, 0, batch, forward, inputs)
     return shapes

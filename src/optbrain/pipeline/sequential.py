@@ -51,9 +51,9 @@ from .data import (
     Forward,
     StopForward,
     calibration_mode,
-    call_model,
     check_inputs_option,
     empty_error,
+    forward_batch,
     iter_batches,
     model_device,
     run_batch,
@@ -265,14 +265,7 @@ def _capture(
 
     handle = block.register_forward_pre_hook(hook, with_kwargs=True)
     try:
-        b = to_device(batch, model_device(model))
-        run_batch(
-            i,
-            lambda: call_model(model, b, forward, inputs),
-            batch=b,
-            inputs=inputs,
-            forward=forward,
-        )
+        forward_batch(model, i, batch, forward, inputs)
     finally:
         handle.remove()
     if not got:
@@ -280,9 +273,15 @@ def _capture(
     return got[0]
 
 
-def _run_block(block: nn.Module, inp: Inputs, device: torch.device | None) -> Any:
+def _run_block(
+    block: nn.Module, bname: str, i: int, inp: Inputs, device: torch.device | None
+) -> Any:
+    """``block``'s output on stored input ``i`` (None when a hook stopped it); a failure is a
+    ``CalibrationError`` naming the batch and the block."""
     args, kwargs = to_device(inp, device) if device is not None else inp
-    return block(*args, **kwargs)
+    out: list[Any] = []
+    run_batch(i, lambda: out.append(block(*args, **kwargs)), where=f"in block {bname!r}")
+    return out[0] if out else None
 
 
 def _layer_groups(
@@ -309,7 +308,7 @@ def _layer_groups(
     try:
         for n, a in adapters.items():
             handles.append(a.module.register_forward_pre_hook(make(n), with_kwargs=True))
-        run_batch(0, lambda: _run_block(block, sample, device), where=f"in block {bname!r}")
+        _run_block(block, bname, 0, sample, device)
     finally:
         for h in handles:
             h.remove()
@@ -427,7 +426,6 @@ def _start(
     Returns the blocks in run order, ``links[b]`` (block b chained to b - 1), the first
     block's inputs per batch, and the batches (kept only when some link is broken).
     """
-    dev = model_device(model)
     batches: list[Any] | None = []
     cur: list[Inputs] = []
     links: list[bool] = []
@@ -435,14 +433,7 @@ def _start(
         if i == 0:
             probe = _Probe(blocks)
             probe.attach(handles)
-            b0 = to_device(batch, dev)
-            run_batch(
-                0,
-                lambda b0=b0: call_model(model, b0, forward, inputs),
-                batch=b0,
-                inputs=inputs,
-                forward=forward,
-            )
+            forward_batch(model, 0, batch, forward, inputs)
             for h in handles:
                 h.remove()
             handles.clear()
@@ -471,9 +462,7 @@ def _block_pass(
     try:
         hooks.attach(handles)
         for i, inp in enumerate(cur):
-            run_batch(
-                i, lambda inp=inp: _run_block(block, inp, device), where=f"in block {bname!r}"
-            )
+            _run_block(block, bname, i, inp, device)
     finally:
         for h in handles:
             h.remove()
@@ -490,13 +479,7 @@ def _advance(
     """Replace, batch by batch, the hidden input in ``cur`` by ``block``'s output."""
     loc = _hidden_loc(*cur[0])
     for i, inp in enumerate(cur):
-        outs: list[Any] = []
-        run_batch(
-            i,
-            lambda inp=inp, outs=outs: outs.append(_run_block(block, inp, device)),
-            where=f"in block {bname!r}",
-        )
-        h = _first_output(outs[0])
+        h = _first_output(_run_block(block, bname, i, inp, device))
         if h is None:
             raise CalibrationError(f"block {bname!r} returned no tensor output", i)
         cur[i] = _with_hidden(inp, loc, to_device(h, store))

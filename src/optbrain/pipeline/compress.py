@@ -1,0 +1,297 @@
+"""The one traversal of a model: plan the recipe per layer, calibrate and solve, finish.
+
+``compress`` (public as ``optbrain.compress``) runs three steps:
+
+1. ``plan_layers``: every compressible layer (``optbrain.adapters.find_layers``) gets the
+   recipe's ``LayerPlan``, or a skip record saying why not (uncompressible, not asked for,
+   a setting that does not fit the layer).
+2. ``solve``: the planned layers' Hessians are collected from the calibration data and each
+   layer is solved by a ``LayerCompressor``: ``independent`` mode, all layers from the dense
+   model in one pass (as OBC); ``sequential`` mode, block by block from the compressed blocks
+   before (as GPTQ), or layer by layer in a model without a block list, layers outside the
+   blocks from one pass at the end; then batch norms are re-estimated if asked.
+3. ``finish``: the records are sorted in module order into a ``Report`` and a ``ModelState``
+   (``optbrain.pipeline.state``) is attached to the model for ``optbrain.export.save``.
+
+If anything fails part-way, ``WeightBackup`` puts back the dense weights written so far (the
+budget stitcher uses it too).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import LayerAdapter, adapter_for, find_layers
+from ..core.hessian import HessianAccumulator, row_losses
+from ..core.layer import compress_layer
+from ..recipe import LayerPlan, Recipe
+from ..report import LayerRecord, Report, peak_memory_tracker
+from .batchnorm import recalibrate_batchnorm
+from .data import Forward, take_samples
+from .hessians import collect_hessians
+from .progress import Progress
+from .sequential import find_blocks, sequential_compress
+from .state import GroupState, LayerState, ModelState
+
+Plans = dict[str, LayerPlan]
+Adapters = dict[str, LayerAdapter]
+
+
+def skip_record(name: str, module: nn.Module, reason: str) -> LayerRecord:
+    """The record of a layer left as it is, and why."""
+    w = getattr(module, "weight", None)
+    shape = tuple(w.shape) if isinstance(w, torch.Tensor) else ()
+    return LayerRecord(
+        name=name, type=type(module).__name__, shape=shape, status="skipped", reason=reason
+    )
+
+
+class WeightBackup:
+    """CPU copies of the dense weights written so far; ``restore`` puts them back."""
+
+    def __init__(self) -> None:
+        self.originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(self, weight: torch.Tensor) -> None:
+        """Copy ``weight`` before it is first overwritten."""
+        self.originals.append((weight, weight.detach().to("cpu", copy=True)))
+
+    def restore(self) -> None:
+        """Put back the dense weights kept so far (latest first)."""
+        with torch.no_grad():
+            for p, dense in reversed(self.originals):
+                p.copy_(dense.to(p.device))
+        self.originals.clear()
+
+    @contextmanager
+    def restoring(self) -> Iterator[WeightBackup]:
+        """On any failure inside, ``restore`` and re-raise: no half-compressed model."""
+        try:
+            yield self
+        except BaseException:
+            self.restore()
+            raise
+
+
+# ------------------------------------------------------------------------------ planning ----
+def plan_layers(model: nn.Module, rec: Recipe) -> tuple[Plans, Adapters, list[LayerRecord]]:
+    """Per compressible layer the recipe's plan and adapter; skip records for the others.
+
+    Raises ``ValueError`` when the model has no compressible layer or a recipe target
+    matches no layer (a typo).
+    """
+    layers, skipped = find_layers(model)
+    if not layers:
+        details = "; ".join(f"{n}: {r}" for n, r in list(skipped.items())[:5])
+        raise ValueError(
+            "nothing to compress: the model has no compressible layer (Linear, Conv1d, Conv2d, "
+            "transformers Conv1D)" + (f" [skipped: {details}]" if details else "")
+        )
+    typos = [u for u in rec.unmatched([*layers, *skipped]) if ".targets " in u]
+    if typos:
+        example = ", ".join(list(layers)[:4])
+        raise ValueError(
+            f"recipe {'; '.join(typos)} matches no layer of the model (a typo?); "
+            f"layers are named like: {example}"
+        )
+    records = [skip_record(n, model.get_submodule(n), r) for n, r in skipped.items()]
+    plans: Plans = {}
+    adapters: Adapters = {}
+    for lname, module in layers.items():
+        plan = rec.plan(lname)
+        if plan is None:
+            records.append(skip_record(lname, module, "the recipe asks nothing of this layer"))
+            continue
+        adapter = adapter_for(module)
+        try:
+            plan.spec(adapter.cols)
+        except ValueError as e:
+            records.append(skip_record(lname, module, f"recipe does not fit this layer: {e}"))
+            continue
+        plans[lname] = plan
+        adapters[lname] = adapter
+    return plans, adapters, records
+
+
+# ------------------------------------------------------------------------ solving a layer ----
+class LayerCompressor:
+    """Compresses one layer from its per-group Hessians and keeps its records and state."""
+
+    def __init__(self, plans: Plans, adapters: Adapters, progress: Progress) -> None:
+        self.plans = plans
+        self.adapters = adapters
+        self.progress = progress
+        self.records: list[LayerRecord] = []
+        self.state: dict[str, LayerState] = {}
+        self.backup = WeightBackup()  # sequential mode writes block by block
+
+    def __call__(self, name: str, module: nn.Module, hessians: list[HessianAccumulator]) -> None:
+        plan = self.plans[name]
+        adapter = self.adapters[name]
+        entry = LayerState(plan=plan.to_dict())
+        self.backup.keep(module.weight)
+        for g, acc in enumerate(hessians):
+            W = adapter.weight(g)
+            H = acc.hessian()
+            with peak_memory_tracker(W.device) as mem:
+                res = compress_layer(W, H.to(W.device), method=plan.method, **plan.spec_kwargs())
+            adapter.set_weight(g, res.weight)
+            measured = float(row_losses(W, res.weight, H.to(W.device)).sum())
+            rec = LayerRecord.from_result(
+                res,
+                name=name,
+                type=type(module).__name__,
+                tokens=acc.tokens,
+                group=g if adapter.groups > 1 else None,
+                measured_loss=measured,
+                peak_memory_mb=mem.mb,
+            )
+            self.records.append(rec)
+            entry.groups.append(GroupState.from_result(res))
+        self.state[name] = entry
+        self.progress.update(name)
+
+
+# ---------------------------------------------------------------------- calibrate + solve ----
+def _solve_sequential(
+    model: nn.Module,
+    batches: list[Any],
+    comp: LayerCompressor,
+    forward: Forward | None,
+    inputs: str,
+) -> list[str]:
+    """Block by block (or layer by layer without blocks); returns the layers left for one
+    independent pass (those outside the blocks)."""
+    plans, adapters = comp.plans, comp.adapters
+    try:
+        blocks = find_blocks(model)
+    except ValueError:  # no block list (an MLP, a plain CNN): layer by layer below
+        blocks = []
+    inside = {f"{b}.{n}" for b, blk in blocks for n, _ in blk.named_modules()}
+    in_blocks = [n for n in plans if n in inside]
+    if in_blocks:
+        prefix = {b: blk for b, blk in blocks}
+
+        def targets_in_block(block: nn.Module) -> dict[str, nn.Module]:
+            bname = next(b for b, blk in prefix.items() if blk is block)
+            return {
+                n[len(bname) + 1 :]: adapters[n].module
+                for n in in_blocks
+                if n.startswith(bname + ".")
+            }
+
+        sequential_compress(
+            model, batches, blocks, targets_in_block, comp, forward=forward, inputs=inputs
+        )
+    rest = [n for n in plans if n not in comp.state]
+    if blocks:
+        return rest
+    for n in rest:  # each layer's H from the model with the layers before compressed
+        hess = collect_hessians(model, {n: adapters[n]}, batches, forward, inputs=inputs)
+        comp(n, adapters[n].module, hess[n])
+    return []
+
+
+def solve(
+    model: nn.Module,
+    batches: list[Any],
+    rec: Recipe,
+    comp: LayerCompressor,
+    forward: Forward | None = None,
+    inputs: str = "all",
+) -> None:
+    """Calibrate and solve every planned layer of ``comp`` following ``rec.calibration.mode``,
+    then re-estimate batch norms if ``rec.bn_recalibration``. The model is left as it was if
+    anything fails."""
+    with comp.backup.restoring():
+        if rec.calibration.mode == "sequential":
+            rest = _solve_sequential(model, batches, comp, forward, inputs)
+        else:
+            rest = list(comp.plans)
+        if rest:
+            hess = collect_hessians(
+                model, {n: comp.adapters[n] for n in rest}, batches, forward, inputs=inputs
+            )
+            for n in rest:
+                comp(n, comp.adapters[n].module, hess[n])
+        if rec.bn_recalibration:
+            recalibrate_batchnorm(model, batches, forward, inputs=inputs)
+
+
+# ----------------------------------------------------------------------------- finishing ----
+def sort_records(model: nn.Module, records: list[LayerRecord]) -> list[LayerRecord]:
+    """``records`` in module order (groups of one layer in group order), in place."""
+    order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+    records.sort(key=lambda r: (order.get(r.name, len(order)), r.group or 0))
+    return records
+
+
+def finish(
+    model: nn.Module,
+    records: list[LayerRecord],
+    rec: Recipe,
+    state: ModelState,
+    name: str | None,
+    t0: float,
+    batches: int,
+) -> Report:
+    """The ``Report`` of a run; ``state`` (with the report) is attached to ``model``."""
+    report = Report.create(
+        sort_records(model, records),
+        model=name or type(model).__name__,
+        recipe=rec.to_dict(),
+        seconds=time.perf_counter() - t0,
+        calibration_batches=batches,
+        calibration_mode=rec.calibration.mode,
+    )
+    state.report = report.to_dict()
+    state.attach(model)
+    return report
+
+
+def compress(
+    model: nn.Module,
+    calibration: Any,
+    recipe: Recipe | Mapping | str,
+    *,
+    forward: Forward | None = None,
+    inputs: str = "all",
+    quiet: bool = False,
+    name: str | None = None,
+) -> Report:
+    """Compress ``model`` in place following ``recipe``; returns the per-layer ``Report``.
+
+    calibration: an iterable of model inputs — tensors, tuples (positional arguments), dicts
+      (keyword arguments, as transformers models take them) or a DataLoader of those; for
+      labelled ``(x, y)`` batches pass ``inputs="first"``, or ``forward=fn(model, batch)``.
+      At most ``recipe.calibration.samples`` samples are used.
+    recipe: a ``Recipe``, a dict (shortest form ``{"method": "obc", "sparsity": 0.5}``) or a
+      YAML path.
+    quiet: no progress line.
+    If anything fails (a calibration forward, a solver), no hook is left behind and the
+    weights written so far are put back: the model is left as it was.
+    """
+    rec = Recipe.coerce(recipe)
+    torch.manual_seed(rec.seed)
+    t0 = time.perf_counter()
+    plans, adapters, records = plan_layers(model, rec)
+    if not plans:  # a no-op recipe: nothing to calibrate, the model is left as it is
+        return finish(model, records, rec, ModelState(recipe=rec.to_dict()), name, t0, 0)
+    batches = take_samples(calibration, rec.calibration.samples)
+    progress = Progress(len(plans), "compress", enabled=not quiet)
+    comp = LayerCompressor(plans, adapters, progress)
+    try:
+        solve(model, batches, rec, comp, forward, inputs)
+    finally:
+        progress.close()
+    records.extend(comp.records)
+    state = ModelState(
+        recipe=rec.to_dict(), layers=comp.state, bn_recalibrated=bool(rec.bn_recalibration)
+    )
+    return finish(model, records, rec, state, name, t0, len(batches))
