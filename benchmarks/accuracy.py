@@ -17,7 +17,7 @@ import os
 import sys
 import time
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/__init__.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/app/cli.py
 
 from optbrain.app import zoo  # noqa: E402
 from optbrain.app.runs import run_zoo  # noqa: E402

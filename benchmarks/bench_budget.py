@@ -23,12 +23,18 @@ import sys
 import time
 from pathlib import Path
 
-import torch
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/app/cli.py
 
-from optbrain.app import zoo
-from optbrain.app.zoo.base import cache_dir
-from optbrain.budget import apply_allocation, build_database, plan_allocation
-from optbrain.budget.database import DbSettings
+import torch  # noqa: E402
+
+from optbrain.app import zoo  # noqa: E402
+from optbrain.app.zoo.base import cache_dir  # noqa: E402
+from optbrain.budget import (  # noqa: E402
+    DbSettings,
+    apply_allocation,
+    build_database,
+    plan_allocation,
+)
 
 TARGETS = ["flops=0.25", "flops=0.15", "bops=1/12", "bops=1/24", "size=0.15"]
 
@@ -117,7 +123,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     available = set(zoo.names())
     missing = [m for m in args.models if m not in available]
     if missing:

@@ -20,7 +20,7 @@ import json
 import os
 import platform
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/__init__.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/app/cli.py
 
 import torch  # noqa: E402
 

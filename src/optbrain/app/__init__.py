@@ -1,2 +1,5 @@
-"""The application floor: the command line (cli), the runners behind it (runs, budget_runs),
-the demo, and the offline model zoo (zoo/). Nothing below imports from here."""
+"""The application floor: the command line, its runner, the demo and the offline model zoo.
+
+``cli`` (the ``optbrain`` command), ``runs`` (one runner for uniform and budget runs), ``text``
+(terminal tables), ``demo``, ``zoo/``. Nothing below imports from here.
+"""

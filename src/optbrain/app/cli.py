@@ -59,33 +59,55 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     return Recipe.from_dict(d)
 
 
-def _print_metrics(report: Any) -> None:
-    if not report.metrics:
-        return
-    print("\n| metric | dense | compressed |\n|---|---:|---:|")
-    for k, v in report.metrics.items():
-        if isinstance(v, dict):
-            d, c = v.get("dense"), v.get("compressed")
-            fd = "—" if d is None else f"{d:.4f}"
-            fc = "—" if c is None else f"{c:.4f}"
-            print(f"| {k} | {fd} | {fc} |")
-        else:
-            print(f"| {k} | {v} | |")
-
-
 def cmd_compress(args: argparse.Namespace) -> int:
     from ..report import render_table
     from .runs import run_zoo
+    from .text import print_metrics
 
     if getattr(args, "target", None):  # a global budget: non-uniform levels (optbrain.budget)
-        from .budget_runs import cmd_compress_budget
-
         return cmd_compress_budget(args)
     recipe = _recipe_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / args.model
     _, report = run_zoo(args.model, recipe, out, quiet=args.quiet, limit=args.limit)
     print(render_table(report))
-    _print_metrics(report)
+    print_metrics(report)
+    print(f"\nrun written to {out}/ (report: {out / 'report.html'})")
+    return 0
+
+
+def cmd_compress_budget(args: argparse.Namespace) -> int:
+    """``optbrain compress --model M --target T [--db DIR]``: the budget path of the CLI."""
+    from .runs import run_zoo_budget
+    from .text import allocation_table, print_metrics
+
+    clash = [
+        f"--{k.replace('_', '-')}"
+        for k in (
+            "recipe", "method", "sparsity", "pattern", "bits", "group_size", "targets", "ignore",
+        )
+        if getattr(args, k, None) is not None
+    ]  # fmt: skip
+    if getattr(args, "mode", None) == "sequential":
+        clash.append("--mode sequential (the database is built in independent mode)")
+    if clash:
+        raise ValueError(
+            f"--target chooses the levels per layer itself; it cannot be combined with {clash}"
+        )
+    out = Path(args.out) if args.out else Path("runs") / args.model
+    db = Path(args.db) if getattr(args, "db", None) else None
+    _, report = run_zoo_budget(
+        args.model,
+        args.target,
+        out,
+        db_dir=db,
+        samples=128 if getattr(args, "samples", None) is None else args.samples,
+        quiet=args.quiet,
+        limit=args.limit,
+        damp=0.01 if getattr(args, "damp", None) is None else args.damp,
+        sym=not getattr(args, "asym", False),
+    )
+    print(allocation_table(report))
+    print_metrics(report)
     print(f"\nrun written to {out}/ (report: {out / 'report.html'})")
     return 0
 
@@ -105,13 +127,9 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(metrics, indent=1))
     else:
-        keys = sorted({k for m in metrics.values() for k in m})
-        cols = list(metrics)
-        print("| metric | " + " | ".join(cols) + " |")
-        print("|---|" + "---:|" * len(cols))
-        for k in keys:
-            vals = [metrics[c].get(k) for c in cols]
-            print(f"| {k} | " + " | ".join("—" if v is None else f"{v:.4f}" for v in vals) + " |")
+        from .text import eval_table
+
+        print(eval_table(metrics))
         if entry.notes:
             print(f"\nnote: {entry.notes}")
     return 0
@@ -131,8 +149,10 @@ def cmd_report(args: argparse.Namespace) -> int:
     html = Path(args.html) if args.html else path.with_name("report.html")
     report.to_html(html)
     if not args.quiet:
+        from .text import print_metrics
+
         print(render_table(report))
-        _print_metrics(report)
+        print_metrics(report)
     print(f"\nHTML report: {html.resolve()}")
     return 0
 

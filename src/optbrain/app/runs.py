@@ -1,15 +1,19 @@
-"""Compressing a zoo model end to end: dense metrics, compress, compressed metrics, run directory.
+"""Compressing a zoo model end to end, uniformly or to a budget: one runner for both.
 
-Used by the CLI (``optbrain compress --model``, ``optbrain demo``); the library API stays in
-``optbrain.api``.
+Dense metrics, compress (``optbrain.compress`` with a recipe, or ``compress_to_budget`` with a
+target), compressed metrics, run directory. Used by the CLI (``optbrain compress --model``
+with or without ``--target``, ``optbrain demo``) and the benchmarks; the library API stays in
+``optbrain.api`` and ``optbrain.budget``.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
@@ -17,6 +21,52 @@ from ..api import compress
 from ..export import save
 from ..recipe import Recipe
 from ..report import Report
+
+if TYPE_CHECKING:
+    from .zoo import ZooEntry
+
+__all__ = ["run_zoo", "run_zoo_budget"]
+
+
+def _run(
+    entry: ZooEntry,
+    run: Callable[[nn.Module, list[Any]], Report],
+    calib: tuple[int, int],
+    out: str | Path | None,
+    files: Callable[[Report], dict[str, str]],
+    *,
+    limit: int | None,
+    dense: nn.Module | None,
+    dense_metrics: dict[str, float] | None,
+) -> tuple[nn.Module, Report]:
+    """The sequence both runners share: load and evaluate the dense model (unless given),
+    compress a copy on ``entry.calibration(*calib)`` with ``run(model, batches)``,
+    evaluate it, put the metrics (``metrics[k] = {"dense": x, "compressed": y}``), the time
+    and the entry's notes into the report; with ``out``, save the run there and write
+    ``files(report)`` (name: text) beside it."""
+    dense = entry.load() if dense is None else dense
+    if dense_metrics is None:
+        dense_metrics = entry.evaluate(dense, limit=limit)
+    model = copy.deepcopy(dense)
+    batches = entry.calibration(*calib)
+    t0 = time.perf_counter()
+    report = run(model, batches)
+    seconds = time.perf_counter() - t0
+    comp = entry.evaluate(model, dense=dense, limit=limit)
+    report.metrics = {
+        k: {"dense": dense_metrics.get(k), "compressed": comp.get(k)}
+        for k in sorted(set(dense_metrics) | set(comp))
+    }
+    report.metadata["compress_seconds"] = seconds
+    if entry.notes:
+        report.metadata["notes"] = entry.notes
+    if out is not None:
+        out = Path(out)
+        model.__dict__["_optbrain"]["report"] = report.to_dict()
+        save(model, out)
+        for fname, text in files(report).items():
+            (out / fname).write_text(text)
+    return model, report
 
 
 def run_zoo(
@@ -39,26 +89,81 @@ def run_zoo(
     rec = copy.deepcopy(Recipe.coerce(recipe))
     if samples is not None:
         rec.calibration.samples = samples
-    dense = entry.load() if dense is None else dense
-    if dense_metrics is None:
-        dense_metrics = entry.evaluate(dense, limit=limit)
-    model = copy.deepcopy(dense)
-    calib = entry.calibration(rec.calibration.samples, rec.seed)
-    t0 = time.perf_counter()
-    report = compress(model, calib, rec, inputs=entry.inputs, quiet=quiet, name=name)
-    seconds = time.perf_counter() - t0
-    comp = entry.evaluate(model, dense=dense, limit=limit)
-    metrics: dict[str, Any] = {}
-    for k in sorted(set(dense_metrics) | set(comp)):
-        metrics[k] = {"dense": dense_metrics.get(k), "compressed": comp.get(k)}
-    report.metrics = metrics
-    report.metadata["compress_seconds"] = seconds
-    if entry.notes:
-        report.metadata["notes"] = entry.notes
-    if out is not None:
-        out = Path(out)
-        model.__dict__["_optbrain"]["report"] = report.to_dict()
-        save(model, out)
-        (out / "report.html").write_text(report.to_html())
-        (out / "recipe.yaml").write_text(rec.to_yaml())
-    return model, report
+
+    def run(model: nn.Module, batches: list[Any]) -> Report:
+        return compress(model, batches, rec, inputs=entry.inputs, quiet=quiet, name=name)
+
+    def files(report: Report) -> dict[str, str]:
+        return {"report.html": report.to_html(), "recipe.yaml": rec.to_yaml()}
+
+    calib = (rec.calibration.samples, rec.seed)
+    return _run(
+        entry, run, calib, out, files, limit=limit, dense=dense, dense_metrics=dense_metrics
+    )
+
+
+def run_zoo_budget(
+    name: str,
+    target: str,
+    out: str | Path | None = None,
+    *,
+    db_dir: str | Path | None = None,
+    samples: int = 128,
+    seed: int = 0,
+    levels: list[str] | None = None,
+    model_level: bool = True,
+    model_level_samples: int | None = 32,
+    quiet: bool = False,
+    limit: int | None = None,
+    dense: nn.Module | None = None,
+    dense_metrics: dict[str, float] | None = None,
+    **options: Any,
+) -> tuple[nn.Module, Report]:
+    """Compress zoo model ``name`` to ``target`` (``options``: ``compress_to_budget`` keywords
+    such as ``objective``, ``solver``, ``uniform``).
+
+    By default the DP sums model-level errors (``model_level=True``, measured on the first
+    ``model_level_samples`` calibration samples), as in the OBC paper: on MiniLM the layer-wise
+    objectives misjudge which layers matter (``benchmarks/bench_budget.py``); on the small
+    CNNs both work.
+
+    The report's ``metrics[k] = {"dense": x, "compressed": y}``. ``db_dir`` defaults to
+    ``out/db`` (reused by later runs into the same directory), or a temporary one without
+    ``out``. Writes ``out`` when given: the saved run, ``report.html`` (with the allocation
+    plot) and ``allocation.json``.
+    """
+    from ..budget.api import compress_to_budget
+    from ..report.html import insert_into_html
+    from . import zoo
+
+    entry = zoo.get(name)
+    if db_dir is None and out is not None:
+        db_dir = Path(out) / "db"
+
+    def run(model: nn.Module, batches: list[Any]) -> Report:
+        return compress_to_budget(
+            model,
+            batches,
+            target,
+            levels,
+            db_dir,
+            inputs=entry.inputs,
+            seed=seed,
+            model_level=model_level,
+            model_level_samples=model_level_samples if model_level else None,
+            quiet=quiet,
+            name=name,
+            **options,
+        )
+
+    def files(report: Report) -> dict[str, str]:
+        alloc = report.metadata["allocation"]
+        return {
+            "report.html": insert_into_html(report.to_html(), alloc),
+            "allocation.json": json.dumps(alloc, indent=1),
+        }
+
+    calib = (samples, seed)
+    return _run(
+        entry, run, calib, out, files, limit=limit, dense=dense, dense_metrics=dense_metrics
+    )

@@ -1,16 +1,19 @@
-"""Helpers shared by the zoo entries: one-thread sections, finding packaged files, lazy imports."""
+"""Helpers shared by the zoo entries: threads, packaged files, lazy imports, data, registering."""
 
 from __future__ import annotations
 
 import contextlib
 import importlib
 import importlib.util
-import os
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
+
+from .base import ZooEntry, register
 
 
 @contextlib.contextmanager
@@ -27,12 +30,6 @@ def one_thread() -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(n)
-
-
-def offline() -> None:
-    """Forbid Hugging Face hub downloads in this process (everything comes from packages)."""
-    os.environ["HF_HUB_OFFLINE"] = "1"
-    os.environ["TRANSFORMERS_OFFLINE"] = "1"
 
 
 def need(module: str, entry: str, install: str) -> ModuleType:
@@ -58,10 +55,44 @@ def package_dir(module: str, entry: str, install: str) -> Path:
     return Path(spec.origin).parent
 
 
-def gensim_test_data(entry: str) -> Path:
-    """gensim's ``test/test_data`` folder (texts and human similarity ratings)."""
-    d = package_dir("gensim", entry, "pip install gensim (or pip install 'optbrain[zoo]')")
-    d = d / "test" / "test_data"
-    if not d.is_dir():
-        raise ImportError(f"gensim is installed without its test data ({d}); {entry!r} needs it")
-    return d
+def sample(X: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """``n`` distinct rows of ``X`` in a random order (the first ``n`` of a seeded permutation)."""
+    return X[torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:n]]
+
+
+def batched(X: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
+    """``X`` cut into consecutive batches of ``batch_size`` rows (the last may be smaller)."""
+    return [X[i : i + batch_size] for i in range(0, len(X), batch_size)]
+
+
+def head(limit: int | None, minimum: int = 1) -> int | None:
+    """The slice end for the evaluation items of ``evaluate(limit=...)``: None (all of them)
+    without a limit, else ``limit`` but at least ``minimum``; ``items[: head(limit)]``."""
+    return None if limit is None else max(minimum, int(limit))
+
+
+def register_module(
+    module: str,
+    description: str,
+    primary: str,
+    recipe: dict[str, Any],
+    notes: str = "",
+    **fields: Any,
+) -> ZooEntry:
+    """Register the zoo entry of the module named ``module`` (pass ``__name__``), which defines
+    ``NAME``, ``load()``, ``calibration(n, seed)`` and ``evaluate(model, dense, limit)``;
+    ``fields``: the other ``ZooEntry`` fields (``requires``, ``lower_is_better``, ...)."""
+    m = sys.modules[module]
+    return register(
+        ZooEntry(
+            m.NAME,
+            description,
+            m.load,
+            m.calibration,
+            m.evaluate,
+            primary,
+            recipe=recipe,
+            notes=notes,
+            **fields,
+        )
+    )

@@ -11,6 +11,7 @@ from functools import lru_cache
 import torch
 from torch import nn
 
+from ._common import batched, head, sample
 from .base import ZooEntry, register
 from .training import accuracy, cached_model, train_classifier
 
@@ -80,9 +81,7 @@ def load_mlp() -> nn.Module:
 def calibration(n: int = 256, seed: int = 0, batch_size: int = 64) -> list[torch.Tensor]:
     """``n`` training images (disjoint from the test split) in batches."""
     X, _, _, _ = data()
-    idx = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:n]
-    Xc = X[idx]
-    return [Xc[i : i + batch_size] for i in range(0, len(Xc), batch_size)]
+    return batched(sample(X, n, seed), batch_size)
 
 
 def evaluate(
@@ -90,8 +89,8 @@ def evaluate(
 ) -> dict[str, float]:
     """Test accuracy (%) on the 500 held-out digits; with ``dense``, top-1 agreement (%)."""
     _, _, X, y = data()
-    if limit is not None:
-        X, y = X[:limit], y[:limit]
+    k = head(limit)
+    X, y = X[:k], y[:k]
     out = {"accuracy": accuracy(model, X, y)}
     if dense is not None:
         with torch.no_grad():

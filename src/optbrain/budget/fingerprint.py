@@ -1,0 +1,165 @@
+"""What a budget database depends on: build settings, fingerprint, the mismatch check.
+
+``DbSettings`` (how levels are computed), ``fingerprint`` (model weights, calibration, levels
+and settings, hashed) and ``check_fingerprint`` (rejects a database built for something else).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..adapters import find_layers
+from .levels import Level
+from .store import FORMAT, VERSION, DatabaseMismatchError
+
+SOLVERS = ("obc", "fast", "auto")
+
+__all__ = ["SOLVERS", "DbSettings", "check_fingerprint", "fingerprint"]
+
+
+@dataclass(frozen=True)
+class DbSettings:
+    """How the database's levels are computed (part of its fingerprint).
+
+    damp: relative damping of H. sym / group_size: the quantization grid (symmetric, per
+    output channel by default). solver: "obc" | "fast" | "auto". time_budget: seconds of
+    modelled exact solving per layer below which "auto" uses the exact solver.
+    model_level: also measure each level's model-level calibration loss increase.
+    model_level_samples: measure it on the first this many calibration samples only (None:
+    all); one forward over them per (layer, level), so this bounds the cost on big models.
+    """
+
+    damp: float = 0.01
+    sym: bool = True
+    group_size: int | None = None
+    solver: str = "auto"
+    time_budget: float = 300.0
+    model_level: bool = False
+    model_level_samples: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}, got {self.solver!r}")
+        n = self.model_level_samples
+        if n is not None and (isinstance(n, bool) or int(n) != n or n < 1):
+            raise ValueError(f"model_level_samples must be a positive integer or None, got {n!r}")
+
+
+def _tensor_bytes(t: torch.Tensor) -> bytes:
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def _hash_batch(h: Any, obj: Any) -> None:
+    if isinstance(obj, torch.Tensor):
+        h.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
+        h.update(_tensor_bytes(obj))
+    elif isinstance(obj, Mapping):
+        for k in obj:
+            h.update(f"K{k!r}".encode())
+            _hash_batch(h, obj[k])
+    elif isinstance(obj, (tuple, list)):
+        h.update(f"L{len(obj)}".encode())
+        for o in obj:
+            _hash_batch(h, o)
+    else:
+        h.update(f"V{obj!r}".encode())
+
+
+def _leading(batch: Any) -> int:
+    if isinstance(batch, torch.Tensor):
+        return int(batch.shape[0]) if batch.dim() else 1
+    if isinstance(batch, Mapping):
+        for v in batch.values():
+            if isinstance(v, torch.Tensor) and v.dim():
+                return int(v.shape[0])
+    if isinstance(batch, (tuple, list)):
+        for v in batch:
+            if isinstance(v, torch.Tensor) and v.dim():
+                return int(v.shape[0])
+    return 1
+
+
+def fingerprint(
+    model: nn.Module,
+    batches: Sequence[Any],
+    levels: Sequence[Level],
+    settings: DbSettings,
+    *,
+    seed: int | None = None,
+    inputs: str = "all",
+) -> dict[str, Any]:
+    """What a database depends on; two builds with equal fingerprints give equal databases."""
+    h = hashlib.sha256()
+    for name, t in model.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(_tensor_bytes(t))
+    layers, _ = find_layers(model)
+    c = hashlib.sha256()
+    for b in batches:
+        _hash_batch(c, b)
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "model": {
+            "weights_sha256": h.hexdigest(),
+            "layers": {n: list(m.weight.shape) for n, m in layers.items()},
+        },
+        "calibration": {
+            "samples": sum(_leading(b) for b in batches),
+            "batches": len(batches),
+            "sha256": c.hexdigest(),
+            "seed": seed,
+            "inputs": inputs,
+        },
+        "levels": [lv.id for lv in levels],
+        "settings": asdict(settings),
+    }
+
+
+def check_fingerprint(
+    old: dict[str, Any], new: dict[str, Any], root: Path, levels_given: bool
+) -> None:
+    """Raise ``DatabaseMismatchError`` naming every difference between the fingerprint of the
+    database in ``root`` (``old``) and the one asked for (``new``)."""
+    diffs = []
+    for key in ("format", "version"):
+        if old.get(key) != new.get(key):
+            diffs.append(f"{key}: {old.get(key)!r} (database) vs {new.get(key)!r}")
+    om, nm = old.get("model", {}), new["model"]
+    if om.get("layers") != nm["layers"]:
+        diffs.append("model: other layers or layer shapes")
+    elif om.get("weights_sha256") != nm["weights_sha256"]:
+        diffs.append("model: other weights (state-dict SHA-256 differs)")
+    oc, nc = old.get("calibration", {}), new["calibration"]
+    for k in nc:
+        if k == "seed" and (oc.get(k) is None or nc[k] is None):
+            continue  # an unknown seed: the data's SHA-256 decides
+        if oc.get(k) != nc[k]:
+            diffs.append(f"calibration {k}: {oc.get(k)!r} (database) vs {nc[k]!r}")
+    os_, ns = old.get("settings", {}), new["settings"]
+    for k in ns:
+        if k == "model_level":
+            continue  # a database without model-level errors gets them added
+        if k == "model_level_samples" and not (ns["model_level"] and os_.get("model_level")):
+            continue  # only matters when both have (or will have) model-level errors
+        if os_.get(k) != ns[k]:
+            diffs.append(f"setting {k}: {os_.get(k)!r} (database) vs {ns[k]!r}")
+    if levels_given and old.get("levels") != new["levels"]:
+        diffs.append(
+            f"levels: database {old.get('levels')} vs requested {new['levels']} "
+            "(pass levels=None to use the database's grid)"
+        )
+    if diffs:
+        raise DatabaseMismatchError(
+            f"the database in {root} was built for another model or settings — "
+            + "; ".join(diffs)
+            + ". Use another database directory, or delete this one to rebuild it."
+        )
