@@ -44,13 +44,12 @@ import torch
 from torch import nn
 
 from ..adapters import LayerAdapter, adapter_for, find_layers
-from ..pipeline.data import take_samples
 from ..core.hessian import row_losses
 from ..core.layer import compress_layer
 from ..core.methods.auto import estimate_levels_seconds
 from ..core.methods.obc import solve_obc_levels
 from ..pipeline import collect_hessians, trace_input_shapes
-from ..pipeline.data import Forward
+from ..pipeline.data import Forward, take_samples
 from ..pipeline.progress import Progress
 from .fingerprint import DbSettings, check_fingerprint, fingerprint
 from .levels import Level, normalize_levels
