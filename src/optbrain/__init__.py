@@ -79,4 +79,4 @@ __all__ = [
     "save",
 ]
 
-__version__ = "0.1.0"
+from ._version import __version__  # noqa: E402,F401

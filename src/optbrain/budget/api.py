@@ -86,6 +86,7 @@ class Allocation:
             "exact": self.exact,
             "resolution": self.resolution,
             "levels": dict(self.levels),
+            "layer_kinds": {k: Level.parse(v).kind for k, v in self.levels.items()},
             "layer_costs": {k: float(v) for k, v in self.costs.items()},
             "layer_dense_costs": {k: float(v) for k, v in self.dense_costs.items()},
             "layer_errors": dict(self.errors),

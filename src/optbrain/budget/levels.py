@@ -86,6 +86,15 @@ class Level:
         return self.bits is not None
 
     @property
+    def kind(self) -> str:
+        """ "dense", "pruned", "quantized" or "both" (the allocation chart's colours)."""
+        if self.is_dense:
+            return "dense"
+        if self.prunes and self.quantizes:
+            return "both"
+        return "pruned" if self.prunes else "quantized"
+
+    @property
     def nm(self) -> tuple[int, int] | None:
         """``(n, m)`` of the N:M pattern, or None."""
         if self.pattern is None:

@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .text import _fmt_loss, _fmt_pct, _fmt_secs
 
 if TYPE_CHECKING:
-    from .records import Report
+    from .records import ReportData as Report
 
 __all__ = ["KIND_COLORS", "allocation_svg", "layer_plots"]
 
@@ -325,17 +325,6 @@ def layer_plots(report: Report, log_loss: bool | None) -> LayerPlots:
 KIND_COLORS = {"dense": "#9e9e9e", "pruned": "#1f77b4", "quantized": "#ff7f0e", "both": "#8e44ad"}
 
 
-def _kind(lid: str) -> str:
-    from ..budget.levels import Level  # at call time: budget imports this module
-
-    lv = Level.parse(lid)
-    if lv.is_dense:
-        return "dense"
-    if lv.prunes and lv.quantizes:
-        return "both"
-    return "pruned" if lv.prunes else "quantized"
-
-
 def _legend(x: float, y: float, colors: dict[str, str], step: float = 78.0) -> str:
     out = []
     for i, (k, c) in enumerate(colors.items()):
@@ -351,11 +340,12 @@ def allocation_svg(allocation: dict[str, Any], *, bar: int = 34, height: int = 2
     """SVG (a string) of ``report.metadata["allocation"]`` (``Allocation.to_dict()``).
 
     One bar per layer: its cost at the chosen level as a fraction of its dense cost (the
-    target's metric), labelled with the level id and coloured by kind (dense, pruned,
-    quantized, both); a dashed line marks the budget as a fraction of the whole model's dense
-    cost. bar: pixels per layer; height: of the plot area.
+    target's metric), labelled with the level id and coloured by kind (``layer_kinds``: dense,
+    pruned, quantized, both); a dashed line marks the budget as a fraction of the whole model's
+    dense cost. bar: pixels per layer; height: of the plot area.
     """
     levels: dict[str, str] = allocation["levels"]
+    kinds: dict[str, str] = allocation.get("layer_kinds", {})
     costs = allocation.get("layer_costs", {})
     dense = allocation.get("layer_dense_costs", {})
     names = list(levels)
@@ -366,7 +356,7 @@ def allocation_svg(allocation: dict[str, Any], *, bar: int = 34, height: int = 2
         d = float(dense.get(n) or 0.0)
         frac = float(costs.get(n, 0.0)) / d if d else 0.0
         fracs.append(frac)
-        fills.append(KIND_COLORS[_kind(lid)])
+        fills.append(KIND_COLORS[kinds.get(n, "dense")])
         titles.append(f"{n}: {lid} ({frac:.3f} of dense)")
     rules = []
     frac = allocation.get("predicted_fraction")

@@ -33,7 +33,7 @@ from .text import (
 )
 
 if TYPE_CHECKING:
-    from .records import Report
+    from .records import ReportData as Report
 
 __all__ = ["insert_into_html", "report_html", "section_html"]
 

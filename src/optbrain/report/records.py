@@ -1,10 +1,11 @@
-"""Compression reports as data: ``LayerRecord``, ``Report`` and their lossless JSON / CSV.
+"""Compression reports as data: ``LayerRecord``, ``ReportData`` and their lossless JSON / CSV.
 
-A ``Report`` holds one ``LayerRecord`` per compressed (or skipped) layer plus model-level
+A report holds one ``LayerRecord`` per compressed (or skipped) layer plus model-level
 ``metrics`` and ``metadata``. It is written as lossless JSON and CSV here; the renderings live
 beside it: ``report.text`` (terminal table, markdown), ``report.html`` (the page, jinja2
 templates) with ``report.charts`` (its inline SVG plots); ``report.memory`` measures
-``LayerRecord.peak_memory_mb``. ``Report.to_markdown`` / ``to_html`` delegate to them.
+``LayerRecord.peak_memory_mb``. ``optbrain.report.Report`` is ``ReportData`` plus
+``to_markdown`` / ``to_html`` (so this module imports none of the renderers).
 
 JSON encoding of non-finite floats (strict JSON has no NaN / Infinity):
 
@@ -36,7 +37,7 @@ from typing import Any
 
 from .jsonlike import _dec_float, _enc_float, _normalize, _plain, _same, _unplain
 
-__all__ = ["CSV_COLUMNS", "LayerRecord", "Report"]
+__all__ = ["CSV_COLUMNS", "LayerRecord", "ReportData"]
 
 FORMAT = "optbrain-report"
 FORMAT_VERSION = 1
@@ -234,8 +235,9 @@ CSV_COLUMNS: tuple[str, ...] = tuple(
 
 
 @dataclass(eq=False)
-class Report:
-    """A compression run: per-layer records plus model-level data.
+class ReportData:
+    """A compression run as data: per-layer records plus model-level data (``Report`` in
+    ``optbrain.report`` adds the text and HTML renderings).
 
     model: a name for the model (or None). recipe: the recipe as a plain dict (or None).
     metrics: evaluation results; a value may be a number or ``{"dense": x, "compressed": y}``
@@ -258,7 +260,7 @@ class Report:
         recipe: dict[str, Any] | None = None,
         metrics: dict[str, Any] | None = None,
         **metadata: Any,
-    ) -> Report:
+    ) -> ReportData:
         """A report whose metadata also records optbrain / torch / Python versions and ``created``
         (ISO 8601, UTC); keyword arguments are added to (and override) that metadata."""
         meta: dict[str, Any] = {
@@ -271,7 +273,7 @@ class Report:
         return cls(list(layers or []), model, recipe, dict(metrics or {}), meta)
 
     def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Report):
+        if not isinstance(other, ReportData):
             return NotImplemented
         return all(
             _same(getattr(self, f.name), getattr(other, f.name)) for f in dataclasses.fields(self)
@@ -349,7 +351,7 @@ class Report:
         }
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> Report:
+    def from_dict(cls, d: dict[str, Any]) -> ReportData:
         """Inverse of ``to_dict``. Rejects other formats, newer versions and unknown keys."""
         if not isinstance(d, dict):
             raise ValueError(f"a report must be a dict, got {type(d).__name__}")
@@ -384,11 +386,11 @@ class Report:
         return text
 
     @classmethod
-    def from_json(cls, text: str) -> Report:
+    def from_json(cls, text: str) -> ReportData:
         return cls.from_dict(json.loads(text))
 
     @classmethod
-    def load(cls, path: str | Path) -> Report:
+    def load(cls, path: str | Path) -> ReportData:
         """Read a report written by ``to_json``."""
         return cls.from_json(Path(path).read_text(encoding="utf-8"))
 
@@ -420,29 +422,6 @@ class Report:
         _write(path, text, newline="")
         return text
 
-    def to_markdown(self) -> str:
-        """Markdown: summary bullets, metrics, the layer table, skipped layers with reasons and
-        layers where a fallback policy fired. Layer names are code spans (``report.text``)."""
-        from .text import markdown
-
-        return markdown(self)
-
-    # ---------------------------------------------------------------- HTML
-
-    def to_html(self, path: str | Path | None = None, *, log_loss: bool | None = None) -> str:
-        """A self-contained HTML page (no network): summary, metrics, four inline-SVG plots
-        (per-layer loss, sparsity, bits, time), the layer table (click a header to sort),
-        skipped layers, recipe and metadata. All text is HTML-escaped.
-
-        log_loss: initial scale of the loss plot (a checkbox on the page switches it);
-        None = log when the positive losses span more than two decades.
-        """
-        from .html import report_html
-
-        page = report_html(self, log_loss)
-        _write(path, page)
-        return page
-
 
 def _write(path: str | Path | None, text: str, newline: str | None = None) -> None:
     if path is not None:
@@ -451,12 +430,9 @@ def _write(path: str | Path | None, text: str, newline: str | None = None) -> No
 
 
 def _optbrain_version() -> str:
-    try:
-        from .. import __version__
+    from .._version import __version__
 
-        return str(__version__)
-    except ImportError:  # pragma: no cover
-        return "unknown"
+    return str(__version__)
 
 
 def _torch_version() -> str | None:

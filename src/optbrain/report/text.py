@@ -17,7 +17,7 @@ from .jsonlike import _plain
 from .records import LayerRecord
 
 if TYPE_CHECKING:
-    from .records import Report
+    from .records import ReportData as Report
 
 __all__ = ["markdown", "render_table"]
 
