@@ -308,3 +308,13 @@ def test_prepared_hessian_is_not_modified():
     trace = structured_obs(W, H, 1, lazy=2, **EXACT)
     again = prepare_hessian(H, 0.0, dtype=F64)
     torch.testing.assert_close(trace.prepared.Hinv, again.Hinv, atol=0, rtol=0)
+
+
+def test_layer_result_for_the_registry():
+    W, X, H = make_problem(2, 3, 8)
+    res = solve_structured(W, H, 2, 0.5, **EXACT)
+    lr = res.to_layer_result("channels")
+    assert lr.mask.shape == W.shape and torch.equal(lr.mask[0], res.keep_columns)
+    assert bool((lr.mask == lr.mask[0]).all())
+    assert lr.loss == res.loss and lr.info["group_size"] == 2
+    assert torch.equal(lr.info["keep_groups"], res.keep)

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 
 from .hessian import PreparedHessian, prepare_layer, row_losses
+from .result import LayerResult
 from .spec import CompressSpec, check_damp, check_dtype, check_weight_hessian
 from .structured_engine import DEFAULT_LAZY, gram, greedy_groups
 
@@ -320,6 +321,29 @@ class StructuredResult:
     def fraction(self) -> float:
         """Fraction of groups removed."""
         return float(1.0 - self.keep.float().mean())
+
+    def to_layer_result(self, pattern: str = "channels") -> LayerResult:
+        """The registry's ``LayerResult``: mask ``(rows, cols)`` from the kept columns; the
+        kept groups, group size and measured loss go to ``info``."""
+        rows = self.weight.shape[0]
+        mask = self.keep_columns.to(self.weight.device).unsqueeze(0).expand(rows, -1).clone()
+        return LayerResult(
+            weight=self.weight,
+            mask=mask,
+            loss=self.loss,
+            method=self.method,
+            damping=self.damping,
+            fallback=self.fallback,
+            row_loss=self.row_loss,
+            trace=self.trace,
+            info={
+                "pattern": pattern,
+                "keep_groups": self.keep,
+                "group_size": self.group_size,
+                "measured_loss": self.measured_loss,
+                **self.info,
+            },
+        )
 
 
 def group_scores(Wc: torch.Tensor, prep: PreparedHessian, g: int, method: str) -> torch.Tensor:
