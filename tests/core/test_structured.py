@@ -14,7 +14,6 @@ import torch.nn.functional as F
 from obs_reference import constrained_optimum, make_problem
 
 from optbrain.adapters import adapter_for
-from optbrain.core import structured_engine
 from optbrain.core.hessian import hessian_from_inputs, layer_loss, prepare_hessian, row_losses
 from optbrain.core.obs import masked_optimum
 from optbrain.core.structured import (
@@ -108,17 +107,6 @@ def test_greedy_equals_naive_resolve(seed, rows, cols, g, lazy):
         torch.testing.assert_close(weight, states[k], atol=1e-8, rtol=1e-8)
         assert set((~keep).nonzero().flatten().tolist()) == set(order[:k])
         assert loss == pytest.approx(losses[k], rel=1e-8, abs=1e-12)
-
-
-@pytest.mark.parametrize("seed,rows,cols,g", TINY)
-def test_blocked_lower_triangular_fold_equals_naive(seed, rows, cols, g, monkeypatch):
-    monkeypatch.setattr(structured_engine, "FOLD_BLOCK", 2)  # several row blocks per fold
-    W, X, H = make_problem(seed, rows, cols)
-    order, losses, _ = _naive_greedy(W, H, g, cols // g - 1)
-    trace = structured_obs(W, H, g, lazy=g, **EXACT)
-    assert trace.order.tolist() == order
-    cum = torch.cumsum(trace.step_loss, 0)
-    torch.testing.assert_close(cum, torch.tensor(losses[1:], dtype=F64), atol=1e-8, rtol=1e-8)
 
 
 @pytest.mark.parametrize("seed,g", [(0, 1), (1, 1), (2, 3), (3, 4)])

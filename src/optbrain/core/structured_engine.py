@@ -20,7 +20,6 @@ import torch
 
 DEFAULT_LAZY = 256  # columns of low-rank correction before a fold
 DEFAULT_SHRINK = 0.8  # compact the matrices when fewer columns than this fraction remain
-FOLD_BLOCK = 1024  # rows per block of the lower-triangular fold
 
 
 def _blocks(M: torch.Tensor, g: int) -> torch.Tensor:
@@ -62,24 +61,18 @@ class _State:
         self.offs = torch.arange(g, device=dev)
 
     def rows(self, idx: torch.Tensor | int) -> torch.Tensor:
-        """Current rows ``idx`` of ``H⁻¹`` and of ``G``, stacked: ``(2g, m)``.
-
-        After a fold only the lower triangle and the diagonal ``g×g`` blocks of the base are
-        up to date, so a row is read as its column from the diagonal on, its row before it."""
+        """Current rows ``idx`` of ``H⁻¹`` and of ``G``, stacked: ``(2g, m)``."""
         r = self.r
         if isinstance(idx, int):
-            CC = torch.stack([self.Hb[:, idx], self.Gb[:, idx]])
-            CC[0, :idx], CC[1, :idx] = self.Hb[idx, :idx], self.Gb[idx, :idx]
+            CC = torch.stack([self.Hb[idx], self.Gb[idx]])
             if r:
                 zj = self.Z[:r, idx]
                 coef = torch.stack([zj * self.u_mask[:r], zj[self.swap[:r]]])
                 CC.addmm_(coef, self.Z[:r], alpha=-1)
             return CC
-        a, b = int(idx[0]), int(idx[-1]) + 1
-        CC = torch.cat([self.Hb[:, a:b].T, self.Gb[:, a:b].T])
-        CC[: self.g, :a], CC[self.g :, :a] = self.Hb[a:b, :a], self.Gb[a:b, :a]
+        CC = torch.cat([self.Hb.index_select(0, idx), self.Gb.index_select(0, idx)])
         if r:
-            zB = self.Z[:r, a:b]  # (r, g)
+            zB = self.Z[:r].index_select(1, idx)  # (r, g)
             coef = torch.cat([(zB * self.u_mask[:r, None]).T, zB[self.swap[:r]].T])
             CC.addmm_(coef, self.Z[:r], alpha=-1)
         return CC
@@ -93,13 +86,9 @@ class _State:
         if not self.owned:
             self.Hb, self.owned = self.Hb.clone(), True
         Z = self.Z[: self.r]
-        U, Zs = Z[self.is_u[: self.r]], Z[self.swap[: self.r]]
-        m = self.Hb.shape[0]
-        step = self.g * max(1, FOLD_BLOCK // self.g)  # row blocks whole groups: diag blocks kept
-        for a in range(0, m, step):  # only the lower block triangle (both are symmetric)
-            b = min(m, a + step)
-            self.Hb[a:b, :b].addmm_(U[:, a:b].T, U[:, :b], alpha=-1)
-            self.Gb[a:b, :b].addmm_(Z[:, a:b].T, Zs[:, :b], alpha=-1)  # UᵀP + PᵀU
+        U = Z[self.is_u[: self.r]]
+        self.Hb.addmm_(U.T, U, alpha=-1)
+        self.Gb.addmm_(Z.T, Z[self.swap[: self.r]], alpha=-1)  # Σ z_i z_swap(i)ᵀ = UᵀP + PᵀU
         self.r = 0
         if int(alive.sum()) >= shrink * alive.numel():
             return alive
