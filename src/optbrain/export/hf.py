@@ -159,23 +159,6 @@ def _quantization_config(packed: dict[str, CompressedLayer]) -> Any:
     return QuantizationConfig(config_groups=groups, ignore=[])
 
 
-def _untie_outputs(model: nn.Module, packed: list[nn.Module]) -> None:
-    """A packed output projection that shares its weight with the input embedding gets its
-    own copy (and the config says so): the embedding stays a plain table."""
-    get_out = getattr(model, "get_output_embeddings", None)
-    get_in = getattr(model, "get_input_embeddings", None)
-    out_emb = get_out() if callable(get_out) else None
-    in_emb = get_in() if callable(get_in) else None
-    if out_emb is None or in_emb is None or out_emb.weight is not in_emb.weight:
-        return
-    if not any(m is out_emb for m in packed):
-        return
-    out_emb.weight = nn.Parameter(out_emb.weight.detach().clone(), requires_grad=False)
-    for cfg in (model.config, getattr(model.config, "get_text_config", lambda: None)()):
-        if cfg is not None and hasattr(cfg, "tie_word_embeddings"):
-            cfg.tie_word_embeddings = False
-
-
 def _source_dir(model: nn.Module, source: str | os.PathLike | None) -> Path | None:
     if source is not None:
         d = Path(source)
@@ -240,9 +223,9 @@ def export_compressed_tensors(
     _check_model(model)
     layers = compressed_layers(model)
     packed, dense = _plan(layers)
+    src = _source_dir(model, source)
     _require_library()
     codes = {name: _weight_codes(layer) for name, layer in packed.items()}
-    src = _source_dir(model, source)
 
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
@@ -251,7 +234,6 @@ def export_compressed_tensors(
     work = copy.deepcopy(model)
     work.__dict__.pop("_optbrain", None)
     new = dict(work.named_modules())
-    _untie_outputs(work, [new[n] for n in packed])
     if packed:
         apply_quantization_config(work, _quantization_config(packed))
         with torch.no_grad():
