@@ -9,6 +9,7 @@ import io
 import json
 import math
 import re
+import time
 import xml.etree.ElementTree as ET
 from html.parser import HTMLParser
 
@@ -23,6 +24,7 @@ from optbrain.report import (
     peak_memory_tracker,
     render_table,
 )
+from optbrain.report.memory import SAMPLE_SECONDS
 
 NAN, INF = float("nan"), float("inf")
 
@@ -413,11 +415,14 @@ def test_peak_memory_tracker_cpu():
         192,
         48,
     )  # MB; both above glibc's mmap threshold (32 MB at most), so RSS tracks them
+    hold = 20 * SAMPLE_SECONDS  # the sampler sees a peak held for several periods
     with peak_memory_tracker() as outer:
         x = torch.ones(big * 1024 * 1024 // 4)  # written: pages are resident
+        time.sleep(hold)
         del x  # > 32 MB: glibc returns it to the OS, RSS drops again
         with peak_memory_tracker("cpu") as inner:
             y = torch.ones(small * 1024 * 1024 // 4)
+            time.sleep(hold)
             del y
     assert inner.mb is not None and inner.mb >= 0 and inner.peak_mb >= inner.start_mb
     assert inner.method == "sampled" and outer.method == "sampled"
