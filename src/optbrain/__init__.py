@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     "compress": ".api",
+    "calibration_from": ".pipeline.calibration",
     "QuantGrid": ".core.grid",
     "fit_grid": ".core.grid",
     "HessianAccumulator": ".core.hessian",
@@ -41,6 +42,7 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
     from .core.result import LayerResult
     from .core.spec import CompressSpec
     from .export import load, save
+    from .pipeline.calibration import calibration_from
     from .recipe import Recipe
     from .report import LayerRecord, Report
 
@@ -67,6 +69,7 @@ __all__ = [
     "QuantGrid",
     "Recipe",
     "Report",
+    "calibration_from",
     "compress",
     "compress_layer",
     "fit_grid",

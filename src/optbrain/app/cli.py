@@ -38,7 +38,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
                 f"--recipe cannot be combined with {sorted(flags)}; put them in the recipe file"
             )
         return rec
-    rule: dict[str, Any] = {"method": args.method or "obc"}
+    rule: dict[str, Any] = {"method": args.method or "auto"}
     for k in ("sparsity", "pattern", "bits", "group_size", "damp"):
         v = getattr(args, k)
         if v is not None:
@@ -66,6 +66,14 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if getattr(args, "target", None):  # a global budget: non-uniform levels (optbrain.budget)
         return cmd_compress_budget(args)
+    from .sources import is_own_model
+
+    if is_own_model(args.model):
+        from .own_cmd import cmd_compress_own
+
+        return cmd_compress_own(args, _recipe_from_args(args))
+    if getattr(args, "calibration", None):
+        raise ValueError("--calibration is for your own model; zoo models bring their data")
     recipe = _recipe_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / args.model
     _, report = run_zoo(args.model, recipe, out, quiet=args.quiet, limit=args.limit)
@@ -115,7 +123,12 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     from ..export import load
     from . import zoo
+    from .sources import is_own_model
 
+    if is_own_model(args.model):
+        from .own_cmd import cmd_eval_own
+
+        return cmd_eval_own(args)
     entry = zoo.get(args.model)
     dense = entry.load()
     metrics = {"dense": entry.evaluate(dense, limit=args.limit)}
@@ -174,6 +187,7 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..core.methods import METHODS
+    from .own_cmd import add_source_flags
 
     p = argparse.ArgumentParser(
         prog="optbrain",
@@ -183,9 +197,14 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     c = sub.add_parser("compress", help="compress a zoo model and write a run directory")
-    c.add_argument("--model", required=True, help="zoo model name (see 'optbrain models')")
+    c.add_argument(
+        "--model",
+        required=True,
+        help="zoo name (see 'optbrain models'), a local Hugging Face directory, or "
+        "module:factory with --weights",
+    )
     c.add_argument("--recipe", help="recipe YAML file (instead of the flags below)")
-    c.add_argument("--method", choices=sorted(METHODS), help="solver (default: obc)")
+    c.add_argument("--method", choices=sorted(METHODS), help="solver (default: auto)")
     c.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
     c.add_argument("--pattern", help="'unstructured' (default), 'N:M' e.g. 2:4, or 'blockB'")
     c.add_argument("--bits", type=int, help="quantize to this many bits")
@@ -208,6 +227,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     c.add_argument("--out", help="run directory (default: runs/MODEL)")
     c.add_argument("--quiet", action="store_true", help="no progress line")
+    c.add_argument("--verbose", action="store_true", help="progress and details on stderr")
+    add_source_flags(c, data_flag=True)
     c.add_argument(
         "--target",
         help="global budget instead of one setting for all layers, e.g. flops=0.25, "
@@ -217,7 +238,10 @@ def build_parser() -> argparse.ArgumentParser:
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("eval", help="print a zoo model's metrics, dense and compressed")
-    e.add_argument("--model", required=True, help="zoo model name")
+    e.add_argument("--model", required=True, help="zoo name, HF directory or module:factory")
+    e.add_argument("--data", help="evaluation data for your own model (as --calibration)")
+    e.add_argument("--quiet", action="store_true", help="no progress line")
+    add_source_flags(e, data_flag=False)
     e.add_argument("--compressed", metavar="RUN_DIR", help="a run directory to evaluate")
     e.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
