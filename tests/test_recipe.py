@@ -491,3 +491,58 @@ def test_yaml_duplicate_keys_and_empty_file(tmp_path):
         Recipe.from_yaml(empty)
     with pytest.raises(ValueError, match="no such file"):
         Recipe.from_yaml("not_a_recipe_file")
+
+
+# ----------------------------------------------------------- class-name targets, presets ----
+def test_class_name_targets_match_classes_and_subclasses_globs_still_work():
+    from torch import nn
+
+    from optbrain.pipeline.compress import plan_layers
+
+    class MyLinear(nn.Linear):
+        pass
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4, 4), MyLinear(4, 4))
+    plans, _, _ = plan_layers(model, Recipe.from_dict({"targets": ["Linear"], "bits": 4}))
+    assert sorted(plans) == ["2", "3"]
+    plans, _, _ = plan_layers(
+        model, Recipe.from_dict({"targets": ["Conv2d", "re:3"], "sparsity": 0.5})
+    )
+    assert sorted(plans) == ["0", "3"]
+    rec = Recipe.from_dict({"bits": 4, "ignore": ["MyLinear", "0"]})
+    plans, _, _ = plan_layers(model, rec)
+    assert sorted(plans) == ["2"]
+    with pytest.raises(ValueError, match="'Lineer' matches no layer"):
+        plan_layers(model, Recipe.from_dict({"targets": ["Lineer"], "bits": 4}))
+
+
+@pytest.mark.parametrize(
+    ("preset", "want"),
+    [
+        ("w4a16", {"bits": 4, "group_size": 128}),
+        ("w8a16", {"bits": 8, "group_size": 128}),
+        ("2:4", {"pattern": "2:4"}),
+        ("2:4+w4", {"pattern": "2:4", "bits": 4, "group_size": 128}),
+        ("50%", {"sparsity": 0.5}),
+        ("12.5%", {"sparsity": 0.125}),
+    ],
+)
+def test_presets_expand_to_rule_settings(preset, want):
+    rec = Recipe.from_dict({"preset": preset, "method": "auto"})
+    rule = rec.rules[0].to_dict()
+    assert {k: rule[k] for k in want} == want
+    assert "preset" not in rule
+    assert Recipe.from_dict(rec.to_dict()) == rec
+
+
+def test_preset_keys_set_by_the_rule_win_and_bad_presets_are_errors():
+    rec = Recipe.from_dict(
+        {"rules": [{"targets": ["Linear"], "preset": "w4a16", "group_size": 32}]}
+    )
+    assert rec.rules[0].bits == 4 and rec.rules[0].group_size == 32
+    with pytest.raises(RecipeError, match=r"rules\[0\].preset must be one of"):
+        Recipe.from_dict({"rules": [{"preset": "w5a5"}]})
+    with pytest.raises(RecipeError, match="sparsity"):
+        Recipe.from_dict({"preset": "150%"})
+    y = Recipe.from_yaml("preset: 2:4+w4\nmethod: gptq\n")
+    assert y.rules[0].pattern == "2:4" and y.rules[0].bits == 4

@@ -32,6 +32,15 @@ characters *including dots* (``encoder.*.dense`` matches ``encoder.layer.0.atten
 expression that must match the *whole* name (``re.fullmatch``). A rule applies to a module when
 one of its ``targets`` matches (no ``targets`` means ``["*"]``, every layer) and none of its
 ``ignore`` patterns does. The top-level ``ignore`` excludes a module from every rule.
+A pattern that is a bare identifier starting with a capital (``Linear``, ``Conv2d``,
+``Conv1D``) is also a class-name target: it matches every module of that class or a subclass
+(``targets: [Linear]``, ``ignore: [Conv2d]``).
+
+**Presets.** ``preset: NAME`` in a rule (or in the short form) stands for settings
+(``recipe_rules.PRESETS``): ``w4a16`` / ``w8a16`` (4 / 8-bit weights in groups of 128),
+``2:4``, ``2:4+w4`` (2:4 sparsity and 4-bit groups of 128) and ``N%`` (unstructured sparsity,
+e.g. ``50%``). Keys the rule sets itself override the preset's; the expanded settings are
+validated like any other and written out in ``to_dict`` (the preset name is not kept).
 
 **Refinement.** For a module, every rule that applies is taken in order, starting from the
 defaults (``DEFAULTS``). A key a rule sets overrides the value so far; a key it leaves out keeps
@@ -235,15 +244,17 @@ class Recipe:
 
     # ---------------------------------------------------------------- planning
 
-    def plan(self, name: str) -> LayerPlan | None:
-        """Merged settings for module ``name``; None if it is not targeted, is ignored or
-        skipped, or nothing (sparsity > 0, N:M or bits) is asked of it."""
-        if _matches(name, self.ignore):
+    def plan(self, name: str, classes: Iterable[str] = ()) -> LayerPlan | None:
+        """Merged settings for module ``name`` (whose class and bases are named ``classes``,
+        for class-name targets); None if it is not targeted, is ignored or skipped, or
+        nothing (sparsity > 0, N:M or bits) is asked of it."""
+        classes = tuple(classes)
+        if _matches(name, self.ignore, classes):
             return None
         merged = copy.deepcopy(DEFAULTS)
         applied: list[int] = []
         for i, rule in enumerate(self.rules):
-            if not rule.matches(name):
+            if not rule.matches(name, classes):
                 continue
             applied.append(i)
             for key in rule.reset:
@@ -291,17 +302,19 @@ class Recipe:
                 out[name] = p
         return out
 
-    def unmatched(self, names: Iterable[str]) -> list[str]:
-        """Patterns (other than ``*``) that match none of ``names``, e.g. ``rules[1].targets
-        'encoder.*.dens'``: likely typos worth reporting."""
+    def unmatched(self, names: Iterable[str], classes: Iterable[str] = ()) -> list[str]:
+        """Patterns (other than ``*``) that match none of ``names`` (nor, for a class-name
+        pattern, any of ``classes``), e.g. ``rules[1].targets 'encoder.*.dens'``: likely
+        typos worth reporting."""
         names = list(names)
+        classes = set(classes)
         out = []
         for i, rule in enumerate(self.rules):
             for key in ("targets", "ignore"):
                 for p in getattr(rule, key):
-                    if p != "*" and not _matches_some(p, names):
+                    if p != "*" and not _matches_some(p, names, classes):
                         out.append(f"rules[{i}].{key} {p!r}")
-        out += [f"ignore {p!r}" for p in self.ignore if not _matches_some(p, names)]
+        out += [f"ignore {p!r}" for p in self.ignore if not _matches_some(p, names, classes)]
         return out
 
 

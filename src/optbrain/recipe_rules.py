@@ -50,7 +50,20 @@ DEFAULTS: dict[str, Any] = {
     "skip": False,
 }
 SETTINGS = tuple(DEFAULTS)
-RULE_KEYS = ("targets", "ignore", *SETTINGS)
+RULE_KEYS = ("targets", "ignore", "preset", *SETTINGS)
+
+#: ``preset: NAME`` in a rule: the settings it stands for (keys the rule sets itself win).
+#: ``wXa16``: X-bit weights in groups of 128, activations left in 16-bit (llm-compressor's
+#: names); ``N:M``: semi-structured sparsity; ``N%``: unstructured sparsity (any percentage).
+PRESETS: dict[str, dict[str, Any]] = {
+    "w4a16": {"bits": 4, "group_size": 128},
+    "w8a16": {"bits": 8, "group_size": 128},
+    "w3a16": {"bits": 3, "group_size": 128},
+    "2:4": {"pattern": "2:4"},
+    "2:4+w4": {"pattern": "2:4", "bits": 4, "group_size": 128},
+    "2:4+w8": {"pattern": "2:4", "bits": 8, "group_size": 128},
+}
+_PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 CALIBRATION_KEYS = ("mode", "samples", "batch_size")
 GLOBAL_KEYS = ("version", "calibration", "seed", "bn_recalibration", "ignore", "rules")
 # options are passed to make_spec / compress_layer as keyword arguments: these names are taken
@@ -114,8 +127,33 @@ def _compile(pattern: str) -> re.Pattern:
     return re.compile(fnmatch.translate(pattern))
 
 
-def _matches(name: str, patterns: Iterable[str]) -> bool:
-    return any(_compile(p).fullmatch(name) for p in patterns)
+_CLASS_NAME = re.compile(r"^[A-Z]\w*$")
+
+
+def is_class_pattern(pattern: str) -> bool:
+    """A bare identifier starting with a capital (``Linear``, ``Conv1D``): a class-name target,
+    matching modules of that class or a subclass (module names are lower case by convention)."""
+    return _CLASS_NAME.match(pattern) is not None
+
+
+def _matches(name: str, patterns: Iterable[str], classes: Iterable[str] = ()) -> bool:
+    """Whether a pattern matches the dotted ``name``, or a class-name pattern one of the
+    module's ``classes`` (the names in its class's MRO)."""
+    classes = tuple(classes)
+    return any(
+        _compile(p).fullmatch(name) or (p in classes and is_class_pattern(p)) for p in patterns
+    )
+
+
+def expand_preset(value: object, path: tuple, root: str = "recipe") -> dict[str, Any]:
+    """The settings of ``preset: value`` (see ``PRESETS``)."""
+    if isinstance(value, str):
+        if value in PRESETS:
+            return dict(PRESETS[value])
+        m = _PERCENT.match(value.strip())
+        if m:
+            return {"sparsity": float(m[1]) / 100}
+    raise _fail(path, "preset", f"one of {[*PRESETS, '50%']} (any N%)", value, root)
 
 
 def _check_patterns(value: object, path: tuple, key: str, root: str, empty_ok: bool) -> list[str]:
@@ -203,6 +241,9 @@ def _check_setting(key: str, v: object, path: tuple, root: str) -> object:
 def _normalize_rule(d: Mapping, path: tuple, root: str = "recipe") -> dict:
     """Validate a rule mapping (``None`` = reset to default) into Rule keyword arguments."""
     _check_keys(d, RULE_KEYS, path, root)
+    if d.get("preset") is not None:
+        preset = expand_preset(d["preset"], path, root)
+        d = {**preset, **{k: v for k, v in d.items() if k != "preset"}}
     targets = d.get("targets")
     ignore = d.get("ignore")
     out: dict[str, Any] = {
@@ -372,9 +413,10 @@ class Rule:
                 out[key] = None
         return out
 
-    def matches(self, name: str) -> bool:
-        """Whether this rule applies to module ``name`` (a target matches, no ignore does)."""
-        return _matches(name, self.targets) and not _matches(name, self.ignore)
+    def matches(self, name: str, classes: Iterable[str] = ()) -> bool:
+        """Whether this rule applies to module ``name`` (of the classes named ``classes``):
+        a target matches, no ignore does."""
+        return _matches(name, self.targets, classes) and not _matches(name, self.ignore, classes)
 
 
 @dataclass
@@ -423,5 +465,12 @@ class CalibrationConfig:
         return out
 
 
-def _matches_some(pattern: str, names: list[str]) -> bool:
+def _matches_some(pattern: str, names: list[str], classes: Iterable[str] = ()) -> bool:
+    if is_class_pattern(pattern) and pattern in set(classes):
+        return True
     return any(_compile(pattern).fullmatch(n) for n in names)
+
+
+def class_names(module: object) -> tuple[str, ...]:
+    """The class names a class-name target can match: the module's class and its bases."""
+    return tuple(c.__name__ for c in type(module).__mro__)

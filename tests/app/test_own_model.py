@@ -243,3 +243,43 @@ def test_datasets_save_to_disk(tmp_path, text_file):
     datasets.Dataset.from_dict({"other": lines}).save_to_disk(str(tmp_path / "ds2"))
     with pytest.raises(ValueError, match="no 'text' text column"):
         optbrain.calibration_from(tmp_path / "ds2", tokenizer=tok)
+
+
+def test_obc_over_budget_warns_with_prediction_and_auto_alternative(tmp_path, monkeypatch):
+    from torch import nn
+
+    from optbrain.app.own import obc_warnings
+    from optbrain.core.methods.auto import estimate_obc_seconds
+    from optbrain.core.spec import make_spec
+    from optbrain.recipe import Recipe
+
+    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 16))
+    lines = obc_warnings(model, Recipe.from_dict({"method": "obc", "bits": 4}))
+    predicted = estimate_obc_seconds(1024, 1024, make_spec(1024, bits=4))
+    assert predicted > 30  # the big layer is over auto's budget, the 16-row one is not
+    assert len(lines) == 1 and lines[0].startswith("warning: 0 (1024x1024)")
+    assert f"~{predicted:.0f} s" in lines[0] and "would run gptq" in lines[0]
+    lines = obc_warnings(model, Recipe.from_dict({"method": "obc", "sparsity": 0.5}))
+    assert "would run sparsegpt" in lines[0]
+    assert obc_warnings(model, Recipe.from_dict({"method": "auto", "bits": 4})) == []
+
+
+def test_cli_preset_and_class_name_targets(tmp_path, monkeypatch, capsys):
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mynet.py").write_text(CNN_SOURCE)
+    exec(compile(CNN_SOURCE, "mynet", "exec"), ns := {})
+    save_file(ns["make_cnn"]().state_dict(), str(tmp_path / "w.safetensors"))
+    images = _image_folder(tmp_path / "imgs", per_class=2)
+    run = tmp_path / "run"
+    rc = main(["compress", "--model", "mynet:make_cnn", "--weights", "w.safetensors",
+               "--calibration", str(images), "--image-size", "8", "--preset", "2:4",
+               "--targets", "Linear", "--out", str(run), "--quiet"])  # fmt: skip
+    assert rc == 0, capsys.readouterr().err
+    layers = {r["name"]: r for r in json.loads((run / "report.json").read_text())["layers"]}
+    assert layers["4"]["sparsity"] == pytest.approx(0.5) and layers["4"]["pattern"] == "2:4"
+    assert layers["0"]["status"] == "skipped"
+    rc = main(["compress", "--model", "mynet:make_cnn", "--weights", "missing.safetensors",
+               "--calibration", str(images), "--bits", "4"])  # fmt: skip
+    assert rc == 2 and "--weights missing.safetensors: no such file" in capsys.readouterr().err

@@ -19,6 +19,7 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
             k: getattr(args, k)
             for k in (
                 "method",
+                "preset",
                 "sparsity",
                 "pattern",
                 "bits",
@@ -39,14 +40,15 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
             )
         return rec
     rule: dict[str, Any] = {"method": args.method or "auto"}
-    for k in ("sparsity", "pattern", "bits", "group_size", "damp"):
-        v = getattr(args, k)
+    for k in ("preset", "sparsity", "pattern", "bits", "group_size", "damp"):
+        v = getattr(args, k, None)
         if v is not None:
             rule[k] = v
     if args.asym:
         rule["sym"] = False
-    if "sparsity" not in rule and "bits" not in rule and ":" not in str(rule.get("pattern")):
-        raise ValueError("say what to do: --sparsity, --pattern N:M, --bits or --recipe")
+    asked = "sparsity" in rule or "bits" in rule or "preset" in rule
+    if not asked and ":" not in str(rule.get("pattern")):
+        raise ValueError("say what to do: --preset, --sparsity, --pattern N:M, --bits or --recipe")
     d: dict[str, Any] = {
         "rules": [{"targets": args.targets or ["*"], **rule}],
         "calibration": {
@@ -91,7 +93,8 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
     clash = [
         f"--{k.replace('_', '-')}"
         for k in (
-            "recipe", "method", "sparsity", "pattern", "bits", "group_size", "targets", "ignore",
+            "recipe", "method", "preset", "sparsity", "pattern", "bits", "group_size", "targets",
+            "ignore",
         )
         if getattr(args, k, None) is not None
     ]  # fmt: skip
@@ -205,6 +208,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("--recipe", help="recipe YAML file (instead of the flags below)")
     c.add_argument("--method", choices=sorted(METHODS), help="solver (default: auto)")
+    c.add_argument("--preset", help="w4a16, w8a16, 2:4, 2:4+w4 or N%% (e.g. 50%%)")
     c.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
     c.add_argument("--pattern", help="'unstructured' (default), 'N:M' e.g. 2:4, or 'blockB'")
     c.add_argument("--bits", type=int, help="quantize to this many bits")

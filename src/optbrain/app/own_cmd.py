@@ -84,9 +84,8 @@ def cmd_compress_own(args: argparse.Namespace, recipe: Any) -> int:
         text_key=args.text_key,
         image_size=args.image_size,
     )
-    if not args.quiet:
-        for line in obc_warnings(loaded.model, recipe):
-            print(line, file=sys.stderr)
+    for line in obc_warnings(loaded.model, recipe):  # printed even with --quiet
+        print(line, file=sys.stderr)
     out = Path(args.out) if args.out else Path("runs") / loaded.name
     report = compress_own(loaded, batches, recipe, out, quiet=args.quiet)
     print(render_table(report))

@@ -31,6 +31,7 @@ from ..adapters import LayerAdapter, adapter_for, find_layers
 from ..core.hessian import HessianAccumulator, row_losses
 from ..core.layer import compress_layer
 from ..recipe import LayerPlan, Recipe
+from ..recipe_rules import class_names
 from ..report import LayerRecord, Report, peak_memory_tracker
 from .batchnorm import recalibrate_batchnorm
 from .data import Forward, take_samples
@@ -93,7 +94,9 @@ def plan_layers(model: nn.Module, rec: Recipe) -> tuple[Plans, Adapters, list[La
             "nothing to compress: the model has no compressible layer (Linear, Conv1d, Conv2d, "
             "transformers Conv1D)" + (f" [skipped: {details}]" if details else "")
         )
-    typos = [u for u in rec.unmatched([*layers, *skipped]) if ".targets " in u]
+    mods = dict(model.named_modules())
+    classes = {c for n in [*layers, *skipped] for c in class_names(mods[n])}
+    typos = [u for u in rec.unmatched([*layers, *skipped], classes) if ".targets " in u]
     if typos:
         example = ", ".join(list(layers)[:4])
         raise ValueError(
@@ -104,7 +107,7 @@ def plan_layers(model: nn.Module, rec: Recipe) -> tuple[Plans, Adapters, list[La
     plans: Plans = {}
     adapters: Adapters = {}
     for lname, module in layers.items():
-        plan = rec.plan(lname)
+        plan = rec.plan(lname, class_names(module))
         if plan is None:
             records.append(skip_record(lname, module, "the recipe asks nothing of this layer"))
             continue
