@@ -444,3 +444,32 @@ def test_peak_memory_tracker_cuda():
         del x
     assert mem.method == "cuda"
     assert mem.mb == pytest.approx(32, abs=1)
+
+
+# ------------------------------------------------- wall time, norm layers, long labels ----
+def test_total_time_is_the_runs_wall_time_and_solving_is_listed_beside_it():
+    r = make_report()
+    assert r.summary()["seconds"] == pytest.approx(2.25)  # no wall time recorded: Σ layers
+    r.metadata["seconds"] = 7.5  # compress records its wall time (forwards + solves)
+    s = r.summary()
+    assert s["seconds"] == 7.5 and s["solve_seconds"] == pytest.approx(2.25)
+    text = render_table(r)
+    assert "total time (s): 7.500" in text and "of which solving (s): 2.250" in text
+
+
+def test_charts_fold_out_norm_layers_and_keep_long_labels_readable():
+    from optbrain.report.charts import layer_plots, short_label
+
+    r = make_report()
+    r.layers.append(LayerRecord("transformer.h.0.ln_1", "LayerNorm", (32,), status="skipped",
+                                reason="unsupported"))  # fmt: skip
+    r.layers.append(LayerRecord("model.layers.0.input_layernorm", "LlamaRMSNorm", (32,),
+                                status="skipped", reason="unsupported"))  # fmt: skip
+    plots = layer_plots(r, None)
+    svg = plots.loss
+    assert "ln_1" not in svg and "input_layernorm" not in svg and "enc.0.q" in svg
+    assert plots.time.count('class="xl"') == 4  # the four non-norm layers
+    assert short_label("model.layers.11.self_attn.q_proj") == "…layers.11.self_attn.q_proj"
+    assert short_label("enc.0.q") == "enc.0.q"
+    long = "a" * 40
+    assert short_label(long) == "…" + "a" * 27 and len(short_label(long)) == 28

@@ -96,13 +96,26 @@ def _f(x: float) -> str:
     return f"{x:.1f}"
 
 
+def short_label(s: str, n: int = _LABEL_CHARS) -> str:
+    """``s`` in at most ``n`` characters: whole leading dotted parts dropped for an ``…``
+    (``model.layers.11.self_attn.q_proj`` → ``…layers.11.self_attn.q_proj``), so the layer
+    number and the projection stay; a single part still too long keeps its tail."""
+    if len(s) <= n:
+        return s
+    parts = s.split(".")
+    while len(parts) > 1 and len(".".join(parts)) + 1 > n:
+        parts.pop(0)
+    tail = ".".join(parts)
+    return "…" + (tail if len(tail) + 1 <= n else tail[-(n - 1) :])
+
+
 def _xlabels(g: _Geom, labels: list[str]) -> str:
     out = []
     y = g.base + 12
     if g.named:
         for i, s in enumerate(labels):
             cx = g.x(i) + g.slot / 2
-            short = s if len(s) <= _LABEL_CHARS else "…" + s[-(_LABEL_CHARS - 1) :]
+            short = short_label(s)
             out.append(
                 f'<text class="xl" transform="translate({_f(cx)},{_f(y)}) rotate(-60)" '
                 f'text-anchor="end">{_E(short)}<title>{_E(s)}</title></text>'
@@ -275,10 +288,16 @@ def _skip_note(r: Any) -> str:
     return "" if r.compressed else " (skipped" + (f": {r.reason}" if r.reason else "") + ")"
 
 
+def is_norm(r: Any) -> bool:
+    """A skipped normalisation layer (LayerNorm, RMSNorm, BatchNorm2d, GroupNorm, ...)."""
+    return not r.compressed and "Norm" in r.type
+
+
 def layer_plots(report: Report, log_loss: bool | None) -> LayerPlots:
     """Loss, sparsity, bits and time per layer; log_loss None = log when the positive losses
-    span more than two decades."""
-    layers = report.layers
+    span more than two decades. Skipped norm layers are folded out (``is_norm``: they are
+    never compressible, and a transformer has two per block); the table still lists them."""
+    layers = [r for r in report.layers if not is_norm(r)]
     labels = [r.label for r in layers]
     fills = [_COLOR["ok"] if r.compressed else _COLOR["skipped"] for r in layers]
     g = _geom(labels)

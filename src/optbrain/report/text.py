@@ -71,6 +71,7 @@ def _summary_lines(s: dict[str, Any]) -> list[tuple[str, str]]:
         ("total predicted loss", _fmt_loss(s["predicted_loss"])),
         ("total measured loss", _fmt_loss(s["measured_loss"])),
         ("total time (s)", _fmt_secs(s["seconds"])),
+        ("of which solving (s)", _fmt_secs(s["solve_seconds"])),
         ("peak memory (MB)", _fmt_mb(s["peak_memory_mb"])),
         ("methods", methods),
         ("fallbacks", str(s["fallbacks"])),
