@@ -283,3 +283,28 @@ def test_cli_preset_and_class_name_targets(tmp_path, monkeypatch, capsys):
     rc = main(["compress", "--model", "mynet:make_cnn", "--weights", "missing.safetensors",
                "--calibration", str(images), "--bits", "4"])  # fmt: skip
     assert rc == 2 and "--weights missing.safetensors: no such file" in capsys.readouterr().err
+
+
+def test_progress_one_line_per_layer_in_logs_and_verbose_adds_the_phases(
+    tmp_path, monkeypatch, capsys
+):
+    from safetensors.torch import save_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mynet.py").write_text(CNN_SOURCE)
+    exec(compile(CNN_SOURCE, "mynet", "exec"), ns := {})
+    save_file(ns["make_cnn"]().state_dict(), str(tmp_path / "w.safetensors"))
+    images = _image_folder(tmp_path / "imgs", per_class=10)
+    argv = ["compress", "--model", "mynet:make_cnn", "--weights", "w.safetensors",
+            "--calibration", str(images), "--image-size", "8", "--bits", "4",
+            "--samples", "16"]  # fmt: skip
+    assert main([*argv, "--out", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err  # stderr is not a terminal under pytest
+    lines = [x for x in err.splitlines() if x.startswith("[compress]")]
+    assert len(lines) == 2 and lines[0].startswith("[compress] 1/2 0: ")
+    assert "[calibration forwards]" not in err
+    assert main([*argv, "--out", str(tmp_path / "b"), "--verbose"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("[calibration forwards]") == 2  # 16 samples = 2 batches of 8, one pass
+    assert main([*argv, "--out", str(tmp_path / "c"), "--quiet"]) == 0
+    assert "[" not in capsys.readouterr().err

@@ -245,6 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="zoo name, HF directory or module:factory")
     e.add_argument("--data", help="evaluation data for your own model (as --calibration)")
     e.add_argument("--quiet", action="store_true", help="no progress line")
+    e.add_argument("--verbose", action="store_true", help="progress lines also in logs")
     add_source_flags(e, data_flag=False)
     e.add_argument("--compressed", metavar="RUN_DIR", help="a run directory to evaluate")
     e.add_argument("--limit", type=int, help="evaluate on the first N examples only")

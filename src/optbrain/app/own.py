@@ -22,7 +22,7 @@ from torch import nn
 
 from ..pipeline.calibration import DEFAULT_IMAGE_SIZE, calibration_from, image_files, image_tensor
 from ..pipeline.data import model_device, to_device
-from ..pipeline.progress import Progress
+from ..pipeline.progress import phase
 from .sources import LoadedModel
 
 
@@ -139,7 +139,6 @@ def compare(
     *,
     labels: list[torch.Tensor] | None = None,
     perplexity: bool = False,
-    quiet: bool = False,
 ) -> dict[str, dict[str, float]]:
     """``{metric: {"dense": x, "compressed": y}}`` on ``batches``. Always ``agreement``
     (same top-1 over the last dimension), ``kl`` (mean KL(dense ‖ compressed) of the softmax
@@ -150,7 +149,7 @@ def compare(
     nll = {"dense": 0.0, "compressed": 0.0}
     tokens = 0
     correct = {"dense": 0, "compressed": 0}
-    progress = Progress(len(batches), "eval", enabled=not quiet)
+    progress = phase(len(batches), "eval")  # as chatty as the caller's reporting level
     try:
         for i, b in enumerate(batches):
             yd, yc = _call(dense, b), _call(comp, b)
@@ -235,9 +234,9 @@ def labelled_images(
 def evaluate_own(
     loaded: LoadedModel, run: str | Path | None, data: str | Path, *, limit: int | None = None,
     seq_len: int | None = None, text_key: str = "text", image_size: int | None = None,
-    quiet: bool = False,
 ) -> dict[str, dict[str, float]]:  # fmt: skip
-    """Dense vs compressed (``run``; without it, dense against itself) on ``data``."""
+    """Dense vs compressed (``run``; without it, dense against itself) on ``data``; progress
+    as the caller's ``optbrain.pipeline.progress.reporting`` level says."""
     from ..export import load
 
     p = Path(data).expanduser()
@@ -258,4 +257,4 @@ def evaluate_own(
     comp = load(copy.deepcopy(dense), run) if run else dense
     perplexity = loaded.task == "causal-lm" and isinstance(batches[0], dict)
     perplexity = perplexity and "input_ids" in batches[0]
-    return compare(dense, comp, batches, labels=labels, perplexity=perplexity, quiet=quiet)
+    return compare(dense, comp, batches, labels=labels, perplexity=perplexity)

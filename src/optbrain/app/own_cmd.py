@@ -66,8 +66,21 @@ def _load(args: argparse.Namespace) -> Any:
     return loaded
 
 
+def _level(args: argparse.Namespace) -> str:
+    if getattr(args, "quiet", False):
+        return "quiet"
+    return "verbose" if getattr(args, "verbose", False) else "normal"
+
+
 def cmd_compress_own(args: argparse.Namespace, recipe: Any) -> int:
     """Compress a local HF directory or ``module:factory`` model on ``--calibration``."""
+    from ..pipeline.progress import reporting
+
+    with reporting(_level(args)):
+        return _compress_own(args, recipe)
+
+
+def _compress_own(args: argparse.Namespace, recipe: Any) -> int:
     from ..report import render_table
     from .own import calibration_for, compress_own, obc_warnings
 
@@ -95,6 +108,13 @@ def cmd_compress_own(args: argparse.Namespace, recipe: Any) -> int:
 
 def cmd_eval_own(args: argparse.Namespace) -> int:
     """Dense (and ``--compressed RUN``) metrics of your own model on ``--data``."""
+    from ..pipeline.progress import reporting
+
+    with reporting(_level(args)):
+        return _eval_own(args)
+
+
+def _eval_own(args: argparse.Namespace) -> int:
     from .own import evaluate_own
     from .text import eval_table
 
@@ -110,7 +130,6 @@ def cmd_eval_own(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         text_key=args.text_key,
         image_size=args.image_size,
-        quiet=getattr(args, "quiet", False),
     )
     metrics = {
         "dense": {k: v["dense"] for k, v in m.items()},

@@ -36,7 +36,7 @@ from ..report import LayerRecord, Report, peak_memory_tracker
 from .batchnorm import recalibrate_batchnorm
 from .data import Forward, take_samples
 from .hessians import collect_hessians
-from .progress import Progress
+from .progress import Progress, level, reporting
 from .sequential import find_blocks, sequential_compress
 from .state import GroupState, LayerState, ModelState
 
@@ -158,7 +158,8 @@ class LayerCompressor:
             self.records.append(rec)
             entry.groups.append(GroupState.from_result(res))
         self.state[name] = entry
-        self.progress.update(name)
+        secs = sum(r.seconds for r in self.records[-len(hessians) :])
+        self.progress.update(f"{name}: {self.records[-1].method} {secs:.1f} s")
 
 
 # ---------------------------------------------------------------------- calibrate + solve ----
@@ -290,7 +291,8 @@ def compress(
     progress = Progress(len(plans), "compress", enabled=not quiet)
     comp = LayerCompressor(plans, adapters, progress)
     try:
-        solve(model, batches, rec, comp, forward, inputs)
+        with reporting("quiet" if quiet else level() or "normal"):
+            solve(model, batches, rec, comp, forward, inputs)
     finally:
         progress.close()
     records.extend(comp.records)

@@ -206,11 +206,19 @@ def forward_batches(
     Call it inside ``calibration_mode`` (or a mode of the caller's); hooks attached before
     see every batch. Raises ``ValueError`` when the calibration yields no batch.
     """
+    from .progress import phase
+
     dev = model_device(model)
     n = 0
-    for i, batch in iter_batches(calibration):
-        forward_batch(model, i, batch, forward, inputs, dev)
-        n += 1
+    total = len(calibration) if isinstance(calibration, (list, tuple)) else None
+    bar = phase(total, "calibration forwards")
+    try:
+        for i, batch in iter_batches(calibration):
+            forward_batch(model, i, batch, forward, inputs, dev)
+            n += 1
+            bar.update()
+    finally:
+        bar.close()
     if n == 0:
         raise empty_error()
     return n
