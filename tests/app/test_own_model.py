@@ -301,7 +301,7 @@ def test_progress_one_line_per_layer_in_logs_and_verbose_adds_the_phases(
     assert main([*argv, "--out", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err  # stderr is not a terminal under pytest
     lines = [x for x in err.splitlines() if x.startswith("[compress]")]
-    assert len(lines) == 2 and lines[0].startswith("[compress] 1/2 0: ")
+    assert len(lines) == 2 and lines[0].startswith("[compress] 1/2 0 (")
     assert "[calibration forwards]" not in err
     assert main([*argv, "--out", str(tmp_path / "b"), "--verbose"]) == 0
     err = capsys.readouterr().err

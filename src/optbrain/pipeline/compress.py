@@ -159,7 +159,7 @@ class LayerCompressor:
             entry.groups.append(GroupState.from_result(res))
         self.state[name] = entry
         secs = sum(r.seconds for r in self.records[-len(hessians) :])
-        self.progress.update(f"{name}: {self.records[-1].method} {secs:.1f} s")
+        self.progress.update(f"{name} ({self.records[-1].method}, {secs:.1f} s)")
 
 
 # ---------------------------------------------------------------------- calibrate + solve ----
