@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from ..pipeline.calibration import image_files
-from .sources import _read_config, context_length, has_tokenizer
+from .sources import _read_config, context_length, has_tokenizer, model_kind
 
 _TENSOR_SUFFIXES = (".npy", ".safetensors")
 
@@ -26,6 +26,7 @@ def _is_dataset(p: Path) -> bool:
 
 def precheck(model: str, data: str | None, flag: str, seq_len: int | None) -> None:
     """The checks that need no weights (see the module docstring); ``flag`` names ``data``."""
+    model_kind(model)
     if data is None:
         raise ValueError(
             f"{flag} FILE|DIR is needed for your own model (a text / .jsonl file, an image "

@@ -247,24 +247,21 @@ def load_factory(spec: str, weights: str | Path | None) -> LoadedModel:
     return LoadedModel(model, "module", m["fn"].split(".")[-1])
 
 
-def load_model(
-    spec: str, task: str | None = None, weights: str | Path | None = None
-) -> LoadedModel:
-    """A local Hugging Face directory or ``module:factory`` (+ ``weights``); never downloads."""
+def model_kind(spec: str, weights: str | Path | None = None) -> str:
+    """``"hf"`` (a local directory) or ``"module"`` (``module:factory``) for ``spec``; a
+    ``ValueError`` for anything else (a file, a missing path, a hub id), before any work."""
     p = Path(spec).expanduser()
     if p.is_dir():
         if weights:
             raise ValueError("--weights goes with --model module:factory, not a model directory")
-        return load_hf(p, task)
+        return "hf"
     if p.is_file():
         raise ValueError(
             f"--model {spec} is a file: pass the directory written by save_pretrained, or "
             "module:factory with --weights FILE for a plain state dict"
         )
     if _FACTORY.match(spec) and not spec.startswith(("/", ".", "~")):
-        if task:
-            raise ValueError("--task goes with a Hugging Face model directory")
-        return load_factory(spec, weights)
+        return "module"
     from . import zoo
 
     looks_like_hub = re.fullmatch(r"[\w.-]+/[\w.-]+", spec) is not None
@@ -275,6 +272,17 @@ def load_model(
         else ""
     )
     raise ValueError(
-        f"--model {spec!r}: no such local directory, not module:factory and not a zoo model "
-        f"({', '.join(zoo.names())}){hint}"
+        f"unknown model {spec!r}: no such local directory, not module:factory and not a zoo "
+        f"model ({', '.join(zoo.names())}){hint}"
     )
+
+
+def load_model(
+    spec: str, task: str | None = None, weights: str | Path | None = None
+) -> LoadedModel:
+    """A local Hugging Face directory or ``module:factory`` (+ ``weights``); never downloads."""
+    if model_kind(spec, weights) == "hf":
+        return load_hf(Path(spec).expanduser(), task)
+    if task:
+        raise ValueError("--task goes with a Hugging Face model directory")
+    return load_factory(spec, weights)
