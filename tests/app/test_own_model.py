@@ -308,3 +308,29 @@ def test_progress_one_line_per_layer_in_logs_and_verbose_adds_the_phases(
     assert err.count("[calibration forwards]") == 2  # 16 samples = 2 batches of 8, one pass
     assert main([*argv, "--out", str(tmp_path / "c"), "--quiet"]) == 0
     assert "[" not in capsys.readouterr().err
+
+
+def test_hf_image_model_takes_size_and_normalisation_from_its_preprocessor(tmp_path):
+    from torch import nn
+
+    from optbrain.app.own import calibration_for, labelled_images
+    from optbrain.app.sources import LoadedModel
+
+    pre = {"image_mean": [0.5] * 3, "image_std": [0.25] * 3, "size": {"height": 8, "width": 8}}
+    model = nn.Linear(2, 2)
+    model.config = transformers.PretrainedConfig(id2label={0: "dog", 1: "cat"})
+    loaded = LoadedModel(model, "hf", "vit", task="image-classification", preprocessor=pre)
+    images = _image_folder(tmp_path / "imgs", per_class=3)
+    b = calibration_for(loaded, images, samples=6)
+    x = b[0]["pixel_values"]  # HF image models take pixel_values=
+    assert x.shape == (6, 3, 8, 8)
+    raw = calibration_for(
+        LoadedModel(nn.Linear(2, 2), "module", "m"), images, samples=6, image_size=8
+    )[0]
+    assert torch.allclose(x, (raw - 0.5) / 0.25, atol=1e-6)  # same images, same seed
+    batches, labels = labelled_images(loaded, images, None, None)
+    # folders cat, dog (sorted) map to the model's own ids: cat -> 1, dog -> 0
+    assert sorted(torch.cat(labels).tolist()) == [0, 0, 0, 1, 1, 1]
+    first = batches[0]["pixel_values"][0]
+    is_bright = bool(first.mean() > 0.5)  # the "dog" images are the bright ones
+    assert int(labels[0][0]) == (0 if is_bright else 1)
