@@ -11,6 +11,7 @@ import argparse
 import json
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -89,15 +90,19 @@ def _compress_own(args: argparse.Namespace, recipe: Any) -> int:
         raise ValueError("--target (a global budget) works with zoo models only for now")
     precheck(args.model, args.calibration, "--calibration", args.seq_len)
     loaded = _load(args)
-    batches = calibration_for(
-        loaded,
-        args.calibration,
-        samples=recipe.calibration.samples,
-        seq_len=args.seq_len,
-        seed=args.seed,
-        text_key=args.text_key,
-        image_size=args.image_size,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        batches = calibration_for(
+            loaded,
+            args.calibration,
+            samples=recipe.calibration.samples,
+            seq_len=args.seq_len,
+            seed=args.seed,
+            text_key=args.text_key,
+            image_size=args.image_size,
+        )
+    for w in caught:  # "only N samples available": a note, not a Python warning trace
+        print(f"note: {w.message}", file=sys.stderr)
     for line in obc_warnings(loaded.model, recipe):  # printed even with --quiet
         print(line, file=sys.stderr)
     out = Path(args.out) if args.out else Path("runs") / loaded.name
