@@ -15,7 +15,6 @@ from obs_reference import constrained_optimum, make_problem
 
 from optbrain.adapters import adapter_for
 from optbrain.core.hessian import hessian_from_inputs, layer_loss, prepare_hessian, row_losses
-from optbrain.core.obs import masked_optimum
 from optbrain.core.structured import (
     StructuredPattern,
     group_columns,
@@ -26,6 +25,7 @@ from optbrain.core.structured import (
     structured_obs,
     structured_optimum,
 )
+from optbrain.core.trace import masked_optimum
 
 F64 = torch.float64
 EXACT = {"damp": 0.0, "dtype": F64}
