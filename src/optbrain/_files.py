@@ -29,6 +29,7 @@ SEAL = "sha256_self"
 
 __all__ = [
     "SEAL",
+    "CheckpointError",
     "TMP_SUFFIX",
     "UnsealError",
     "atomic_json",
@@ -42,6 +43,11 @@ __all__ = [
     "sha256_file",
     "unseal",
 ]
+
+
+class CheckpointError(ValueError):
+    """A file optbrain wrote (run directory, budget database) that is missing, truncated,
+    tampered with or does not fit the model."""
 
 
 class UnsealError(ValueError):

@@ -34,6 +34,7 @@ from safetensors.torch import load as load_bytes
 from torch import nn
 
 from .._files import (
+    CheckpointError,
     UnsealError,
     atomic_json,
     atomic_write,
@@ -52,10 +53,6 @@ TENSORS = "compressed.safetensors"
 TENSORS_B = "compressed.b.safetensors"
 MANIFEST = "manifest.json"
 REPORT = "report.json"
-
-
-class CheckpointError(ValueError):
-    """A run directory that is missing, truncated, tampered with or does not fit the model."""
 
 
 def _bn_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
