@@ -15,10 +15,10 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from optbrain._files import SEAL, seal
 from optbrain.api import compress
 from optbrain.core.grid import QuantGrid
 from optbrain.export import CheckpointError, load, save
-from optbrain._files import SEAL, seal
 from optbrain.export.checkpoint import MANIFEST, REPORT, TENSORS
 
 

@@ -71,6 +71,7 @@ __all__ = [
     "DatabaseMismatchError",
     "DbSettings",
     "build_database",
+    "check_database_dir",
     "fingerprint",
 ]
 
@@ -223,7 +224,7 @@ def build_database(
     """
     st = settings or DbSettings()
     root = Path(root)
-    _check_root(root)
+    check_database_dir(root)
     batches = list(batches)
     if not batches:
         raise ValueError("calibration is empty: at least one batch is needed")
@@ -274,7 +275,7 @@ def build_database(
     return Database(root)
 
 
-def _check_root(root: Path) -> None:
+def check_database_dir(root: Path) -> None:
     """Refuse a ``root`` that is a file, or a directory holding something other than a budget
     database (building there would mix our files into someone else's); delete the temporary
     files of a killed build."""
