@@ -128,12 +128,15 @@ class Database:
     def record(self, name: str) -> dict[str, Any]:
         """The layer's JSON record (the layout above; its errors: ``optbrain.budget.database``)."""
         if name not in self._records:
+            js = self.stem(name).with_suffix(".json")
+            if js.is_file():
+                read_record(js)  # an edited or damaged record: say so (its own hash)
             if not self.is_complete(name):
                 raise DatabaseError(
                     f"layer {name!r} is missing from the database in {self.root} "
                     "(an interrupted build? build it again to resume)"
                 )
-            self._records[name] = read_record(self.stem(name).with_suffix(".json"))
+            self._records[name] = read_record(js)
         return self._records[name]
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
