@@ -99,9 +99,10 @@ def test_file_or_unrelated_directory_is_refused(reference, tmp_path):
 
 
 def test_killed_build_at_30_random_moments_resumes_identically(reference, tmp_path):
-    """A forked build is SIGKILLed at 30 random moments (each resumes the previous one's
-    directory, six fresh builds); after each, every layer the reader calls complete verifies and equals the
-    reference; a final resume gives the reference bytes."""
+    """A forked build is SIGKILLed at 30 random moments (six fresh builds, each killed five
+    times, each kill resuming the previous one's directory); after each, every layer the
+    reader calls complete verifies and equals the reference; a final resume gives the
+    reference bytes."""
     _, ref = reference
     t0 = time.perf_counter()
     _build(tmp_path / "timing")
