@@ -29,8 +29,9 @@ if TYPE_CHECKING:
 __all__ = ["RUN_FILES", "run_zoo", "run_zoo_budget"]
 
 #: the files a runner writes beside the saved run (a budget run: allocation.json; uniform:
-#: recipe.yaml); those a run does not write are deleted from a reused directory
-RUN_FILES = frozenset({"report.html", "recipe.yaml", "allocation.json"})
+#: recipe.yaml; an own model: source.json); those a run does not write are deleted from a
+#: reused directory
+RUN_FILES = frozenset({"report.html", "recipe.yaml", "allocation.json", "source.json"})
 
 
 def _run(
