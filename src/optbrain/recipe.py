@@ -224,9 +224,11 @@ class Recipe:
         return f"# optbrain compression recipe (format version {self.version})\n{body}"
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Write ``to_yaml()`` to ``path``; returns the path."""
+        """Write ``to_yaml()`` to ``path`` atomically (UTF-8); returns the path."""
+        from ._files import atomic_write
+
         p = Path(path)
-        p.write_text(self.to_yaml(), encoding="utf-8")
+        atomic_write(p, self.to_yaml())
         return p
 
     @classmethod

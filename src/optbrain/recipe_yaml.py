@@ -72,7 +72,13 @@ def read_source(source: str | os.PathLike) -> tuple[str, str]:
         path = Path(source)
         if not path.is_file():
             raise FileNotFoundError(f"recipe file not found: {path}")
-        return path.read_text(encoding="utf-8"), str(path)
+        try:
+            return path.read_text(encoding="utf-8"), str(path)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"recipe file {path} is not UTF-8 text (byte {e.start}: {e.reason}); "
+                "save it as UTF-8"
+            ) from None
     if not isinstance(source, str):
         raise TypeError(f"expected a path or YAML text, got {type(source).__name__}")
     return source, "recipe YAML"

@@ -330,3 +330,109 @@ def test_demo_one_budget(monkeypatch, tmp_path, capsys):
     # measured: OBC 99.4%, magnitude 99.0% (dense 99.6%); bound: OBC within 2 points of dense
     assert rows["obc"][1] >= dense_acc - 2
     assert str(out / "sp50-obc" / "report.html") in text
+
+
+# ------------------------------------------------------------------- failures before compute
+
+
+def _no_compute(monkeypatch):
+    """Make any compute fail loudly: the checks under test must come first."""
+    import optbrain.app.runs as runs
+
+    def boom(*a, **k):
+        raise AssertionError("compute started before the check")
+
+    monkeypatch.setattr(runs, "run_zoo", boom)
+    monkeypatch.setattr(runs, "run_zoo_budget", boom)
+
+
+@pytest.mark.parametrize(
+    "setup, extra, message",
+    [
+        ("file", [], "--out .* is an existing file"),
+        ("under-file", [], "cannot be created: .* is a file"),
+        ("db-file", ["--target", "flops=0.5"], "is a file, not a budget database"),
+        ("db-other", ["--target", "flops=0.5"], "not empty and not a budget database"),
+        ("pattern", ["--pattern", "abc"], "pattern.*'abc'"),
+        ("recipe-latin1", [], r"recipe file .*bad\.yaml is not UTF-8"),
+    ],
+)
+def test_bad_paths_fail_before_compute(setup, extra, message, tmp_path, monkeypatch, capsys):
+    _no_compute(monkeypatch)
+    out = tmp_path / "run"
+    argv = ["compress", "--model", "digits-mlp"]
+    if setup == "file":
+        out.write_text("x")
+    if setup == "under-file":
+        (tmp_path / "f").write_text("x")
+        out = tmp_path / "f" / "run"
+    if setup in ("db-file", "db-other"):
+        db = tmp_path / "db"
+        if setup == "db-file":
+            db.write_text("x")
+        else:
+            db.mkdir()
+            (db / "notes.txt").write_text("mine")
+        extra = [*extra, "--db", str(db)]
+    if setup == "recipe-latin1":
+        (tmp_path / "bad.yaml").write_bytes(
+            "method: obc\nsparsity: 0.5 # caf\xe9\n".encode("latin-1")
+        )
+        extra = ["--recipe", str(tmp_path / "bad.yaml")]
+    if setup != "pattern" and "--recipe" not in extra and "--target" not in extra:
+        extra = [*extra, "--sparsity", "0.5"]
+    assert main([*argv, *extra, "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert re.search(message, err), err
+    assert "Traceback" not in err
+    if setup == "db-other":
+        assert sorted(p.name for p in (tmp_path / "db").iterdir()) == ["notes.txt"]
+
+
+@pytest.mark.parametrize("limit", ["0", "-5", "x"])
+def test_limit_must_be_positive(limit, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["eval", "--model", "digits-mlp", "--limit", limit])
+    assert e.value.code == 2
+    assert "expected an integer >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "exc, code, message",
+    [
+        (KeyboardInterrupt(), 130, "interrupted; rerun the same command to resume"),
+        (OSError(28, "No space left on device"), 1, "No space left on device"),
+    ],
+)
+def test_interrupt_and_os_errors_are_messages(exc, code, message, tmp_path, monkeypatch, capsys):
+    import optbrain.app.runs as runs
+
+    def raise_(*a, **k):
+        raise exc
+
+    monkeypatch.setattr(runs, "run_zoo", raise_)
+    argv = ["compress", "--model", "digits-mlp", "--sparsity", "0.5", "--out", str(tmp_path / "r")]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+
+
+def test_no_layer_compressed_exits_1_with_reason(tmp_path, capsys):
+    """--group-size 7 fits none of the digits-mlp layers: the run says so and exits 1."""
+    out = tmp_path / "run"
+    argv = "compress --model digits-mlp --bits 4 --group-size 7 --samples 16 --limit 20 --quiet"
+    assert main([*argv.split(), "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert "no layer was compressed" in err and "group" in err
+
+
+def test_reused_out_loses_an_earlier_runs_files(tmp_path, capsys):
+    """A budget run's allocation.json and the other tensors slot do not survive a uniform run
+    into the same directory."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "allocation.json").write_text("{}")
+    (out / "compressed.b.safetensors").write_bytes(b"old")
+    argv = "compress --model digits-mlp --sparsity 0.5 --samples 16 --limit 20 --quiet"
+    assert main([*argv.split(), "--out", str(out)]) == 0
+    assert {p.name for p in out.iterdir()} == RUN_FILES

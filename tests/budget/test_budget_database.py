@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from optbrain._files import TMP_SUFFIX
 from optbrain.adapters import adapter_for
 from optbrain.budget import (
     DatabaseError,
@@ -116,12 +117,13 @@ def test_interrupted_build_resumes_to_an_identical_database(tiny_db, tiny, tmp_p
         )
     assert done == ["c1", "c2"]
     # a half-written temporary file of the third layer, as a crash mid-write would leave
-    (root / "layers" / "0002.safetensors.123.tmp").write_bytes(b"partial")
+    stale = root / "layers" / f".0002.safetensors.123.0{TMP_SUFFIX}"
+    stale.write_bytes(b"partial")
     resumed = []
     build_database(model, calib, root, levels, settings=settings, seed=1, on_layer=resumed.append)
     assert resumed == ["fc", "out"]  # the complete layers were skipped
     a, b = _files(full.root), _files(root)
-    assert b.pop("layers/0002.safetensors.123.tmp") == b"partial"  # left alone, unused
+    assert not stale.exists()  # the killed writer's temporary file was deleted, never read
     assert a.keys() == b.keys()
     for k in a:
         assert a[k] == b[k], k  # bit-identical tensors and JSON

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from optbrain._files import SEAL, seal
 from optbrain.api import compress
 from optbrain.core.grid import QuantGrid
 from optbrain.export import CheckpointError, load, save
@@ -147,12 +148,12 @@ def test_save_load_is_bit_exact(kind, tmp_path):
     # the report travels with the run
     report = json.loads((run / REPORT).read_text())
     assert report["layers"] == model.__dict__["_optbrain"]["report"]["layers"]
-    # saving the loaded model writes the same tensors again (not the same bytes: safetensors
-    # writes its metadata map in no fixed order)
+    # saving the loaded model writes the same tensors again, byte for byte
     again = save(fresh, tmp_path / "again")
     t0, t1 = load_file(str(run / TENSORS)), load_file(str(again / TENSORS))
     assert t0.keys() == t1.keys()
     assert all(torch.equal(t0[k], t1[k]) and t0[k].dtype == t1[k].dtype for k in t0)
+    assert (run / TENSORS).read_bytes() == (again / TENSORS).read_bytes()
 
 
 def test_bn_recalibration_is_saved_and_needed(tmp_path):
@@ -231,10 +232,12 @@ def _copy_run(run: Path, dst: Path) -> Path:
     return dst
 
 
-def _edit_manifest(run: Path, fn) -> None:
+def _edit_manifest(run: Path, fn, reseal: bool = True) -> None:
+    """Edit the manifest; ``reseal``: recompute its self-hash like a deliberate forger (so the
+    checks behind the seal are reached); without, the seal refuses the edit."""
     m = json.loads((run / MANIFEST).read_text())
     fn(m)
-    (run / MANIFEST).write_text(json.dumps(m))
+    (run / MANIFEST).write_text(json.dumps(seal(m) if reseal else m))
 
 
 def _truncate(run: Path) -> None:
@@ -309,11 +312,27 @@ CORRUPTIONS = {
     ),
     "manifest layers not a mapping": (
         lambda r: _edit_manifest(r, _set("layers", [])),
-        "manifest.json is malformed",
+        "manifest.json lists no compressed layer",
     ),
-    "report not JSON": (
-        lambda r: (r / REPORT).write_text('{"layers": ['),
-        "report.json is not valid JSON",
+    "manifest edited, not resealed": (
+        lambda r: _edit_manifest(r, _set("layers", {}), reseal=False),
+        "does not match its own hash",
+    ),
+    "manifest one layer removed, not resealed": (
+        lambda r: _edit_manifest(r, lambda m: m["layers"].pop("2"), reseal=False),
+        "does not match its own hash",
+    ),
+    "manifest without seal": (
+        lambda r: _edit_manifest(r, lambda m: m.pop(SEAL), reseal=False),
+        "carries no",
+    ),
+    "manifest with no layers, resealed": (
+        lambda r: _edit_manifest(r, _set("layers", {})),
+        "lists no compressed layer",
+    ),
+    "manifest nested 100k deep": (
+        lambda r: (r / MANIFEST).write_text("[" * 100_000 + "]" * 100_000),
+        "nested too deeply",
     ),
     "manifest names a missing tensor": (
         lambda r: _edit_manifest(r, _rename_tensor),

@@ -46,6 +46,10 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
             rule[k] = v
     if args.asym:
         rule["sym"] = False
+    if "pattern" in rule:
+        from ..core.spec import check_pattern
+
+        check_pattern(rule["pattern"], plain=True)  # names the bad pattern
     asked = "sparsity" in rule or "bits" in rule or "preset" in rule
     if not asked and ":" not in str(rule.get("pattern")):
         raise ValueError("say what to do: --preset, --sparsity, --pattern N:M, --bits or --recipe")
@@ -78,11 +82,48 @@ def cmd_compress(args: argparse.Namespace) -> int:
         raise ValueError("--calibration is for your own model; zoo models bring their data")
     recipe = _recipe_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / args.model
+    _check_out(out)
     _, report = run_zoo(args.model, recipe, out, quiet=args.quiet, limit=args.limit)
     print(render_table(report))
     print_metrics(report)
     print(f"\nrun written to {out}/ (report: {out / 'report.html'})")
-    return 0
+    return _nothing_compressed(report)
+
+
+def _check_out(out: Path, db: Path | None = None) -> None:
+    """Before any compute: ``out`` (and ``db``) must be, or be creatable as, directories
+    optbrain can write (nothing is created here)."""
+    import tempfile
+
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is an existing file; pass a directory")
+    base = out
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ValueError(f"--out {out} cannot be created: {base} is a file")
+    try:
+        with tempfile.TemporaryFile(dir=base):
+            pass
+    except OSError as e:
+        raise ValueError(f"--out {out} is not writable ({base}: {e.strerror or e})") from None
+    if db is not None:
+        from ..budget.database import check_database_dir
+
+        check_database_dir(db)
+
+
+def _nothing_compressed(report: Any) -> int:
+    """0 when some layer was compressed, else 1 with the reasons on stderr."""
+    if any(r.compressed for r in report.layers):
+        return 0
+    why = sorted({f"{r.name}: {r.reason}" for r in report.layers if r.reason})
+    print(
+        "optbrain compress: error: no layer was compressed"
+        + (":\n  " + "\n  ".join(why[:10]) if why else " (no layer matched the targets)"),
+        file=sys.stderr,
+    )
+    return 1
 
 
 def cmd_compress_budget(args: argparse.Namespace) -> int:
@@ -106,6 +147,7 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
         )
     out = Path(args.out) if args.out else Path("runs") / args.model
     db = Path(args.db) if getattr(args, "db", None) else None
+    _check_out(out, db)
     _, report = run_zoo_budget(
         args.model,
         args.target,
@@ -120,7 +162,7 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
     print(allocation_table(report))
     print_metrics(report)
     print(f"\nrun written to {out}/ (report: {out / 'report.html'})")
-    return 0
+    return _nothing_compressed(report)
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -188,6 +230,17 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1."""
+    try:
+        n = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
+    return n
+
+
 def build_parser() -> argparse.ArgumentParser:
     from ..core.methods import METHODS
     from .own_cmd import add_source_flags
@@ -228,7 +281,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration mode (default: independent, as OBC)",
     )
     c.add_argument("--samples", type=int, help="calibration samples (default 128)")
-    c.add_argument("--limit", type=int, help="evaluate on the first N examples only")
+    c.add_argument("--limit", type=_positive_int, help="evaluate on the first N examples only")
     c.add_argument("--out", help="run directory (default: runs/MODEL)")
     c.add_argument("--quiet", action="store_true", help="no progress line")
     c.add_argument("--verbose", action="store_true", help="progress and details on stderr")
@@ -248,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--verbose", action="store_true", help="progress lines also in logs")
     add_source_flags(e, data_flag=False)
     e.add_argument("--compressed", metavar="RUN_DIR", help="a run directory to evaluate")
-    e.add_argument("--limit", type=int, help="evaluate on the first N examples only")
+    e.add_argument("--limit", type=_positive_int, help="evaluate on the first N examples only")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.set_defaults(func=cmd_eval)
 
@@ -281,6 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, ImportError) as e:
         print(f"optbrain {args.command}: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # disk full, permissions: the message, not a traceback
+        print(f"optbrain {args.command}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(
+            f"\noptbrain {args.command}: interrupted; rerun the same command to resume",
+            file=sys.stderr,
+        )
+        return 130
 
 
 if __name__ == "__main__":

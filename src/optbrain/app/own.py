@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._files import atomic_write
 from ..pipeline.calibration import DEFAULT_IMAGE_SIZE, calibration_from, image_files, image_tensor
 from ..pipeline.data import model_device, to_device
 from ..pipeline.progress import phase
@@ -88,16 +89,23 @@ def compress_own(
     (checkpoint, ``report.html``, ``recipe.yaml``, ``source.json``). Returns the report."""
     from ..api import compress
     from ..export import save
+    from .runs import RUN_FILES
 
     t0 = time.perf_counter()
     report = compress(loaded.model, batches, recipe, quiet=quiet, name=loaded.name)
     report.metadata["compress_seconds"] = time.perf_counter() - t0
     loaded.model.__dict__["_optbrain"]["report"] = report.to_dict()
     save(loaded.model, out)
-    (out / "report.html").write_text(report.to_html())
-    (out / "recipe.yaml").write_text(recipe.to_yaml())
     src = {"kind": loaded.kind, "name": loaded.name, "task": loaded.task}
-    (out / "source.json").write_text(json.dumps(src, indent=1))
+    written = {
+        "report.html": report.to_html(),
+        "recipe.yaml": recipe.to_yaml(),
+        "source.json": json.dumps(src, indent=1),
+    }
+    for fname, text in written.items():
+        atomic_write(out / fname, text)
+    for fname in RUN_FILES - set(written):  # an earlier run's files in a reused --out
+        (out / fname).unlink(missing_ok=True)
     return report
 
 

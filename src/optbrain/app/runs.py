@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from torch import nn
 
+from .._files import atomic_write
 from ..api import compress
 from ..export import save
 from ..recipe import Recipe
@@ -25,7 +26,12 @@ from ..report import Report
 if TYPE_CHECKING:
     from .zoo import ZooEntry
 
-__all__ = ["run_zoo", "run_zoo_budget"]
+__all__ = ["RUN_FILES", "run_zoo", "run_zoo_budget"]
+
+#: the files a runner writes beside the saved run (a budget run: allocation.json; uniform:
+#: recipe.yaml; an own model: source.json); those a run does not write are deleted from a
+#: reused directory
+RUN_FILES = frozenset({"report.html", "recipe.yaml", "allocation.json", "source.json"})
 
 
 def _run(
@@ -64,8 +70,11 @@ def _run(
         out = Path(out)
         model.__dict__["_optbrain"]["report"] = report.to_dict()
         save(model, out)
-        for fname, text in files(report).items():
-            (out / fname).write_text(text)
+        written = files(report)
+        for fname, text in written.items():
+            atomic_write(out / fname, text)
+        for fname in RUN_FILES - set(written):  # an earlier run's files in a reused --out
+            (out / fname).unlink(missing_ok=True)
     return model, report
 
 

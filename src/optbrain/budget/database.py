@@ -43,6 +43,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._files import clean_stale
 from ..adapters import LayerAdapter, adapter_for, find_layers
 from ..core.hessian import row_losses
 from ..core.layer import compress_layer
@@ -70,6 +71,7 @@ __all__ = [
     "DatabaseMismatchError",
     "DbSettings",
     "build_database",
+    "check_database_dir",
     "fingerprint",
 ]
 
@@ -222,6 +224,7 @@ def build_database(
     """
     st = settings or DbSettings()
     root = Path(root)
+    check_database_dir(root)
     batches = list(batches)
     if not batches:
         raise ValueError("calibration is empty: at least one batch is needed")
@@ -270,6 +273,25 @@ def build_database(
         }
         atomic_json(root / FINGERPRINT, fp)
     return Database(root)
+
+
+def check_database_dir(root: Path) -> None:
+    """Refuse a ``root`` that is a file, or a directory holding something other than a budget
+    database (building there would mix our files into someone else's); delete the temporary
+    files of a killed build."""
+    if root.exists() and not root.is_dir():
+        raise DatabaseError(f"{root} is a file, not a budget database directory")
+    clean_stale(root)
+    clean_stale(root / "layers")
+    if not root.is_dir() or (root / FINGERPRINT).is_file():
+        return
+    other = [p.name for p in root.iterdir() if not (p.name == "layers" and p.is_dir())]
+    other += [f"layers/{p.name}" for p in (root / "layers").glob("*")]
+    if other:
+        raise DatabaseError(
+            f"{root} is not empty and not a budget database (it holds {sorted(other)[:3]}); "
+            "refusing to build inside it: pass an empty or new directory"
+        )
 
 
 def _add_model_level(

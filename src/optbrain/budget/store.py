@@ -13,21 +13,34 @@ Layout of a database directory::
                              and per level: kept weights (nnz), bits, pattern, number of scales,
                              loss, predicted loss, model-level loss; SHA-256 of the tensors
 
-Files are written to a temporary name and renamed into place (``atomic_json``,
-``atomic_tensors``), so a file is either complete or absent.
+Files are written through ``optbrain._files.atomic_write`` (temporary file in the same
+directory, fsync, rename), so a file is either complete or absent; the fingerprint and every
+layer record are sealed by the SHA-256 of their own canonical JSON, and a record names the
+SHA-256 of its tensors: an edited record (a changed ``nnz``) is refused, and the layer counts
+as not built (a rebuild recomputes it). A killed writer's temporary files are ignored and
+deleted by the next build.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors import SafetensorError
+from safetensors.torch import load as load_bytes
 
-from .._files import sha256_file
+from .. import _files
+from .._files import (
+    CheckpointError,
+    UnsealError,
+    read_json,
+    safetensors_bytes,
+    seal,
+    sha256_bytes,
+    sha256_file,
+)
 from .levels import Level
 
 FORMAT = "optbrain-budget-db"
@@ -46,36 +59,31 @@ __all__ = [
 ]
 
 
-class DatabaseError(ValueError):
-    """A database directory that is missing, incomplete, or damaged."""
+class DatabaseError(CheckpointError):
+    """A database directory that is missing, incomplete, or damaged (a ``CheckpointError``)."""
 
 
 class DatabaseMismatchError(DatabaseError):
     """A database built from another model, calibration set, level grid or settings."""
 
 
-def _tmp(path: Path) -> Path:
-    """A temporary name beside ``path``, unique per process (two builds of one database at
-    once then never rename each other's half-written files into place)."""
-    return path.with_name(f"{path.name}.{os.getpid()}.tmp")
-
-
-def atomic_json(path: Path, data: Any) -> None:
-    """Write ``data`` as JSON to ``path`` through a temporary file renamed into place."""
-    tmp = _tmp(path)
-    tmp.write_text(json.dumps(data, indent=1, sort_keys=True, allow_nan=False))
-    os.replace(tmp, path)
+def atomic_json(path: Path, data: dict[str, Any]) -> None:
+    """Write the record ``data``, sealed (``optbrain._files.seal``), atomically to ``path``."""
+    _files.atomic_json(path, seal(data))
 
 
 def atomic_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
-    """Write ``tensors`` as safetensors to ``path`` (renamed into place); their SHA-256."""
-    tmp = _tmp(path)
-    # no header metadata: safetensors writes its keys in hash-map order, which would make
-    # the bytes of two identical builds differ (the JSON record carries the format instead)
-    save_file({k: tensors[k].contiguous() for k in sorted(tensors)}, str(tmp))
-    digest = sha256_file(tmp)
-    os.replace(tmp, path)
-    return digest
+    """Write ``tensors`` as safetensors (sorted header: reproducible bytes) atomically to
+    ``path``; their SHA-256."""
+    return _files.atomic_write(path, safetensors_bytes(tensors))
+
+
+def read_record(path: Path) -> dict[str, Any]:
+    """A sealed JSON record; ``DatabaseError`` naming the file when it is damaged or edited."""
+    try:
+        return _files.unseal(read_json(path), str(path))
+    except (UnsealError, ValueError, OSError) as e:
+        raise DatabaseError(str(e)) from None
 
 
 class Database:
@@ -87,14 +95,14 @@ class Database:
         fp = self.root / FINGERPRINT
         if not fp.is_file():
             raise DatabaseError(f"{self.root} is not a budget database (no {FINGERPRINT})")
-        try:
-            self.fingerprint = json.loads(fp.read_text())
-        except json.JSONDecodeError as e:
-            raise DatabaseError(f"{fp} is not valid JSON: {e}") from None
+        self.fingerprint = read_record(fp)
         if self.fingerprint.get("format") != FORMAT:
             raise DatabaseError(f"{fp} is not an optbrain budget database fingerprint")
-        self.layers: list[str] = list(self.fingerprint["layer_order"])
-        self.levels = [Level.parse(x) for x in self.fingerprint["levels"]]
+        try:
+            self.layers: list[str] = [str(n) for n in self.fingerprint["layer_order"]]
+            self.levels = [Level.parse(x) for x in self.fingerprint["levels"]]
+        except (KeyError, TypeError, ValueError) as e:
+            raise DatabaseError(f"{fp} is malformed: {type(e).__name__}: {e}") from None
         self._records: dict[str, dict[str, Any]] = {}
 
     def stem(self, name: str) -> Path:
@@ -106,8 +114,8 @@ class Database:
         if not (js.is_file() and st.is_file()):
             return False
         try:
-            rec = json.loads(js.read_text())
-        except json.JSONDecodeError:
+            rec = read_record(js)
+        except DatabaseError:
             return False
         if rec.get("name") != name:
             return False
@@ -120,24 +128,31 @@ class Database:
     def record(self, name: str) -> dict[str, Any]:
         """The layer's JSON record (the layout above; its errors: ``optbrain.budget.database``)."""
         if name not in self._records:
+            js = self.stem(name).with_suffix(".json")
+            if js.is_file():
+                read_record(js)  # an edited or damaged record: say so (its own hash)
             if not self.is_complete(name):
                 raise DatabaseError(
                     f"layer {name!r} is missing from the database in {self.root} "
                     "(an interrupted build? build it again to resume)"
                 )
-            self._records[name] = json.loads(self.stem(name).with_suffix(".json").read_text())
+            self._records[name] = read_record(js)
         return self._records[name]
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """All stored tensors of a layer, checksum verified."""
         rec = self.record(name)
         path = self.stem(name).with_suffix(".safetensors")
-        if sha256_file(path) != rec["tensors_sha256"]:
+        data = path.read_bytes()  # one read: the bytes checked are the bytes parsed
+        if sha256_bytes(data) != rec.get("tensors_sha256"):
             raise DatabaseError(
                 f"{path} does not match its checksum (modified or truncated); delete it and "
                 f"{path.with_suffix('.json').name} and build again to recompute the layer"
             )
-        return load_file(str(path))
+        try:
+            return load_bytes(data)
+        except (SafetensorError, ValueError, RuntimeError, TypeError) as e:
+            raise DatabaseError(f"{path} cannot be read: {e}") from None
 
     def level_weights(
         self, name: str, level: str, tensors: dict[str, torch.Tensor] | None = None

@@ -39,7 +39,7 @@ import torch
 
 from .grid import QuantGrid, fit_grid
 from .hessian import PreparedHessian, prepare_layer
-from .patterns import Pattern
+from .patterns import Pattern, pruned_count
 from .result import LayerResult, layer_result
 from .spec import CompressSpec
 
@@ -112,7 +112,7 @@ class ColumnOut:
 
 
 def _count(frac: float, total: int) -> int:
-    return int(round(frac * total))
+    return pruned_count(frac, total)
 
 
 def _micro(align: int) -> int:

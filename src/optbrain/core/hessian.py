@@ -73,10 +73,19 @@ class HessianAccumulator:
 
 
 def hessian_from_inputs(X: torch.Tensor) -> torch.Tensor:
-    """``H = 2 Xᵀ X / N`` for ``X (N, cols)``, computed in float64, returned in X's dtype."""
+    """``H = 2 Xᵀ X / N`` for ``X (N, cols)``, accumulated in float64.
+
+    Returned in float64 for float64 inputs, else float32 (float16 / bfloat16 / integer inputs
+    would overflow or truncate in their own dtype: |x| = 300 gives H_pp = 1.8e5 > 65504);
+    float64 when the float32 result would not be finite (|x| ≳ 1e19).
+    """
     acc = HessianAccumulator(X.shape[-1], device=X.device)
     acc.add(X)
-    return acc.hessian().to(X.dtype)
+    H = acc.hessian()
+    if X.dtype == torch.float64:
+        return H
+    H32 = H.to(torch.float32)
+    return H32 if bool(torch.isfinite(H32).all()) else H
 
 
 @dataclass(frozen=True)
@@ -128,6 +137,12 @@ def prepare_hessian(
     damp = check_damp(damp)
     check_on_singular(on_singular)
     H = H.to(dtype).clone()
+    if not bool(torch.isfinite(H).all()):
+        raise ValueError(
+            f"H overflows {dtype} (max |H| = {float(H.double().abs().max()):.3g} before the "
+            "cast): the calibration activations are too large; solve with dtype=torch.float64 "
+            "or scale the inputs down"
+        )
     diag = torch.diagonal(H)
     dead = diag <= 0
     H[dead, :] = 0

@@ -13,7 +13,14 @@ import torch
 from .methods import solve
 from .patterns import parse_pattern
 from .result import LayerResult
-from .spec import DEFAULT_DAMP, DEFAULT_DTYPE, DEFAULT_METHOD, DEFAULT_ON_SINGULAR, make_spec
+from .spec import (
+    DEFAULT_DAMP,
+    DEFAULT_DTYPE,
+    DEFAULT_METHOD,
+    DEFAULT_ON_SINGULAR,
+    check_weight_hessian,
+    make_spec,
+)
 
 
 def prune_layer(
@@ -34,6 +41,8 @@ def prune_layer(
     pattern: "unstructured", "N:M" (e.g. "2:4") or "blockB" (e.g. "block4").
     For unstructured / block ExactOBS the result carries ``trace`` giving every other level.
     """
+    if not isinstance(W, torch.Tensor) or not isinstance(H, torch.Tensor):
+        check_weight_hessian(W, H)  # the error naming what W / H should be
     if sparsity is None and parse_pattern(pattern).kind != "nm":
         raise ValueError("sparsity is required (a fraction in [0, 1)) unless pattern is N:M")
     shared = {"method": method, "damp": damp, "dtype": dtype, "on_singular": on_singular}
@@ -76,6 +85,8 @@ def compress_layer(
     **options: object,
 ) -> LayerResult:
     """Prune and/or quantize ``W`` in one call (OBC compound when both are given)."""
+    if not isinstance(W, torch.Tensor) or not isinstance(H, torch.Tensor):
+        check_weight_hessian(W, H)  # the error naming what W / H should be
     if sparsity is None and bits is None and parse_pattern(pattern).kind != "nm":
         raise ValueError("compress_layer needs a sparsity, an N:M pattern, or bits")
     cols = W.shape[-1] if W.dim() == 2 else 0

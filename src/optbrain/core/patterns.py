@@ -40,6 +40,14 @@ class Pattern:
             )
 
 
+def pruned_count(sparsity: float, total: int) -> int:
+    """How many of ``total`` units a ``sparsity`` in [0, 1) prunes: ``round(s · total)``,
+    but at most ``total - 1`` when ``s < 1``, so a sparsity below 1 never prunes everything
+    (``pruned_count(0.999, 32) == 31``, not 32)."""
+    k = int(round(sparsity * total))
+    return min(k, total - 1) if sparsity < 1.0 and total > 0 else k
+
+
 def parse_pattern(pattern: str | Pattern) -> Pattern:
     """Parse ``"unstructured"``, ``"N:M"`` (N < M) or ``"blockB"`` into a Pattern."""
     if isinstance(pattern, Pattern):

@@ -22,7 +22,7 @@ from .obs import (
     row_chunks,
     selected_positions,
 )
-from .patterns import Pattern
+from .patterns import Pattern, pruned_count
 
 
 def select_counts(step_loss: torch.Tensor, total: int) -> torch.Tensor:
@@ -138,7 +138,7 @@ class PruneTrace:
         ``per_row``: ``round(sparsity · units)`` steps in every row.
         """
         R, S = self.step_loss.shape
-        per = int(round(sparsity * self.units))
+        per = pruned_count(sparsity, self.units)
         if per > S or sparsity > self.max_sparsity + 1e-12:
             raise ValueError(
                 f"sparsity {sparsity} is beyond this trace, which stops at "
@@ -147,7 +147,7 @@ class PruneTrace:
         uniform = torch.full((R,), per, dtype=torch.long, device=self.step_loss.device)
         if per_row:
             return uniform
-        layer = select_counts(self.step_loss, int(round(sparsity * R * self.units)))
+        layer = select_counts(self.step_loss, pruned_count(sparsity, R * self.units))
         if int(layer.sum()) == int(uniform.sum()) and (
             float(self.loss(uniform).sum()) < float(self.loss(layer).sum())
         ):

@@ -5,40 +5,54 @@ A run directory holds::
 
     compressed.safetensors   every compressed layer's weight exactly as in the module, its
                              masks (uint8) and quantization scales / zero points per group,
-                             and batch-norm statistics when they were re-calibrated
+                             and batch-norm statistics when they were re-calibrated (a re-save
+                             into the same directory alternates with compressed.b.safetensors)
     manifest.json            format version, tensor index (layer → keys, shapes, dtypes), the
-                             SHA-256 of the safetensors file, the recipe
-    report.json              the ``Report``
+                             name and SHA-256 of the tensors file, the recipe, the report, the
+                             torch version and thread count; sealed by the SHA-256 of its own
+                             canonical JSON (``optbrain._files.seal``)
+    report.json              a copy of the manifest's report, for people and ``optbrain report``
 
-No pickle anywhere. ``load`` checks the checksum, the format version and that every layer
-exists in the model with the same weight shape and dtype, and copies the tensors in: the model
-is then bit-identical to the one that was saved.
+No pickle anywhere. Atomic: the tensors go to the slot the current manifest does not name, then
+the manifest is renamed into place (the commit), then the old slot is deleted; every file goes
+through ``optbrain._files.atomic_write``. A writer killed at any moment leaves a directory that
+loads as the old run or the new one. ``load`` checks the manifest's seal, the tensors' checksum,
+the format version and that every layer exists in the model with the same weight shape and
+dtype, and copies the tensors in: the model is then bit-identical to the one that was saved.
+Same tensors and thread count give the same bytes in every file.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_bytes
 from torch import nn
 
-from .._files import sha256_file
+from .._files import (
+    CheckpointError,
+    UnsealError,
+    atomic_json,
+    atomic_write,
+    clean_stale,
+    read_json,
+    safetensors_bytes,
+    seal,
+    sha256_bytes,
+    unseal,
+)
 from ..pipeline.state import GroupState, LayerState, ModelState, compressed_state
 
 FORMAT = "optbrain-compressed"
-VERSION = 1
+VERSION = 2
 TENSORS = "compressed.safetensors"
+TENSORS_B = "compressed.b.safetensors"
 MANIFEST = "manifest.json"
 REPORT = "report.json"
-
-
-class CheckpointError(ValueError):
-    """A run directory that is missing, truncated, tampered with or does not fit the model."""
 
 
 def _bn_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -47,6 +61,19 @@ def _bn_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
         for n, m in model.named_modules()
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
     }
+
+
+def environment() -> dict[str, Any]:
+    """What the numbers of a run may depend on: torch version and intra-op thread count."""
+    return {"torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def _current_tensors_name(d: Path) -> str | None:
+    """The tensors file named by the manifest now in ``d`` (None when there is none)."""
+    try:
+        return str(read_manifest(d).get("tensors"))
+    except CheckpointError:
+        return None
 
 
 def save(model: nn.Module, path: str | os.PathLike) -> Path:
@@ -85,18 +112,26 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
                     tensors[k] = t.detach().cpu().contiguous()
                     keys.append(k)
             buffers[name] = keys
-    tpath = out / TENSORS
-    save_file(tensors, str(tpath), metadata={"format": FORMAT, "version": str(VERSION)})
+    clean_stale(out)
+    current = _current_tensors_name(out)
+    name = TENSORS_B if current == TENSORS else TENSORS  # never overwrite what the manifest names
+    data = safetensors_bytes(tensors, {"format": FORMAT, "version": str(VERSION)})
+    digest = atomic_write(out / name, data)
     manifest = {
         "format": FORMAT,
         "version": VERSION,
-        "sha256": sha256_file(tpath),
+        "tensors": name,
+        "sha256": digest,
         "layers": index,
         "buffers": buffers,
         "recipe": state.recipe,
+        "report": state.report,
+        "environment": environment(),
     }
-    (out / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    (out / REPORT).write_text(json.dumps(state.report, indent=1))
+    atomic_json(out / MANIFEST, seal(manifest))  # the commit point
+    for old in {TENSORS, TENSORS_B} - {name}:
+        (out / old).unlink(missing_ok=True)
+    atomic_json(out / REPORT, state.report)
     return out
 
 
@@ -111,58 +146,61 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
             f"{d} has no {MANIFEST}; not a run directory written by optbrain.save"
         )
     try:
-        manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise CheckpointError(f"{mpath} is not valid JSON (truncated or edited?): {e}") from None
+        manifest = read_json(mpath)
+    except (ValueError, OSError) as e:
+        raise CheckpointError(str(e)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath} is not an optbrain manifest (format != {FORMAT!r})")
     if manifest.get("version") != VERSION:
         raise CheckpointError(
             f"{mpath} has format version {manifest.get('version')!r}; "
-            f"this optbrain reads version {VERSION}"
+            f"this optbrain reads version {VERSION} (save the run again)"
         )
-    for key in ("sha256", "layers", "buffers"):
+    try:
+        manifest = unseal(manifest, str(mpath))
+    except UnsealError as e:
+        raise CheckpointError(str(e)) from None
+    for key in ("tensors", "sha256", "layers", "buffers"):
         if key not in manifest:
             raise CheckpointError(f"{mpath} lacks {key!r} (truncated or edited?)")
+    if manifest["tensors"] not in (TENSORS, TENSORS_B):
+        raise CheckpointError(f"{mpath} names tensors file {manifest['tensors']!r}")
+    if not isinstance(manifest["layers"], dict) or not manifest["layers"]:
+        raise CheckpointError(f"{mpath} lists no compressed layer; nothing to apply")
     return manifest
 
 
 def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     """Apply a saved run to ``model`` (a fresh copy of the dense model) and return it.
 
-    Raises ``CheckpointError`` when the files are missing, truncated or modified (checksum), the
-    manifest or report is malformed, or a layer is absent from the model or has another shape or
-    dtype. The model is changed only after every check passed.
+    Raises ``CheckpointError`` when the files are missing, truncated or modified (the tensors'
+    checksum, the manifest's seal), the manifest is malformed, or a layer is absent from the
+    model or has another shape or dtype. The model is changed only after every check passed.
     """
     d = Path(path)
     manifest = read_manifest(d)
-    tpath = d / TENSORS
+    tpath = d / manifest["tensors"]
     if not tpath.is_file():
-        raise CheckpointError(f"{d} has no {TENSORS}")
-    digest = sha256_file(tpath)
-    if digest != manifest["sha256"]:
+        raise CheckpointError(f"{d} has no {manifest['tensors']}")
+    data = tpath.read_bytes()  # one read: the bytes checked are the bytes parsed
+    if sha256_bytes(data) != manifest["sha256"]:
         raise CheckpointError(
             f"{tpath} does not match its checksum in {MANIFEST} (file "
             "truncated or modified); refusing to load it"
         )
     try:
-        tensors = load_file(str(tpath))
-    except (SafetensorError, OSError, ValueError) as e:
+        tensors = load_bytes(data)
+    except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{tpath} cannot be read: {e}") from None
     try:  # every check, and the new state, before anything is written into the model
         plan, state = _plan_load(model, d, manifest, tensors)
-    except (KeyError, TypeError, AttributeError, IndexError) as e:
+    except CheckpointError:
+        raise
+    except (KeyError, TypeError, AttributeError, IndexError, ValueError, RuntimeError) as e:
         raise CheckpointError(
             f"{d / MANIFEST} is malformed (edited?): {type(e).__name__}: {e}"
         ) from None
-    report = None
-    if (d / REPORT).is_file():
-        try:
-            report = json.loads((d / REPORT).read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CheckpointError(
-                f"{d / REPORT} is not valid JSON (truncated or edited?): {e}"
-            ) from None
+    report = manifest.get("report")
     with torch.no_grad():
         for dst, src in plan:
             dst.copy_(src.to(dst.device))
@@ -185,7 +223,9 @@ def _plan_load(
             raise CheckpointError(f"layer {name!r} of the checkpoint is not in this model")
         t = tensors.get(info["weight"])
         if t is None:
-            raise CheckpointError(f"tensor {info['weight']!r} is missing from {d / TENSORS}")
+            raise CheckpointError(
+                f"tensor {info['weight']!r} is missing from {d / manifest['tensors']}"
+            )
         if list(w.shape) != list(t.shape) or w.dtype != t.dtype:
             raise CheckpointError(
                 f"layer {name!r}: checkpoint weight is {tuple(t.shape)} {t.dtype}, the model's "

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._files import atomic_write
 from . import packing
 from .layers import CompressedLayer, ExportResult, compressed_layers
 
@@ -220,7 +221,7 @@ def export_onnx(
     onnx.checker.check_model(proto)
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
-    onnx.save(proto, str(out))
+    atomic_write(out, proto.SerializeToString())  # as onnx.save, through a temp file + rename
     return ExportResult(
         path=str(out),
         format=FORMAT,

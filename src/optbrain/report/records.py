@@ -261,11 +261,13 @@ class ReportData:
         metrics: dict[str, Any] | None = None,
         **metadata: Any,
     ) -> ReportData:
-        """A report whose metadata also records optbrain / torch / Python versions and ``created``
-        (ISO 8601, UTC); keyword arguments are added to (and override) that metadata."""
+        """A report whose metadata also records optbrain / torch / Python versions, torch's thread
+        count and ``created`` (ISO 8601, UTC); keyword arguments are added to (and override)
+        that metadata."""
         meta: dict[str, Any] = {
             "optbrain_version": _optbrain_version(),
             "torch_version": _torch_version(),
+            "torch_threads": _torch_threads(),
             "python_version": sys.version.split()[0],
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         }
@@ -431,15 +433,28 @@ class ReportData:
 
 
 def _write(path: str | Path | None, text: str, newline: str | None = None) -> None:
+    """Write ``text`` atomically (``optbrain._files.atomic_write``); ``newline``: as ``open``'s
+    (None and "" leave ``\n`` as it is on POSIX)."""
     if path is not None:
-        with open(path, "w", encoding="utf-8", newline=newline) as f:
-            f.write(text)
+        from .._files import atomic_write
+
+        atomic_write(path, text if newline in (None, "") else text.replace("\n", newline))
 
 
 def _optbrain_version() -> str:
     from .._version import __version__
 
     return str(__version__)
+
+
+def _torch_threads() -> int | None:
+    """torch's intra-op thread count (results may differ in the last bits between counts)."""
+    try:
+        import torch
+
+        return int(torch.get_num_threads())
+    except ImportError:  # pragma: no cover
+        return None
 
 
 def _torch_version() -> str | None:

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from torch import nn
 
-from ..._files import sha256_file
+from ..._files import atomic_write, safetensors_bytes, sha256_file
 from .base import cache_dir
 
 
@@ -86,10 +86,8 @@ def cached_model(
             pass
     model = train(model)
     state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    tmp.replace(path)
-    meta.write_text(json.dumps({"sha256": sha256_file(path)}))
+    digest = atomic_write(path, safetensors_bytes(state))  # a kill: the hash mismatches, retrain
+    atomic_write(meta, json.dumps({"sha256": digest}))
     return model.eval()
 
 

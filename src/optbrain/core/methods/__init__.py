@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from dataclasses import replace
 
 import torch
 
@@ -53,17 +54,67 @@ def check_method(method: str) -> str:
 def solve(
     W: torch.Tensor, H: torch.Tensor, spec: CompressSpec, method: str = DEFAULT_METHOD
 ) -> LayerResult:
-    """Run a registered solver on a validated spec; the result is in W's dtype and device."""
+    """Run a registered solver on a validated spec; the result is in W's dtype and device.
+
+    The compute dtype is raised to float64 when float32 could overflow (``safe_dtype``), and
+    recorded in ``info["dtype"]``. Inputs that are always zero (``H_pp == 0``) have their
+    weights set to 0 by every solver; the mask then marks them pruned, so ``sparsity`` is the
+    fraction actually zero, and ``info["dead_inputs"]`` counts those columns.
+    """
     check_method(method)
     check_weight_hessian(W, H)
+    dtype = safe_dtype(W, H, spec.dtype)
+    if dtype != spec.dtype:
+        spec = replace(spec, dtype=dtype)
     t0 = time.perf_counter()
     res = METHODS[method](W, H, spec)
     res.seconds = time.perf_counter() - t0
-    res.weight = res.weight.to(dtype=W.dtype, device=W.device)
+    weight = res.weight.to(dtype=W.dtype, device=W.device)
+    if not bool(torch.isfinite(weight).all()):
+        big = float(res.weight.double().abs().max())
+        raise ValueError(
+            f"the compressed weights reach |w| = {big:.3g}, beyond what W's dtype {W.dtype} "
+            "holds; pass W as float32 (or scale the layer down)"
+        )
+    res.weight = weight
+    res.info = {**res.info, "dtype": str(dtype).removeprefix("torch.")}
+    dead = torch.diagonal(H) <= 0
+    if bool(dead.any()):
+        res.info["dead_inputs"] = int(dead.sum())
+        if res.mask is not None:
+            res.mask = res.mask.clone()
+            res.mask[:, dead.to(res.mask.device)] = False
     if res.mask is not None:
         res.mask = res.mask.to(W.device)
         res.sparsity = float(1.0 - res.mask.float().mean())
     return res
 
 
-__all__ = ["METHODS", "Solver", "check_method", "register", "solve"]
+#: the largest saliency / loss magnitude solved in float32 (its maximum is 3.4e38)
+FLOAT32_LIMIT = 1e30
+
+
+def safe_dtype(W: torch.Tensor, H: torch.Tensor, dtype: torch.dtype) -> torch.dtype:
+    """The compute dtype for ``W (rows, cols)``, ``H (cols, cols)``: ``dtype``, or float64
+    when in float32 the largest OBS saliency ``max|W|² · max H_pp · cols`` (or ``H`` itself)
+    would pass ``FLOAT32_LIMIT``; a ``ValueError`` when even float64 would overflow.
+
+    >>> safe_dtype(torch.full((2, 2), 1e19), torch.eye(2), torch.float32)
+    torch.float64
+    """
+    wmax = float(W.detach().abs().max().double())
+    hmax = float(torch.diagonal(H).detach().abs().max().double())
+    bound = wmax * wmax * max(hmax, 1e-300) * W.shape[1]
+    if bound > 1e290 or hmax > 1e290:
+        raise ValueError(
+            f"the layer is too large to solve even in float64 (max |W| = {wmax:.3g}, "
+            f"max H_pp = {hmax:.3g}); scale the weights or the inputs down"
+        )
+    if dtype == torch.float64:
+        return dtype
+    if bound > FLOAT32_LIMIT or hmax > FLOAT32_LIMIT:
+        return torch.float64
+    return dtype
+
+
+__all__ = ["FLOAT32_LIMIT", "METHODS", "Solver", "check_method", "register", "safe_dtype", "solve"]

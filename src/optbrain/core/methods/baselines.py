@@ -28,7 +28,7 @@ import torch
 from ..columnwise import option_bool, option_scope
 from ..grid import fit_layer_grid
 from ..hessian import PreparedHessian, prepare_layer, row_losses
-from ..patterns import Pattern
+from ..patterns import Pattern, pruned_count
 from ..result import LayerResult, layer_result, unchanged
 from ..spec import CompressSpec, check_options
 
@@ -57,11 +57,11 @@ def prune_mask(
     nb = s.shape[1]
     removed = torch.zeros(R, nb, dtype=torch.bool, device=dev)
     if scope == "row":
-        k = int(round(sp * nb))
+        k = pruned_count(sp, nb)
         if k:
             removed.scatter_(1, torch.topk(s, k, dim=1, largest=False).indices, True)
     else:
-        k = int(round(sp * R * nb))
+        k = pruned_count(sp, R * nb)
         if k:
             removed.view(-1)[torch.topk(s.reshape(-1), k, largest=False).indices] = True
     if g > 1:
