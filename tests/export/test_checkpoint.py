@@ -402,3 +402,49 @@ def test_batch_norm_missing_from_model_is_rejected(tmp_path):
     with pytest.raises(CheckpointError, match="batch norm '4'"):
         load(no_bn, run)
     _assert_state(no_bn, before)
+
+
+# --------------------------------------------------------------------------- version-1 runs
+
+
+def _as_version_1(run: Path, dst: Path) -> Path:
+    """The run in the layout optbrain wrote before manifests were sealed (format version 1):
+    compressed.safetensors, an unsealed manifest without tensors/report, report.json beside."""
+    dst.mkdir()
+    m = json.loads((run / MANIFEST).read_text())
+    (dst / TENSORS).write_bytes((run / m["tensors"]).read_bytes())
+    (dst / REPORT).write_bytes((run / REPORT).read_bytes())
+    v1 = {k: m[k] for k in ("format", "sha256", "layers", "buffers", "recipe")}
+    (dst / MANIFEST).write_text(json.dumps({**v1, "version": 1}, indent=1))
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["mlp-2:4+4bit-groups", "cnn-bn-recalibrated"])
+def test_version_1_runs_still_load_bit_exact(kind, tmp_path):
+    dense, model, test = _setup(kind)
+    v1 = _as_version_1(save(model, tmp_path / "run"), tmp_path / "v1")
+    fresh = load(copy.deepcopy(dense), v1)
+    _assert_state(fresh, model.state_dict())
+    assert fresh.__dict__["_optbrain"]["report"] == json.loads((v1 / REPORT).read_text())
+
+
+@pytest.mark.parametrize(
+    "edit",
+    [
+        lambda m: m.update(layers={}),
+        lambda m: m["layers"].pop(next(iter(m["layers"]))),
+        lambda m: next(iter(m["layers"].values()))["groups"][0].pop("mask"),
+    ],
+    ids=["no-layers", "one-layer-dropped", "mask-dropped"],
+)
+def test_version_1_manifest_edits_that_drop_tensors_are_refused(edit, saved_mlp, tmp_path):
+    dense, run = saved_mlp
+    v1 = _as_version_1(run, tmp_path / "v1")
+    m = json.loads((v1 / MANIFEST).read_text())
+    edit(m)
+    (v1 / MANIFEST).write_text(json.dumps(m))
+    model = copy.deepcopy(dense)
+    before = _state(model)
+    with pytest.raises(CheckpointError, match="lists no compressed layer|does not name"):
+        load(model, v1)
+    _assert_state(model, before)

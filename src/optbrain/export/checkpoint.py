@@ -49,6 +49,8 @@ from ..pipeline.state import GroupState, LayerState, ModelState, compressed_stat
 
 FORMAT = "optbrain-compressed"
 VERSION = 2
+#: run directories written before manifests were sealed: still loaded (see ``read_manifest``)
+LEGACY_VERSION = 1
 TENSORS = "compressed.safetensors"
 TENSORS_B = "compressed.b.safetensors"
 MANIFEST = "manifest.json"
@@ -151,15 +153,22 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         raise CheckpointError(str(e)) from None
     if not isinstance(manifest, dict) or manifest.get("format") != FORMAT:
         raise CheckpointError(f"{mpath} is not an optbrain manifest (format != {FORMAT!r})")
-    if manifest.get("version") != VERSION:
+    version = manifest.get("version")
+    if version == LEGACY_VERSION:
+        # written before manifests were sealed: the tensors' checksum is all it has, so ``load``
+        # also requires every tensor of the file to be named by the manifest (an edit that
+        # drops layers is refused); the report comes from report.json
+        manifest = {**manifest, "tensors": TENSORS, "report": _legacy_report(d)}
+    elif version != VERSION:
         raise CheckpointError(
-            f"{mpath} has format version {manifest.get('version')!r}; "
-            f"this optbrain reads version {VERSION} (save the run again)"
+            f"{mpath} has format version {version!r}; "
+            f"this optbrain reads versions {LEGACY_VERSION} and {VERSION} (save the run again)"
         )
-    try:
-        manifest = unseal(manifest, str(mpath))
-    except UnsealError as e:
-        raise CheckpointError(str(e)) from None
+    else:
+        try:
+            manifest = unseal(manifest, str(mpath))
+        except UnsealError as e:
+            raise CheckpointError(str(e)) from None
     for key in ("tensors", "sha256", "layers", "buffers"):
         if key not in manifest:
             raise CheckpointError(f"{mpath} lacks {key!r} (truncated or edited?)")
@@ -192,6 +201,8 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         tensors = load_bytes(data)
     except (SafetensorError, OSError, ValueError, RuntimeError, TypeError) as e:
         raise CheckpointError(f"{tpath} cannot be read: {e}") from None
+    if manifest.get("version") == LEGACY_VERSION:
+        _check_all_named(d, manifest, tensors)
     try:  # every check, and the new state, before anything is written into the model
         plan, state = _plan_load(model, d, manifest, tensors)
     except CheckpointError:
@@ -254,3 +265,35 @@ def _plan_load(
         bn_recalibrated=bool(manifest["buffers"]),
     )
     return plan, state
+
+
+def _legacy_report(d: Path) -> Any:
+    """The report of a version-1 run (its own report.json; None when unreadable)."""
+    try:
+        return read_json(d / REPORT)
+    except (ValueError, OSError):
+        return None
+
+
+def _check_all_named(d: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    """Every tensor of a version-1 file is named by its (unsealed) manifest."""
+    try:
+        named = {i["weight"] for i in manifest["layers"].values()}
+        named |= {
+            g[part]
+            for i in manifest["layers"].values()
+            for g in i["groups"]
+            for part in ("mask", "scale", "zero")
+            if part in g
+        }
+        named |= {k for keys in manifest["buffers"].values() for k in keys}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(
+            f"{d / MANIFEST} is malformed (edited?): {type(e).__name__}: {e}"
+        ) from None
+    orphans = sorted(set(tensors) - named)
+    if orphans:
+        raise CheckpointError(
+            f"{d / MANIFEST} does not name {len(orphans)} tensor(s) of {d / TENSORS} "
+            f"(e.g. {orphans[0]!r}): the manifest was edited; refusing to load a partial run"
+        )
