@@ -41,13 +41,17 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
     from .core.methods import METHODS
     from .core.result import LayerResult
     from .core.spec import CompressSpec
-    from .export import load, save
+    from .export import export, load, save
     from .pipeline.calibration import calibration_from
     from .recipe import Recipe
     from .report import LayerRecord, Report
 
 
 def __getattr__(name: str) -> Any:
+    if name == "export":  # the package, callable: optbrain.export(model, path, format=...)
+        value = importlib.import_module(".export", __name__)
+        globals()[name] = value
+        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'optbrain' has no attribute {name!r}")
@@ -57,7 +61,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted([*globals(), *_EXPORTS])
+    return sorted({*globals(), *_EXPORTS, "export"})
 
 
 __all__ = [
@@ -72,6 +76,7 @@ __all__ = [
     "calibration_from",
     "compress",
     "compress_layer",
+    "export",
     "fit_grid",
     "hessian_from_inputs",
     "layer_loss",

@@ -20,11 +20,18 @@ loads as the old run or the new one. ``load`` checks the manifest's seal, the te
 the format version and that every layer exists in the model with the same weight shape and
 dtype, and copies the tensors in: the model is then bit-identical to the one that was saved.
 Same tensors and thread count give the same bytes in every file.
+
+``save(model, path, packed=True)`` (what ``optbrain.export(model, path, format="safetensors")``
+writes) stores the layers as format version 3 instead: integer codes (two 4-bit codes per
+byte), mask bits and scales per group (``optbrain.export.packed``), about 1/8 of the float32
+bytes at 4 bits; a layer whose weight is not exactly on its grid is stored as it is. ``load``
+reads versions 1 to 3.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -45,10 +52,15 @@ from .._files import (
     sha256_bytes,
     unseal,
 )
+from ..adapters import adapter_for
 from ..pipeline.state import GroupState, LayerState, ModelState, compressed_state
+from . import packed as packed_layout
+from .layers import compressed_layers
 
 FORMAT = "optbrain-compressed"
 VERSION = 2
+#: version 2 with packed layers (integer codes, mask bits; ``optbrain.export.packed``)
+PACKED_VERSION = 3
 #: run directories written before manifests were sealed: still loaded (see ``read_manifest``)
 LEGACY_VERSION = 1
 TENSORS = "compressed.safetensors"
@@ -78,20 +90,32 @@ def _current_tensors_name(d: Path) -> str | None:
         return None
 
 
-def save(model: nn.Module, path: str | os.PathLike) -> Path:
+def save(model: nn.Module, path: str | os.PathLike, packed: bool = False) -> Path:
     """Write the compressed layers of ``model`` (after ``optbrain.compress``) to directory
-    ``path`` (created if needed). Returns the directory."""
+    ``path`` (created if needed); ``packed=True``: as integer codes (format version 3).
+    Returns the directory."""
     state = compressed_state(model)
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, torch.Tensor] = {}
     index: dict[str, Any] = {}
     modules = dict(model.named_modules())
+    layers = compressed_layers(model) if packed else {}
     for name, entry in state.layers.items():
         module = modules.get(name)
         if module is None:
             raise CheckpointError(f"layer {name!r} was compressed but is no longer in the model")
         w = module.weight.detach()
+        groups = packed_layout.layer_entry(layers[name], name, tensors) if name in layers else None
+        if groups is not None:
+            index[name] = {
+                "packed": True,
+                "shape": list(w.shape),
+                "dtype": str(w.dtype).removeprefix("torch."),
+                "groups": groups,
+                "plan": entry.plan,
+            }
+            continue
         key = f"{name}.weight"
         tensors[key] = w.cpu().contiguous()
         index[name] = {
@@ -117,11 +141,12 @@ def save(model: nn.Module, path: str | os.PathLike) -> Path:
     clean_stale(out)
     current = _current_tensors_name(out)
     name = TENSORS_B if current == TENSORS else TENSORS  # never overwrite what the manifest names
-    data = safetensors_bytes(tensors, {"format": FORMAT, "version": str(VERSION)})
+    version = PACKED_VERSION if packed else VERSION
+    data = safetensors_bytes(tensors, {"format": FORMAT, "version": str(version)})
     digest = atomic_write(out / name, data)
     manifest = {
         "format": FORMAT,
-        "version": VERSION,
+        "version": version,
         "tensors": name,
         "sha256": digest,
         "layers": index,
@@ -159,10 +184,10 @@ def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
         # also requires every tensor of the file to be named by the manifest (an edit that
         # drops layers is refused); the report comes from report.json
         manifest = {**manifest, "tensors": TENSORS, "report": _legacy_report(d)}
-    elif version != VERSION:
+    elif version not in (VERSION, PACKED_VERSION):
         raise CheckpointError(
-            f"{mpath} has format version {version!r}; "
-            f"this optbrain reads versions {LEGACY_VERSION} and {VERSION} (save the run again)"
+            f"{mpath} has format version {version!r}; this optbrain reads versions "
+            f"{LEGACY_VERSION} to {PACKED_VERSION} (save the run again)"
         )
     else:
         try:
@@ -213,36 +238,53 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         ) from None
     report = manifest.get("report")
     with torch.no_grad():
-        for dst, src in plan:
-            dst.copy_(src.to(dst.device))
+        for write in plan:
+            write()
     state.report = report
     state.attach(model)
     return model
 
 
+Write = Callable[[], None]
+
+
 def _plan_load(
     model: nn.Module, d: Path, manifest: dict[str, Any], tensors: dict[str, torch.Tensor]
-) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], ModelState]:
-    """(destination, source) pairs to copy and the model's new ``ModelState``, after
-    checking that the checkpoint fits ``model``; nothing is written."""
+) -> tuple[list[Write], ModelState]:
+    """The writes to do and the model's new ``ModelState``, after checking that the checkpoint
+    fits ``model``; nothing is written."""
     modules = dict(model.named_modules())
-    plan: list[tuple[torch.Tensor, torch.Tensor]] = []
+    plan: list[Write] = []
+    layers: dict[str, LayerState] = {}
     for name, info in manifest["layers"].items():
         module = modules.get(name)
         w = getattr(module, "weight", None) if module is not None else None
         if not isinstance(w, torch.Tensor):
             raise CheckpointError(f"layer {name!r} of the checkpoint is not in this model")
-        t = tensors.get(info["weight"])
-        if t is None:
-            raise CheckpointError(
-                f"tensor {info['weight']!r} is missing from {d / manifest['tensors']}"
-            )
-        if list(w.shape) != list(t.shape) or w.dtype != t.dtype:
-            raise CheckpointError(
-                f"layer {name!r}: checkpoint weight is {tuple(t.shape)} {t.dtype}, the model's "
-                f"is {tuple(w.shape)} {w.dtype}; is this the model that was compressed?"
-            )
-        plan.append((w, t))
+        if info.get("packed"):
+            if list(w.shape) != list(info["shape"]) or _dtype(w) != info["dtype"]:
+                raise CheckpointError(
+                    f"layer {name!r}: checkpoint weight is {tuple(info['shape'])} "
+                    f"{info['dtype']}, the model's is {tuple(w.shape)} {_dtype(w)}; is this "
+                    "the model that was compressed?"
+                )
+            writes, groups = _packed_layer(name, module, info, tensors)
+            plan.extend(writes)
+        else:
+            t = tensors.get(info["weight"])
+            if t is None:
+                raise CheckpointError(
+                    f"tensor {info['weight']!r} is missing from {d / manifest['tensors']}"
+                )
+            if list(w.shape) != list(t.shape) or w.dtype != t.dtype:
+                raise CheckpointError(
+                    f"layer {name!r}: checkpoint weight is {tuple(t.shape)} {t.dtype}, the "
+                    f"model's is {tuple(w.shape)} {w.dtype}; is this the model that was "
+                    "compressed?"
+                )
+            plan.append(_copy(w, t))
+            groups = [GroupState.from_manifest(g, tensors) for g in info["groups"]]
+        layers[name] = LayerState(plan=info["plan"], groups=groups)
     bns = _bn_modules(model)
     for name, keys in manifest["buffers"].items():
         if name not in bns:
@@ -252,19 +294,61 @@ def _plan_load(
             t = tensors.get(k)
             if t is None or not isinstance(buf, torch.Tensor) or buf.shape != t.shape:
                 raise CheckpointError(f"buffer {k!r} is missing or has another shape")
-            plan.append((buf, t))
+            plan.append(_copy(buf, t))
     state = ModelState(
         recipe=manifest["recipe"],
         loaded_from=str(d),
-        layers={
-            n: LayerState(
-                plan=i["plan"], groups=[GroupState.from_manifest(g, tensors) for g in i["groups"]]
-            )
-            for n, i in manifest["layers"].items()
-        },
+        layers=layers,
         bn_recalibrated=bool(manifest["buffers"]),
     )
     return plan, state
+
+
+def _dtype(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
+
+
+def _copy(dst: torch.Tensor, src: torch.Tensor) -> Write:
+    return lambda: dst.copy_(src.to(dst.device))
+
+
+def _packed_layer(
+    name: str, module: nn.Module, info: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> tuple[list[Write], list[GroupState]]:
+    """The ``set_weight`` calls writing a packed layer's groups and the groups' states, after
+    checking that they fit ``module``."""
+    adapter = adapter_for(module)
+    if adapter is None or adapter.groups != len(info["groups"]):
+        raise CheckpointError(
+            f"layer {name!r}: the checkpoint has {len(info['groups'])} weight group(s), the "
+            f"model's {type(module).__name__} does not match; is this the model that was "
+            "compressed?"
+        )
+    dtype = torch.float64 if module.weight.dtype == torch.float64 else torch.float32
+    writes: list[Write] = []
+    groups: list[GroupState] = []
+    for g, ginfo in enumerate(info["groups"]):
+        if (int(ginfo["rows"]), int(ginfo["cols"])) != (adapter.rows, adapter.cols):
+            raise CheckpointError(
+                f"layer {name!r} group {g}: checkpoint weight is {ginfo['rows']}x"
+                f"{ginfo['cols']}, the model's {adapter.rows}x{adapter.cols}"
+            )
+        try:
+            W, mask, scale, zero = packed_layout.unpack_group(ginfo, tensors, dtype)
+        except ValueError as e:
+            raise CheckpointError(f"layer {name!r} group {g}: {e}") from None
+        writes.append(lambda g=g, W=W: adapter.set_weight(g, W))
+        groups.append(
+            GroupState(
+                mask=mask,
+                scale=scale,
+                zero=zero,
+                bits=ginfo.get("bits"),
+                sym=ginfo.get("sym"),
+                group_size=ginfo.get("group_size"),
+            )
+        )
+    return writes, groups
 
 
 def _legacy_report(d: Path) -> Any:

@@ -1,0 +1,107 @@
+"""``optbrain.export(model, path, format=...)``: one entry point for the deployable formats.
+
+=====================  ========================================  ===============================
+format                 writes                                    reads it
+=====================  ========================================  ===============================
+``"safetensors"``      a run directory with packed integer       ``optbrain.load`` onto the
+                       codes, mask bits and scales (checkpoint   dense model (weights equal)
+                       version 2, ``optbrain.export.packed``)
+``"onnx"``             one ``.onnx`` file, INT4/INT8 weights +    ONNX Runtime (CPU provider)
+                       DequantizeLinear (``export.onnx``)
+``"compressed-tensors"``  a Hugging Face directory              ``transformers`` alone
+                       (``export.hf``)                           (``from_pretrained``)
+=====================  ========================================  ===============================
+
+Every format reads what ``optbrain.compress`` did through ``optbrain.export.layers`` (the typed
+state of ``optbrain.pipeline.state``) and returns an ``ExportResult`` with the files written,
+their sizes and the bytes of the compressed layers against their float32 bytes.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from safetensors import safe_open
+from torch import nn
+
+from .checkpoint import TENSORS, read_manifest, save
+from .layers import ExportResult, compressed_layers
+
+FORMATS = ("safetensors", "onnx", "compressed-tensors")
+PARTS = ("mask", "values", "scale", "zero")  # the tensors of a packed group
+
+
+def check_format(format: str) -> str:
+    """``format`` if it is one of ``FORMATS``, else a ValueError naming them."""
+    if format not in FORMATS:
+        raise ValueError(f"unknown export format {format!r}; choose one of {list(FORMATS)}")
+    return format
+
+
+def export(
+    model: nn.Module,
+    path: str | os.PathLike,
+    format: str = "safetensors",
+    *,
+    example_inputs: Any = None,
+    source: str | os.PathLike | None = None,
+) -> ExportResult:
+    """Write ``model`` (after ``optbrain.compress`` or ``optbrain.load``) to ``path`` in
+    ``format`` (see the module docstring). ``example_inputs``: for ``"onnx"``, a tensor or
+    tuple of positional inputs to trace with; ``source``: for ``"compressed-tensors"``, the
+    directory with the tokenizer files. Bad input (an unknown format, a model the format
+    cannot take, a missing example input) raises ValueError before anything is written."""
+    check_format(format)
+    if format == "onnx":
+        from .onnx import export_onnx
+
+        return export_onnx(model, path, example_inputs=example_inputs)
+    if format == "compressed-tensors":
+        from .hf import export_compressed_tensors
+
+        return export_compressed_tensors(model, path, source=source)
+    return export_safetensors(model, path)
+
+
+def export_safetensors(model: nn.Module, path: str | os.PathLike) -> ExportResult:
+    """``save(model, path, packed=True)`` with the byte counts of its compressed layers."""
+    layers = compressed_layers(model)
+    out = save(model, path, packed=True)
+    manifest = read_manifest(out)
+    sizes: dict[str, int] = {}
+    with safe_open(str(out / TENSORS), framework="pt") as f:
+        for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
+            t = f.get_slice(key)
+            n = 1
+            for s in t.get_shape():
+                n *= int(s)
+            sizes[key] = n * _itemsize(t.get_dtype())
+    layer_bytes = fp32 = 0
+    dense: dict[str, str] = {}
+    for name, info in manifest["layers"].items():
+        fp32 += layers[name].module.weight.numel() * 4
+        if info.get("packed"):
+            layer_bytes += sum(
+                sizes[g[part]] for g in info["groups"] for part in PARTS if part in g
+            )
+        else:
+            layer_bytes += sizes[info["weight"]]
+            dense[name] = "not exactly on its grid: stored as it is"
+    return ExportResult(
+        path=str(out),
+        format="safetensors",
+        files={p.name: p.stat().st_size for p in sorted(Path(out).iterdir()) if p.is_file()},
+        layer_bytes=layer_bytes,
+        layer_fp32_bytes=fp32,
+        dense=dense,
+        info={"version": manifest["version"]},
+    )
+
+
+_ITEMSIZE = {"U8": 1, "I8": 1, "BOOL": 1, "F16": 2, "BF16": 2, "I16": 2, "F32": 4, "I32": 4}
+
+
+def _itemsize(dtype: str) -> int:
+    return _ITEMSIZE.get(dtype, 8)
