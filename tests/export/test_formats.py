@@ -10,14 +10,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
+from test_checkpoint import KINDS, _out, _setup
 from torch import nn
 
 import optbrain
 from optbrain.api import compress, compressed_state
 from optbrain.export import CheckpointError, load
 from optbrain.export.checkpoint import MANIFEST, TENSORS
-
-from test_checkpoint import KINDS, _out, _setup
 
 
 @pytest.fixture(autouse=True)
