@@ -1,4 +1,4 @@
-"""The ``optbrain`` command: compress, eval, report, demo. Parses flags, calls the API, prints."""
+"""The ``optbrain`` command: compress, eval, report, demo, export, bench (the last two: deploy)."""
 
 from __future__ import annotations
 
@@ -207,10 +207,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     html = Path(args.html) if args.html else path.with_name("report.html")
     report.to_html(html)
     if not args.quiet:
+        from .deploy import deployment_table
         from .text import print_metrics
 
         print(render_table(report))
         print_metrics(report)
+        if deployment_table(report):
+            print("\n" + deployment_table(report))
     print(f"\nHTML report: {html.resolve()}")
     return 0
 
@@ -318,6 +321,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     m = sub.add_parser("models", help="list the zoo models")
     m.set_defaults(func=cmd_models)
+
+    from .deploy import add_parsers
+
+    add_parsers(sub)
     return p
 
 

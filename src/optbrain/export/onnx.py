@@ -172,6 +172,45 @@ def _rewrite(proto: Any, layer: CompressedLayer, init: Any, transposed: bool) ->
     return sum(len(t.raw_data) for t in new_inits[:3])
 
 
+def _trace_eval(
+    model: nn.Module,
+    example_inputs: Any,
+    input_names: list[str] | None,
+    output_names: list[str] | None,
+    dynamic_batch: bool,
+) -> tuple[Any, list[str], list[str]]:
+    """(ModelProto traced in eval mode, input names, output names)."""
+    args = _as_args(example_inputs)
+    _require_onnx()
+    n_in = sum(1 for a in args if isinstance(a, torch.Tensor))
+    input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
+    output_names = output_names or ["output"]
+    names: dict[str, Any] = {"input_names": input_names, "output_names": output_names}
+    if dynamic_batch:
+        names["dynamic_axes"] = {n: {0: "batch"} for n in [*input_names, *output_names]}
+    was_training = model.training
+    model.eval()
+    try:
+        proto = _trace(model, args, names)
+    finally:
+        model.train(was_training)
+    return proto, input_names, output_names
+
+
+def export_dense_onnx(
+    model: nn.Module, path: str | os.PathLike, *, example_inputs: Any = None
+) -> Path:
+    """The same graph as ``export_onnx`` with every weight a float initializer, for any
+    model (the dense baseline of ``optbrain bench``). Returns the file's path."""
+    import onnx
+
+    proto, _, _ = _trace_eval(model, example_inputs, None, None, True)
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(proto, str(out))
+    return out
+
+
 def export_onnx(
     model: nn.Module,
     path: str | os.PathLike,
@@ -185,22 +224,10 @@ def export_onnx(
     docstring. ``example_inputs``: a tensor or tuple of positional inputs to trace with.
     ``dynamic_batch``: the first dimension of every input and output is symbolic."""
     layers = compressed_layers(model)
-    args = _as_args(example_inputs)
-    _require_onnx()
+    proto, input_names, output_names = _trace_eval(
+        model, example_inputs, input_names, output_names, dynamic_batch
+    )
     import onnx
-
-    n_in = sum(1 for a in args if isinstance(a, torch.Tensor))
-    input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
-    output_names = output_names or ["output"]
-    names: dict[str, Any] = {"input_names": input_names, "output_names": output_names}
-    if dynamic_batch:
-        names["dynamic_axes"] = {n: {0: "batch"} for n in [*input_names, *output_names]}
-    was_training = model.training
-    model.eval()
-    try:
-        proto = _trace(model, args, names)
-    finally:
-        model.train(was_training)
 
     dense: dict[str, str] = {}
     layer_bytes = fp32 = 0

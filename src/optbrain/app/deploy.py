@@ -1,0 +1,304 @@
+"""``optbrain export RUN`` and ``optbrain bench RUN``: deployable files of a run and their speed.
+
+Both read the zoo model a run directory was written for (``report.json``'s ``model``), check
+everything they can before loading it (the run directory, the format against the model, the
+runtime), apply the run to a fresh dense copy (``optbrain.load``) and record what they measured
+in the run's report under ``metadata["deployment"]``::
+
+    {"exports": {FORMAT: {path, files, total_bytes, layer_bytes, layer_fp32_bytes, ratio,
+                          dense, seconds}},
+     "bench":   {"RUNTIME-bBATCH-tTHREADS": {runtime, batch, threads, repeats,
+                 dense: {median_ms, throughput}, compressed: {...}, speedup,
+                 bytes: {dense, compressed}}}}
+
+``optbrain report`` prints it (``deployment_table``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+RUNTIMES = ("torch", "onnxruntime")
+
+
+# ------------------------------------------------------------------------------ the run
+def run_model_name(run: Path, model: str | None = None) -> str:
+    """The zoo model ``run`` was written for (checked against ``model`` when given); raises
+    ValueError when ``run`` is not a run directory or names no zoo model."""
+    from ..export.checkpoint import REPORT, read_manifest
+    from . import zoo
+
+    read_manifest(run)  # a CheckpointError (ValueError) unless an optbrain run directory
+    try:
+        name = json.loads((run / REPORT).read_text()).get("model")
+    except (OSError, json.JSONDecodeError, AttributeError) as e:
+        raise ValueError(f"{run / REPORT} cannot be read ({e}); which model is this run?") from None
+    if not name:
+        raise ValueError(f"{run / REPORT} names no model; pass --model with the zoo model's name")
+    if model is not None and model != name:
+        raise ValueError(
+            f"{run} was written for model {name!r}, not {model!r}; pass the run of {model!r}"
+        )
+    zoo.get(name)  # ValueError listing the zoo when unknown
+    return name
+
+
+def load_run(run: Path, name: str) -> tuple[Any, Any, Any]:
+    """(zoo entry, dense model, compressed model = the run applied to a copy)."""
+    from ..export import load
+    from . import zoo
+
+    entry = zoo.get(name)
+    dense = entry.load()
+    return entry, dense, load(copy.deepcopy(dense), run)
+
+
+def example_batch(entry: Any, batch: int, seed: int = 0) -> Any:
+    """``batch`` inputs of ``entry``'s calibration data (a tensor or a dict of tensors)."""
+    import torch
+
+    batches = entry.calibration(batch, seed)
+    if not batches:
+        raise ValueError(f"model {entry.name!r} gave no calibration inputs")
+    first = batches[0]
+    if isinstance(first, dict):
+        return {k: torch.cat([b[k] for b in batches])[:batch] for k in first}
+    if isinstance(first, torch.Tensor):
+        return torch.cat(list(batches))[:batch]
+    raise ValueError(f"model {entry.name!r}: calibration inputs are {type(first).__name__}")
+
+
+def positional(model: Any, x: Any) -> tuple[Any, ...]:
+    """The model's positional inputs for ``x``: a tensor, or a dict laid out in the order of
+    ``model.forward``'s parameters (None for the ones it leaves out, up to the last given)."""
+    import inspect
+
+    if not isinstance(x, dict):
+        return (x,)
+    params = list(inspect.signature(model.forward).parameters)
+    unknown = [k for k in x if k not in params]
+    if unknown:
+        raise ValueError(f"inputs {unknown} are not parameters of {type(model).__name__}.forward")
+    last = max(params.index(k) for k in x)
+    return tuple(x.get(p) for p in params[: last + 1])
+
+
+def update_deployment(run: Path, section: str, key: str, value: dict[str, Any]) -> None:
+    """Put ``value`` at ``metadata.deployment[section][key]`` of the run's report.json."""
+    from ..export.checkpoint import REPORT
+
+    path = run / REPORT
+    report = json.loads(path.read_text())
+    dep = report.setdefault("metadata", {}).setdefault("deployment", {})
+    dep.setdefault(section, {})[key] = value
+    path.write_text(json.dumps(report, indent=1))
+
+
+# ------------------------------------------------------------------------------ export
+def cmd_export(args: argparse.Namespace) -> int:
+    from ..export import export
+    from ..export.formats import check_format
+
+    run = Path(args.run)
+    fmt = check_format(args.format)
+    name = run_model_name(run, args.model)
+    from . import zoo
+
+    entry = zoo.get(name)
+    if fmt == "compressed-tensors" and "transformers" not in entry.requires:
+        raise ValueError(
+            f"format 'compressed-tensors' writes Hugging Face transformers models; {name!r} "
+            "is not one (use --format onnx or --format safetensors)"
+        )
+    out = Path(args.out)
+    _, _, model = load_run(run, name)
+    example = positional(model, example_batch(entry, 1)) if fmt == "onnx" else None
+    t0 = time.perf_counter()
+    res = export(model, out, format=fmt, example_inputs=example)
+    seconds = time.perf_counter() - t0
+    info = {
+        "path": str(out.resolve()),
+        "files": res.files,
+        "total_bytes": res.total_bytes,
+        "layer_bytes": res.layer_bytes,
+        "layer_fp32_bytes": res.layer_fp32_bytes,
+        "ratio": res.ratio,
+        "dense": res.dense,
+        "seconds": seconds,
+    }
+    update_deployment(run, "exports", fmt, info)
+    print(
+        f"{fmt}: {out} ({res.total_bytes / 1e6:.2f} MB; compressed layers "
+        f"{res.layer_bytes / 1e6:.3f} MB = {res.ratio:.4f}x their float32 "
+        f"{res.layer_fp32_bytes / 1e6:.3f} MB) in {seconds:.1f} s"
+    )
+    for layer, why in res.dense.items():
+        print(f"  kept dense: {layer}: {why}")
+    return 0
+
+
+# ------------------------------------------------------------------------------ bench
+def time_pair(
+    dense: Callable[[], Any], compressed: Callable[[], Any], repeats: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """Seconds per call of ``dense`` and ``compressed``, alternated call by call (so load on
+    the machine falls on both alike), after ``warmup`` untimed calls of each."""
+    for _ in range(warmup):
+        dense()
+        compressed()
+    td: list[float] = []
+    tc: list[float] = []
+    for _ in range(repeats):
+        for fn, acc in ((dense, td), (compressed, tc)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return td, tc
+
+
+def _stats(times: list[float], batch: int) -> dict[str, float]:
+    med = statistics.median(times)
+    return {"median_ms": med * 1e3, "throughput": batch / med}
+
+
+def _state_bytes(model: Any) -> int:
+    return sum(t.numel() * t.element_size() for t in model.state_dict().values())
+
+
+def _ort_session(path: Path, threads: int) -> Any:
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+def _ort_feed(sess: Any, args: tuple[Any, ...]) -> dict[str, Any]:
+    tensors = [a for a in args if a is not None]
+    names = [i.name for i in sess.get_inputs()]
+    return {n: t.numpy() for n, t in zip(names, tensors, strict=False)}
+
+
+def bench(
+    run: Path, runtime: str, batch: int, threads: int, repeats: int, warmup: int
+) -> dict[str, Any]:
+    """Dense fp32 vs the compressed run on ``runtime``, in one process, on ``batch`` inputs."""
+    import torch
+
+    if runtime not in RUNTIMES:
+        raise ValueError(f"unknown runtime {runtime!r}; choose one of {list(RUNTIMES)}")
+    if batch < 1 or threads < 1 or repeats < 1:
+        raise ValueError("--batch, --threads and --repeats must be at least 1")
+    name = run_model_name(run)
+    entry, dense, model = load_run(run, name)
+    x = example_batch(entry, batch)
+    args = positional(model, x)
+    out: dict[str, Any] = {"runtime": runtime, "batch": batch, "threads": threads}
+    if runtime == "torch":
+        torch.set_num_threads(threads)
+        with torch.inference_mode():
+            td, tc = time_pair(lambda: dense(*args), lambda: model(*args), repeats, warmup)
+        nbytes = {"dense": _state_bytes(dense), "compressed": _state_bytes(model)}
+        out["note"] = "torch runs the compressed weights as dense float tensors"
+    else:
+        from ..export.onnx import export_dense_onnx, export_onnx
+
+        with tempfile.TemporaryDirectory() as tmp:
+            pd = export_dense_onnx(dense, Path(tmp) / "dense.onnx", example_inputs=args)
+            pc = Path(tmp) / "compressed.onnx"
+            export_onnx(model, pc, example_inputs=args)
+            sd, sc = _ort_session(pd, threads), _ort_session(pc, threads)
+            fd, fc = _ort_feed(sd, args), _ort_feed(sc, args)
+            nbytes = {"dense": pd.stat().st_size, "compressed": pc.stat().st_size}
+            td, tc = time_pair(lambda: sd.run(None, fd), lambda: sc.run(None, fc), repeats, warmup)
+    out.update(
+        repeats=repeats,
+        warmup=warmup,
+        dense=_stats(td, batch),
+        compressed=_stats(tc, batch),
+        bytes=nbytes,
+    )
+    out["speedup"] = out["dense"]["median_ms"] / out["compressed"]["median_ms"]
+    return out
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    run = Path(args.run)
+    res = bench(run, args.runtime, args.batch, args.threads, args.repeats, args.warmup)
+    update_deployment(run, "bench", f"{args.runtime}-b{args.batch}-t{args.threads}", res)
+    print(bench_table({"bench": {f"{args.runtime}-b{args.batch}-t{args.threads}": res}}))
+    return 0
+
+
+# ------------------------------------------------------------------------------ text
+def bench_table(dep: dict[str, Any]) -> str:
+    """Markdown: the exports (bytes) and benchmarks (latency, throughput) of a deployment
+    section."""
+    lines: list[str] = []
+    exports = dep.get("exports") or {}
+    if exports:
+        lines += [
+            "| export | total MB | layers MB | ratio vs fp32 layers | seconds |",
+            "|---|---:|---:|---:|---:|",
+        ]
+        for fmt, e in exports.items():
+            lines.append(
+                f"| {fmt} | {e['total_bytes'] / 1e6:.3f} | {e['layer_bytes'] / 1e6:.3f} | "
+                f"{e['ratio']:.4f} | {e['seconds']:.1f} |"
+            )
+    benches = dep.get("bench") or {}
+    if benches:
+        if lines:
+            lines.append("")
+        lines += [
+            "| runtime | batch | threads | dense ms | compressed ms | speedup | "
+            "dense items/s | compressed items/s | dense MB | compressed MB |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for b in benches.values():
+            d, c = b["dense"], b["compressed"]
+            lines.append(
+                f"| {b['runtime']} | {b['batch']} | {b['threads']} | {d['median_ms']:.3f} | "
+                f"{c['median_ms']:.3f} | {b['speedup']:.2f}x | {d['throughput']:.1f} | "
+                f"{c['throughput']:.1f} | {b['bytes']['dense'] / 1e6:.3f} | "
+                f"{b['bytes']['compressed'] / 1e6:.3f} |"
+            )
+    return "\n".join(lines)
+
+
+def deployment_table(report: Any) -> str:
+    """``bench_table`` of a report's ``metadata["deployment"]`` ("" when it has none)."""
+    dep = (getattr(report, "metadata", None) or {}).get("deployment")
+    return bench_table(dep) if dep else ""
+
+
+# ------------------------------------------------------------------------------ parsers
+def add_parsers(sub: Any) -> None:
+    """The ``export`` and ``bench`` subcommands on the CLI's subparsers."""
+    from ..export.formats import FORMATS
+
+    x = sub.add_parser("export", help="write a run as a deployable file (ONNX, HF, packed)")
+    x.add_argument("run", help="run directory written by 'optbrain compress'")
+    x.add_argument("--format", required=True, choices=FORMATS, help="what to write")
+    x.add_argument("--out", required=True, help="file (onnx) or directory to write")
+    x.add_argument("--model", help="the zoo model the run must be of (default: the run's)")
+    x.set_defaults(func=cmd_export)
+
+    b = sub.add_parser("bench", help="latency and throughput, dense vs compressed, one run")
+    b.add_argument("run", help="run directory written by 'optbrain compress'")
+    b.add_argument("--runtime", choices=RUNTIMES, default="onnxruntime")
+    b.add_argument("--batch", type=int, default=1, help="inputs per call (default 1)")
+    b.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
+    b.add_argument("--repeats", type=int, default=30, help="timed calls of each (default 30)")
+    b.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
+    b.set_defaults(func=cmd_bench)
