@@ -1,0 +1,178 @@
+"""``optbrain export`` / ``optbrain bench`` (``optbrain.app.deploy``) on a digits-mlp GPTQ 4-bit
+run: the files load (optbrain.load, ONNX Runtime) to the compressed model, sizes and timings go
+into report.json and ``optbrain report``, bad input is an error before any work."""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from optbrain.app import deploy, zoo
+from optbrain.app.cli import main
+from optbrain.export import load
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("optbrain-cache")
+
+
+@pytest.fixture(autouse=True)
+def _env(cache, monkeypatch):
+    monkeypatch.setenv("OPTBRAIN_CACHE", str(cache))
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def _main(argv: list[str]) -> tuple[int, str, str]:
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = main([str(a) for a in argv])
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory, cache) -> Path:
+    """``optbrain compress --model digits-mlp --method gptq --bits 4``, once."""
+    out = tmp_path_factory.mktemp("deploy") / "run"
+    mp = pytest.MonkeyPatch()
+    mp.setenv("OPTBRAIN_CACHE", str(cache))
+    try:
+        code, _, err = _main(
+            ["compress", "--model", "digits-mlp", "--method", "gptq", "--bits", 4, "--quiet",
+             "--samples", 64, "--out", out]
+        )  # fmt: skip
+    finally:
+        mp.undo()
+    assert code == 0, err
+    return out
+
+
+def _deployment(run: Path) -> dict:
+    return json.loads((run / "report.json").read_text())["metadata"]["deployment"]
+
+
+def test_export_safetensors_loads_to_the_same_model(run, tmp_path):
+    code, out, err = _main(["export", run, "--format", "safetensors", "--out", tmp_path / "p"])
+    assert code == 0, err
+    entry = zoo.get("digits-mlp")
+    dense = entry.load()
+    a = load(copy.deepcopy(dense), run)
+    b = load(copy.deepcopy(dense), tmp_path / "p")
+    for k, v in a.state_dict().items():
+        assert torch.equal(b.state_dict()[k], v), k
+    info = _deployment(run)["exports"]["safetensors"]
+    assert info["layer_fp32_bytes"] == 4 * sum(
+        m.weight.numel() for m in dense.modules() if isinstance(m, nn.Linear)
+    )
+    assert 0.125 < info["ratio"] <= 0.14
+    assert f"= {info['ratio']:.4f}x" in out
+    packed = (tmp_path / "p" / "compressed.safetensors").stat().st_size
+    assert packed < 0.2 * (run / "compressed.safetensors").stat().st_size
+
+
+def test_export_onnx_runs_in_onnxruntime_like_torch(run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "m.onnx"
+    code, _, err = _main(["export", run, "--format", "onnx", "--out", path])
+    assert code == 0, err
+    entry = zoo.get("digits-mlp")
+    model = load(entry.load(), run)
+    x = deploy.example_batch(entry, 16, seed=3)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    info = _deployment(run)["exports"]["onnx"]
+    assert info["dense"] == {} and info["ratio"] <= 0.14
+    assert info["total_bytes"] == path.stat().st_size
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--format", "compressed-tensors"], "'digits-mlp' is not one"),
+        (["--format", "onnx", "--model", "digits-cnn"], "written for model 'digits-mlp'"),
+    ],
+)
+def test_export_bad_input_is_an_error_before_work(run, tmp_path, argv, message):
+    t0 = time.perf_counter()
+    code, _, err = _main(["export", run, *argv, "--out", tmp_path / "x"])
+    assert code == 2 and message in err
+    assert time.perf_counter() - t0 < 2.0  # nothing loaded
+    assert not (tmp_path / "x").exists()
+
+
+def test_export_of_a_directory_that_is_not_a_run(tmp_path):
+    code, _, err = _main(["export", tmp_path, "--format", "onnx", "--out", tmp_path / "x"])
+    assert code == 2 and "manifest.json" in err
+
+
+def test_unknown_format_is_refused_by_the_parser(run, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["export", str(run), "--format", "gguf", "--out", str(tmp_path / "x")])
+    assert e.value.code == 2 and "invalid choice: 'gguf'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("runtime", ["torch", "onnxruntime"])
+def test_bench_writes_the_deployment_section(run, runtime):
+    if runtime == "onnxruntime":
+        pytest.importorskip("onnxruntime")
+    argv = ["bench", run, "--runtime", runtime, "--batch", 8, "--repeats", 5, "--warmup", 1]
+    code, out, err = _main(argv)
+    assert code == 0, err
+    b = _deployment(run)["bench"][f"{runtime}-b8-t1"]
+    assert (b["batch"], b["threads"], b["repeats"]) == (8, 1, 5)
+    d, c = b["dense"], b["compressed"]
+    assert d["median_ms"] > 0 and c["median_ms"] > 0
+    assert b["speedup"] == pytest.approx(d["median_ms"] / c["median_ms"])
+    assert d["throughput"] == pytest.approx(8e3 / d["median_ms"])
+    if runtime == "onnxruntime":  # int4 codes: the compressed file is far smaller
+        assert b["bytes"]["compressed"] < 0.4 * b["bytes"]["dense"]
+    else:  # torch holds the compressed weights as float tensors
+        assert b["bytes"]["compressed"] == b["bytes"]["dense"]
+    assert f"| {runtime} | 8 | 1 |" in out
+    code, out, _ = _main(["report", run, "--html", run / "r.html"])
+    assert code == 0 and f"| {runtime} | 8 | 1 | {d['median_ms']:.3f} |" in out
+
+
+def test_bench_bad_runtime_and_batch(run):
+    with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
+        deploy.bench(run, "tvm", 1, 1, 1, 0)
+    with pytest.raises(ValueError, match="at least 1"):
+        deploy.bench(run, "torch", 0, 1, 1, 0)
+
+
+def test_time_pair_measures_each_side():
+    td, tc = deploy.time_pair(lambda: time.sleep(0.004), lambda: time.sleep(0.001), 5, 1)
+    assert len(td) == len(tc) == 5
+    speedup = float(np.median(td) / np.median(tc))
+    assert 1.8 < speedup < 4.5
+
+
+class _Forward(nn.Module):
+    def forward(self, input_ids, attention_mask=None, token_type_ids=None, labels=None):
+        return input_ids
+
+
+def test_positional_lays_a_dict_out_in_forward_order():
+    ids, tt = torch.zeros(1, 3), torch.ones(1, 3)
+    assert deploy.positional(_Forward(), {"token_type_ids": tt, "input_ids": ids}) == (
+        ids,
+        None,
+        tt,
+    )
+    with pytest.raises(ValueError, match="pixel_values"):
+        deploy.positional(_Forward(), {"pixel_values": ids})
