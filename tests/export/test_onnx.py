@@ -141,3 +141,32 @@ def test_bad_input_is_an_error_before_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="example_inputs must be a tensor or a tuple"):
         export_onnx(model, tmp_path / "c.onnx", example_inputs={"x": torch.randn(1, 64)})
     assert not list(tmp_path.iterdir())
+
+
+def test_convolutions_followed_by_batch_norm_keep_their_integer_weights(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Conv2d(3, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Conv2d(16, 16, 3, padding=1),
+        nn.BatchNorm2d(16),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(16 * 64, 10),
+    )
+    model.train()
+    with torch.no_grad():  # non-trivial running statistics, as after training
+        for b in _batches("cnn", n=4, seed=3):
+            model(b * 2 + 1)
+    model.eval()
+    calib = _batches("cnn")
+    compress(model, calib, {"method": "gptq", "bits": 4}, quiet=True)
+    res = export_onnx(model, tmp_path / "m.onnx", example_inputs=calib[0])
+    assert res.dense == {}  # the convolutions were not folded into their batch norms
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    assert sum(n.op_type == "DequantizeLinear" for n in graph.node) == 3
+    x = _batches("cnn", n=1, batch=5, seed=9)[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(_run(tmp_path / "m.onnx", x), ref, atol=ATOL, rtol=RTOL)

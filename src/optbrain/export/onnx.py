@@ -2,8 +2,9 @@
 
 ``export_onnx(model, path, example_inputs=...)`` traces the compressed model with
 ``torch.onnx.export`` (the TorchScript exporter, which keeps parameter names as initializer
-names), then replaces the float initializer of every quantized layer by its integer codes and a
-``DequantizeLinear`` node (opset 21)::
+names; without constant folding, so that a convolution followed by a batch norm keeps its own
+weight and the batch norm stays a node), then replaces the float initializer of every
+quantized layer by its integer codes and a ``DequantizeLinear`` node (opset 21)::
 
     codes (INT4, two per byte, up to 4 bits; INT8 up to 8) ─┐
     scale (float32)                                        ├─ DequantizeLinear ─> weight
@@ -69,15 +70,21 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
     )
 
 
-def _trace(model: nn.Module, args: tuple[Any, ...], names: dict[str, Any]) -> Any:
-    """The ONNX ModelProto of ``model`` traced on ``args``, at opset ``OPSET``."""
+def _trace(
+    model: nn.Module, args: tuple[Any, ...], names: dict[str, Any], fold: bool = True
+) -> Any:
+    """The ONNX ModelProto of ``model`` traced on ``args``, at opset ``OPSET``. ``fold=False``:
+    no constant folding, so a convolution's weight stays its own initializer instead of being
+    merged with the batch norm after it."""
     onnx = _require_onnx()
     from onnx import version_converter
 
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(model, args, buf, dynamo=False, opset_version=20, **names)
+        torch.onnx.export(
+            model, args, buf, dynamo=False, opset_version=20, do_constant_folding=fold, **names
+        )
     proto = onnx.load_from_string(buf.getvalue())
     return version_converter.convert_version(proto, OPSET)
 
@@ -178,6 +185,7 @@ def _trace_eval(
     input_names: list[str] | None,
     output_names: list[str] | None,
     dynamic_batch: bool,
+    fold: bool = True,
 ) -> tuple[Any, list[str], list[str]]:
     """(ModelProto traced in eval mode, input names, output names)."""
     args = _as_args(example_inputs)
@@ -191,7 +199,7 @@ def _trace_eval(
     was_training = model.training
     model.eval()
     try:
-        proto = _trace(model, args, names)
+        proto = _trace(model, args, names, fold)
     finally:
         model.train(was_training)
     return proto, input_names, output_names
@@ -225,7 +233,7 @@ def export_onnx(
     ``dynamic_batch``: the first dimension of every input and output is symbolic."""
     layers = compressed_layers(model)
     proto, input_names, output_names = _trace_eval(
-        model, example_inputs, input_names, output_names, dynamic_batch
+        model, example_inputs, input_names, output_names, dynamic_batch, fold=False
     )
     import onnx
 

@@ -1,0 +1,104 @@
+"""Deployable artefacts of zoo models: export time and sizes per format, ONNX Runtime latency.
+
+    python benchmarks/deploy_zoo.py --model fashion-cnn --method gptq --bits 8 \
+        --formats safetensors onnx --batches 1 32 --threads 2
+
+Per model: compress with the recipe (or the entry's default), evaluate, then for each format
+``optbrain.export`` with its wall time, the bytes of the compressed layers against their float32
+bytes and the files; then ``optbrain.app.deploy.bench`` on ONNX Runtime (dense fp32 graph vs
+the compressed graph, alternated call by call in this one process, median of the repeats after
+warm-up) for each batch size. Prints one JSON object per model and a markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/app/cli.py
+
+from optbrain.app import deploy, zoo  # noqa: E402
+from optbrain.app.runs import run_zoo  # noqa: E402
+from optbrain.export import export  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", nargs="+", required=True, help="zoo model name(s)")
+    ap.add_argument("--method", help="solver (default: the entry's recipe)")
+    ap.add_argument("--sparsity", type=float)
+    ap.add_argument("--pattern")
+    ap.add_argument("--bits", type=int)
+    ap.add_argument("--group-size", type=int, dest="group_size")
+    ap.add_argument("--samples", type=int, default=128)
+    ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
+    ap.add_argument("--formats", nargs="+", default=["safetensors", "onnx"])
+    ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--repeats", type=int, default=30)
+    ap.add_argument("--out", help="keep the runs and files here (default: a temp dir)")
+    args = ap.parse_args()
+    root = Path(args.out or tempfile.mkdtemp(prefix="deploy_zoo_"))
+    rows = []
+    for name in args.model:
+        entry = zoo.get(name)
+        recipe = dict(entry.recipe)
+        if args.method:
+            rule = {"method": args.method}
+            for k in ("sparsity", "pattern", "bits", "group_size"):
+                if getattr(args, k) is not None:
+                    rule[k] = getattr(args, k)
+            recipe = {"rules": [rule], "calibration": {"samples": args.samples}}
+        run = root / name
+        t0 = time.perf_counter()
+        model, report = run_zoo(name, recipe, run, quiet=True, limit=args.limit)
+        res: dict = {"model": name, "recipe": recipe, "compress_s": time.perf_counter() - t0}
+        res["metrics"] = report.metrics
+        for fmt in args.formats:
+            kw = {}
+            if fmt == "onnx":
+                kw["example_inputs"] = deploy.positional(model, deploy.example_batch(entry, 1))
+            path = root / f"{name}.{fmt}" if fmt != "onnx" else root / f"{name}.onnx"
+            t0 = time.perf_counter()
+            e = export(model, path, format=fmt, **kw)
+            res[fmt] = {
+                "seconds": time.perf_counter() - t0,
+                "total_bytes": e.total_bytes,
+                "layer_bytes": e.layer_bytes,
+                "layer_fp32_bytes": e.layer_fp32_bytes,
+                "ratio": e.ratio,
+                "dense_layers": len(e.dense),
+                "dense_why": sorted(set(e.dense.values())),
+            }
+        for b in args.batches:
+            res[f"ort_b{b}"] = deploy.bench(run, "onnxruntime", b, args.threads, args.repeats, 5)
+        print(json.dumps(res, default=str), flush=True)
+        rows.append(res)
+    print("\n| model | metric dense → compressed | format | MB | layer ratio | export s |")
+    print("|---|---|---|---:|---:|---:|")
+    for r in rows:
+        m = next(iter(r["metrics"].items()), ("?", {}))
+        metric = f"{m[0]} {m[1].get('dense')} → {m[1].get('compressed')}"
+        for fmt in args.formats:
+            f = r[fmt]
+            print(
+                f"| {r['model']} | {metric} | {fmt} | {f['total_bytes'] / 1e6:.2f} | "
+                f"{f['ratio']:.4f} | {f['seconds']:.1f} |"
+            )
+    print("\n| model | batch | threads | ORT dense ms | ORT compressed ms | speedup |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for r in rows:
+        for b in args.batches:
+            x = r[f"ort_b{b}"]
+            print(
+                f"| {r['model']} | {b} | {x['threads']} | {x['dense']['median_ms']:.3f} | "
+                f"{x['compressed']['median_ms']:.3f} | {x['speedup']:.2f}x |"
+            )
+
+
+if __name__ == "__main__":
+    main()
