@@ -10,21 +10,13 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_checkpoint import KINDS, _out, _setup
+from test_checkpoint import KINDS, _one_thread, _out, _setup  # noqa: F401 (autouse fixture)
 from torch import nn
 
 import optbrain
 from optbrain.api import compress, compressed_state
 from optbrain.export import CheckpointError, load
 from optbrain.export.checkpoint import MANIFEST, TENSORS
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 def _assert_same_state(a: nn.Module, b: nn.Module) -> None:
