@@ -38,7 +38,7 @@ def test_packed_export_loads_to_equal_weights(kind, tmp_path):
     dense, model, test = _setup(kind)
     res = optbrain.export(model, tmp_path / "run", format="safetensors")
     manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())
-    assert manifest["version"] == 2
+    assert manifest["version"] == 3
     assert all(info.get("packed") for info in manifest["layers"].values())
     assert res.dense == {}
     back = load(copy.deepcopy(dense), tmp_path / "run")
@@ -109,7 +109,7 @@ def test_packed_run_from_another_model_is_refused_untouched(tmp_path):
 def test_packed_tampered_values_are_refused(tmp_path):
     from safetensors.torch import save_file
 
-    from optbrain._files import sha256_file
+    from optbrain._files import seal, sha256_file
 
     model = _big({"method": "gptq", "bits": 4})
     d = tmp_path / "run"
@@ -119,7 +119,7 @@ def test_packed_tampered_values_are_refused(tmp_path):
     save_file(tensors, str(d / TENSORS))
     manifest = json.loads((d / MANIFEST).read_text())
     manifest["sha256"] = sha256_file(d / TENSORS)  # consistent checksum: the shape check fires
-    (d / MANIFEST).write_text(json.dumps(manifest))
+    (d / MANIFEST).write_text(json.dumps(seal(manifest)))  # a deliberate forger's re-seal
     with pytest.raises(CheckpointError, match="0.g0.values"):
         load(nn.Sequential(nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 96)), d)
 

@@ -26,7 +26,7 @@ from typing import Any
 from safetensors import safe_open
 from torch import nn
 
-from .checkpoint import TENSORS, read_manifest, save
+from .checkpoint import read_manifest, save
 from .layers import ExportResult, compressed_layers
 
 FORMATS = ("safetensors", "onnx", "compressed-tensors")
@@ -71,7 +71,7 @@ def export_safetensors(model: nn.Module, path: str | os.PathLike) -> ExportResul
     out = save(model, path, packed=True)
     manifest = read_manifest(out)
     sizes: dict[str, int] = {}
-    with safe_open(str(out / TENSORS), framework="pt") as f:
+    with safe_open(str(out / manifest["tensors"]), framework="pt") as f:
         for key in f.keys():  # noqa: SIM118 (safe_open has no __iter__)
             t = f.get_slice(key)
             n = 1
