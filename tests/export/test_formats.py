@@ -1,4 +1,4 @@
-"""``optbrain.export(model, path, format=...)``: the packed safetensors run directory (version 2)
+"""``optbrain.export(model, path, format=...)``: the packed safetensors run directory (version 3)
 loads with ``optbrain.load`` to equal weights and state, is the promised fraction of the float32
 bytes, and bad input is refused before anything is written."""
 

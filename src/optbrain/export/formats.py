@@ -5,7 +5,7 @@ format                 writes                                    reads it
 =====================  ========================================  ===============================
 ``"safetensors"``      a run directory with packed integer       ``optbrain.load`` onto the
                        codes, mask bits and scales (checkpoint   dense model (weights equal)
-                       version 2, ``optbrain.export.packed``)
+                       version 3, ``optbrain.export.packed``)
 ``"onnx"``             one ``.onnx`` file, INT4/INT8 weights +    ONNX Runtime (CPU provider)
                        DequantizeLinear (``export.onnx``)
 ``"compressed-tensors"``  a Hugging Face directory              ``transformers`` alone

@@ -1,4 +1,4 @@
-"""Packed weights of a run directory (checkpoint version 2): integer codes and mask bits, no floats.
+"""Packed weights of a run directory (checkpoint version 3): integer codes and mask bits, no floats.
 
 One weight group ``W (rows, cols)`` of a compressed layer (``optbrain.export.layers``) is stored
 as the tensors below (keys ``{prefix}.{part}``), described by a manifest entry::
