@@ -23,7 +23,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrai
 
 from optbrain.app import deploy, zoo  # noqa: E402
 from optbrain.app.runs import run_zoo  # noqa: E402
-from optbrain.export import export  # noqa: E402
+from optbrain.io import export  # noqa: E402
 
 
 def main() -> None:

@@ -2,7 +2,7 @@
 
     python benchmarks/ort_static_int8.py --model fashion-cnn --batches 1 32 --threads 2
 
-Exports the dense model (``optbrain.export.onnx.export_dense_onnx``), quantizes it statically
+Exports the dense model (``optbrain.io.onnx.export_dense_onnx``), quantizes it statically
 with ONNX Runtime's own tool (``onnxruntime.quantization.quantize_static``: QDQ, int8 weights
 per channel, uint8 activations with scales from the model's calibration set), and times both
 graphs alternated call by call in one process (``optbrain.app.deploy.time_pair``); prints
@@ -24,7 +24,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrai
 import torch  # noqa: E402
 
 from optbrain.app import deploy, zoo  # noqa: E402
-from optbrain.export.onnx import export_dense_onnx  # noqa: E402
+from optbrain.io.onnx import export_dense_onnx  # noqa: E402
 
 
 def main() -> None:

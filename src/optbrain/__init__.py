@@ -26,8 +26,9 @@ _EXPORTS: dict[str, str] = {
     "METHODS": ".core.methods",
     "LayerResult": ".core.result",
     "CompressSpec": ".core.spec",
-    "load": ".export",
-    "save": ".export",
+    "export": ".io.formats",
+    "load": ".io",
+    "save": ".io",
     "Recipe": ".recipe",
     "LayerRecord": ".report",
     "Report": ".report",
@@ -41,17 +42,14 @@ if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imp
     from .core.methods import METHODS
     from .core.result import LayerResult
     from .core.spec import CompressSpec
-    from .export import export, load, save
+    from .io import load, save
+    from .io.formats import export
     from .pipeline.calibration import calibration_from
     from .recipe import Recipe
     from .report import LayerRecord, Report
 
 
 def __getattr__(name: str) -> Any:
-    if name == "export":  # the package, callable: optbrain.export(model, path, format=...)
-        value = importlib.import_module(".export", __name__)
-        globals()[name] = value
-        return value
     module = _EXPORTS.get(name)
     if module is None:
         raise AttributeError(f"module 'optbrain' has no attribute {name!r}")
@@ -61,7 +59,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted({*globals(), *_EXPORTS, "export"})
+    return sorted({*globals(), *_EXPORTS})
 
 
 __all__ = [

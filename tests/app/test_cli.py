@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 import optbrain.app.demo
 from optbrain.app import zoo
 from optbrain.app.cli import main
-from optbrain.export import load
+from optbrain.io import load
 from optbrain.recipe import Recipe
 
 RUN_FILES = {"manifest.json", "compressed.safetensors", "report.json", "report.html", "recipe.yaml"}

@@ -18,7 +18,7 @@ from torch import nn
 
 from optbrain.app import deploy, zoo
 from optbrain.app.cli import main
-from optbrain.export import load
+from optbrain.io import load
 
 
 @pytest.fixture(scope="module")

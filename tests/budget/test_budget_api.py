@@ -14,7 +14,7 @@ from optbrain.budget import (
     parse_target,
     plan_allocation,
 )
-from optbrain.export import load, save
+from optbrain.io import load, save
 from optbrain.report.charts import allocation_svg
 from optbrain.report.html import insert_into_html
 

@@ -17,7 +17,7 @@ import torch
 from optbrain._files import seal, sha256_bytes
 from optbrain.budget import DbSettings, build_database
 from optbrain.budget.store import Database, DatabaseError
-from optbrain.export import CheckpointError
+from optbrain.io import CheckpointError
 
 LEVELS = ["s0.5", "2:4", "b4"]
 FAST = DbSettings(solver="fast")

@@ -166,7 +166,7 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from ..export import load
+    from ..io import load
     from . import zoo
     from .sources import is_own_model
 

@@ -33,7 +33,7 @@ RUNTIMES = ("torch", "onnxruntime")
 def run_model_name(run: Path, model: str | None = None) -> str:
     """The zoo model ``run`` was written for (checked against ``model`` when given); raises
     ValueError when ``run`` is not a run directory or names no zoo model."""
-    from ..export.checkpoint import REPORT, read_manifest
+    from ..io.checkpoint import REPORT, read_manifest
     from . import zoo
 
     read_manifest(run)  # a CheckpointError (ValueError) unless an optbrain run directory
@@ -53,7 +53,7 @@ def run_model_name(run: Path, model: str | None = None) -> str:
 
 def load_run(run: Path, name: str) -> tuple[Any, Any, Any]:
     """(zoo entry, dense model, compressed model = the run applied to a copy)."""
-    from ..export import load
+    from ..io import load
     from . import zoo
 
     entry = zoo.get(name)
@@ -93,7 +93,7 @@ def positional(model: Any, x: Any) -> tuple[Any, ...]:
 
 def update_deployment(run: Path, section: str, key: str, value: dict[str, Any]) -> None:
     """Put ``value`` at ``metadata.deployment[section][key]`` of the run's report.json."""
-    from ..export.checkpoint import REPORT
+    from ..io.checkpoint import REPORT
 
     path = run / REPORT
     report = json.loads(path.read_text())
@@ -104,8 +104,8 @@ def update_deployment(run: Path, section: str, key: str, value: dict[str, Any]) 
 
 # ------------------------------------------------------------------------------ export
 def cmd_export(args: argparse.Namespace) -> int:
-    from ..export import export
-    from ..export.formats import check_format
+    from ..io import export
+    from ..io.formats import check_format
 
     run = Path(args.run)
     fmt = check_format(args.format)
@@ -217,7 +217,7 @@ def bench(
         nbytes = {"dense": _state_bytes(dense), "compressed": _state_bytes(model)}
         out["note"] = "torch runs the compressed weights as dense float tensors"
     else:
-        from ..export.onnx import export_dense_onnx, export_onnx
+        from ..io.onnx import export_dense_onnx, export_onnx
 
         with tempfile.TemporaryDirectory() as tmp:
             pd = export_dense_onnx(dense, Path(tmp) / "dense.onnx", example_inputs=args)
@@ -291,7 +291,7 @@ def deployment_table(report: Any) -> str:
 # ------------------------------------------------------------------------------ parsers
 def add_parsers(sub: Any) -> None:
     """The ``export`` and ``bench`` subcommands on the CLI's subparsers."""
-    from ..export.formats import FORMATS
+    from ..io.formats import FORMATS
 
     x = sub.add_parser("export", help="write a run as a deployable file (ONNX, HF, packed)")
     x.add_argument("run", help="run directory written by 'optbrain compress'")

@@ -88,7 +88,7 @@ def compress_own(
     """Compress ``loaded.model`` in place on ``batches``; write the run directory ``out``
     (checkpoint, ``report.html``, ``recipe.yaml``, ``source.json``). Returns the report."""
     from ..api import compress
-    from ..export import save
+    from ..io import save
     from .runs import RUN_FILES
 
     t0 = time.perf_counter()
@@ -245,7 +245,7 @@ def evaluate_own(
 ) -> dict[str, dict[str, float]]:  # fmt: skip
     """Dense vs compressed (``run``; without it, dense against itself) on ``data``; progress
     as the caller's ``optbrain.pipeline.progress.reporting`` level says."""
-    from ..export import load
+    from ..io import load
 
     p = Path(data).expanduser()
     labelled = labelled_images(loaded, p, image_size, limit) if p.is_dir() else None

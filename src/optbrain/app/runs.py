@@ -19,7 +19,7 @@ from torch import nn
 
 from .._files import atomic_write
 from ..api import compress
-from ..export import save
+from ..io import save
 from ..recipe import Recipe
 from ..report import Report
 

@@ -4,7 +4,7 @@
 per-layer database, prices every (layer, level) with the target's cost model, chooses one level
 per layer by dynamic programming (least summed error with total cost <= budget), writes the
 chosen weights into the model through the layer adapters, and records masks and grids on
-``model._optbrain`` (a ``ModelState``) so ``optbrain.export.save`` / ``load`` work as after
+``model._optbrain`` (a ``ModelState``) so ``optbrain.save`` / ``load`` work as after
 ``optbrain.compress``.
 
 Objectives (the error the DP sums): ``"relative"`` (default without model-level errors): the
@@ -188,7 +188,7 @@ def plan_allocation(
 
 def apply_allocation(model: nn.Module, db: Database, alloc: Allocation) -> dict[str, LayerState]:
     """Write the chosen levels' weights into ``model`` (in place); returns the per-layer state
-    kept on ``model._optbrain.layers`` (masks, grids) for ``optbrain.export.save``. If a write
+    kept on ``model._optbrain.layers`` (masks, grids) for ``optbrain.save``. If a write
     fails, the weights written so far are put back."""
     modules = dict(model.named_modules())
     state: dict[str, LayerState] = {}

@@ -11,7 +11,7 @@
    before (as GPTQ), or layer by layer in a model without a block list, layers outside the
    blocks from one pass at the end; then batch norms are re-estimated if asked.
 3. ``finish``: the records are sorted in module order into a ``Report`` and a ``ModelState``
-   (``optbrain.pipeline.state``) is attached to the model for ``optbrain.export.save``.
+   (``optbrain.pipeline.state``) is attached to the model for ``optbrain.save``.
 
 If anything fails part-way, ``WeightBackup`` puts back the dense weights written so far (the
 budget stitcher uses it too).

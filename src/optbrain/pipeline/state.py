@@ -1,7 +1,7 @@
 """The typed compressed-layer state kept on a model: what was done to it, for save and load.
 
-``optbrain.compress``, ``optbrain.budget.compress_to_budget`` and ``optbrain.export.load``
-attach a ``ModelState`` to the model (``model._optbrain``); ``optbrain.export.save`` reads it.
+``optbrain.compress``, ``optbrain.budget.compress_to_budget`` and ``optbrain.load``
+attach a ``ModelState`` to the model (``model._optbrain``); ``optbrain.save`` reads it.
 Per layer a ``LayerState`` (the plan that was applied and one ``GroupState`` per group of a
 grouped convolution, 1 otherwise), per group the mask and quantization grid that describe the
 written weight::

@@ -20,8 +20,8 @@ ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (extra 'deplo
 from onnx import TensorProto, numpy_helper  # noqa: E402
 
 from optbrain.api import compress  # noqa: E402
-from optbrain.export.layers import compressed_layers  # noqa: E402
-from optbrain.export.onnx import export_onnx  # noqa: E402
+from optbrain.io.layers import compressed_layers  # noqa: E402
+from optbrain.io.onnx import export_onnx  # noqa: E402
 
 ATOL = RTOL = 1e-5
 

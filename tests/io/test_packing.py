@@ -1,4 +1,4 @@
-"""``optbrain.export.packing``: the integer codes of every solver's quantized weights reproduce
+"""``optbrain.io.packing``: the integer codes of every solver's quantized weights reproduce
 them bit for bit; int4 / bitmask packing round-trips and has the documented byte layout."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 
 from optbrain.core.grid import fit_grid
 from optbrain.core.layer import compress_layer
-from optbrain.export import packing
+from optbrain.io import packing
 
 
 def _problem(rows: int = 12, cols: int = 32, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:

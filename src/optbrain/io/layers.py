@@ -2,7 +2,7 @@
 
 ``compressed_layers(model)`` returns, per compressed layer, its module, its adapter kind and one
 ``GroupState`` per weight group (grouped convolutions have several) with the mask and the
-quantization grid. Everything else in ``optbrain.export``'s packed formats goes through it, so
+quantization grid. Everything else in the packed formats of ``optbrain.export`` goes through it, so
 a change of how the state is kept on the model touches this file only.
 """
 

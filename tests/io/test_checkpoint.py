@@ -1,4 +1,4 @@
-"""``optbrain.export``: save → load on a fresh copy is bit-exact (batch-norm statistics
+"""``optbrain.save`` → ``optbrain.load`` on a fresh copy is bit-exact (batch-norm statistics
 included); masks and grids in the file describe the weights; truncated, tampered, incomplete or
 foreign checkpoints are rejected with a ``CheckpointError`` saying what is wrong, leaving the
 model untouched."""
@@ -18,8 +18,8 @@ from torch import nn
 from optbrain._files import SEAL, seal
 from optbrain.api import compress
 from optbrain.core.grid import QuantGrid
-from optbrain.export import CheckpointError, load, save
-from optbrain.export.checkpoint import MANIFEST, REPORT, TENSORS
+from optbrain.io import CheckpointError, load, save
+from optbrain.io.checkpoint import MANIFEST, REPORT, TENSORS
 
 
 @pytest.fixture(autouse=True)

@@ -15,8 +15,8 @@ from torch import nn
 
 import optbrain
 from optbrain.api import compress, compressed_state
-from optbrain.export import CheckpointError, load
-from optbrain.export.checkpoint import MANIFEST, TENSORS
+from optbrain.io import CheckpointError, load
+from optbrain.io.checkpoint import MANIFEST, TENSORS
 
 
 def _assert_same_state(a: nn.Module, b: nn.Module) -> None:

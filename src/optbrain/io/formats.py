@@ -5,14 +5,14 @@ format                 writes                                    reads it
 =====================  ========================================  ===============================
 ``"safetensors"``      a run directory with packed integer       ``optbrain.load`` onto the
                        codes, mask bits and scales (checkpoint   dense model (weights equal)
-                       version 3, ``optbrain.export.packed``)
+                       version 3, ``optbrain.io.packed``)
 ``"onnx"``             one ``.onnx`` file, INT4/INT8 weights +    ONNX Runtime (CPU provider)
                        DequantizeLinear (``export.onnx``)
 ``"compressed-tensors"``  a Hugging Face directory              ``transformers`` alone
                        (``export.hf``)                           (``from_pretrained``)
 =====================  ========================================  ===============================
 
-Every format reads what ``optbrain.compress`` did through ``optbrain.export.layers`` (the typed
+Every format reads what ``optbrain.compress`` did through ``optbrain.io.layers`` (the typed
 state of ``optbrain.pipeline.state``) and returns an ``ExportResult`` with the files written,
 their sizes and the bytes of the compressed layers against their float32 bytes.
 """

@@ -23,7 +23,7 @@ Same tensors and thread count give the same bytes in every file.
 
 ``save(model, path, packed=True)`` (what ``optbrain.export(model, path, format="safetensors")``
 writes) stores the layers as format version 3 instead: integer codes (two 4-bit codes per
-byte), mask bits and scales per group (``optbrain.export.packed``), about 1/8 of the float32
+byte), mask bits and scales per group (``optbrain.io.packed``), about 1/8 of the float32
 bytes at 4 bits; a layer whose weight is not exactly on its grid is stored as it is. ``load``
 reads versions 1 to 3.
 """
@@ -59,7 +59,7 @@ from .layers import compressed_layers
 
 FORMAT = "optbrain-compressed"
 VERSION = 2
-#: version 2 with packed layers (integer codes, mask bits; ``optbrain.export.packed``)
+#: version 2 with packed layers (integer codes, mask bits; ``optbrain.io.packed``)
 PACKED_VERSION = 3
 #: run directories written before manifests were sealed: still loaded (see ``read_manifest``)
 LEGACY_VERSION = 1

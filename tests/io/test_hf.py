@@ -24,7 +24,7 @@ pytest.importorskip(
 import transformers  # noqa: E402
 
 from optbrain.api import compress  # noqa: E402
-from optbrain.export.hf import export_compressed_tensors  # noqa: E402
+from optbrain.io.hf import export_compressed_tensors  # noqa: E402
 
 VOCAB = 96
 RECIPES = {

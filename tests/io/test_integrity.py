@@ -19,8 +19,8 @@ from torch import nn
 
 from optbrain._files import SEAL, TMP_SUFFIX, seal, sha256_bytes
 from optbrain.api import compress
-from optbrain.export import CheckpointError, load, save
-from optbrain.export.checkpoint import MANIFEST, REPORT, TENSORS, TENSORS_B
+from optbrain.io import CheckpointError, load, save
+from optbrain.io.checkpoint import MANIFEST, REPORT, TENSORS, TENSORS_B
 
 
 def _mlp() -> nn.Module:

@@ -1,6 +1,6 @@
 """Packed weights of a run directory (checkpoint version 3): integer codes and mask bits, no floats.
 
-One weight group ``W (rows, cols)`` of a compressed layer (``optbrain.export.layers``) is stored
+One weight group ``W (rows, cols)`` of a compressed layer (``optbrain.io.layers``) is stored
 as the tensors below (keys ``{prefix}.{part}``), described by a manifest entry::
 
     mask     uint8, ``packing.pack_bits(mask)``: one bit per weight (only when pruned)

@@ -12,7 +12,7 @@
     tokenizer files      copied from the directory the model was loaded from (``source``)
 
 The packing is done by the compressed-tensors library from optbrain's own scales and zero
-points (signed codes ``q = c − 2**(bits−1)``, see ``optbrain.export.packing``), and checked
+points (signed codes ``q = c − 2**(bits−1)``, see ``optbrain.io.packing``), and checked
 against optbrain's codes before anything is written. ``AutoModelForCausalLM.from_pretrained``
 (any ``AutoModel*``) dequantizes on load to ``scale · (q − zero_point)``, which for float32
 models is **bit-identical** to the compressed weights (outputs equal, tolerance 0). bfloat16 /
