@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .patterns import Pattern, parse_pattern
+from .patterns import Pattern, parse_pattern, structured_group_size
 
 #: The layer solver used when none is named (``core.methods.METHODS``).
 DEFAULT_METHOD = "obc"
@@ -121,7 +121,9 @@ def check_sparsity(sparsity: object, name: str = "sparsity", plain: bool = False
 
 def check_pattern(pattern: object, plain: bool = False) -> Pattern:
     """A pattern string (or ``Pattern``): "unstructured", "N:M" (N < M) or "blockB"."""
-    what = "'unstructured', 'N:M' (e.g. '2:4', N < M) or 'blockB' (e.g. 'block4')"
+    what = (
+        "'unstructured', 'N:M' (e.g. '2:4', N < M), 'blockB' (e.g. 'block4'), 'channels' or 'heads'"
+    )
     if plain and not isinstance(pattern, str):
         raise SettingError("pattern", what + " (quote N:M in YAML)", pattern)
     if not plain:
@@ -213,7 +215,53 @@ def check_pattern_sparsity(pattern: Pattern, sparsity: float | None) -> float | 
         raise PatternSparsityError(
             pattern, None, f"pattern {pattern} needs a sparsity (fraction of blocks to remove)"
         )
+    if pattern.structured and sparsity is None:
+        raise PatternSparsityError(
+            pattern, None, f"pattern {pattern} needs a sparsity (the fraction of {pattern.kind})"
+        )
     return sparsity
+
+
+def check_structured(
+    pattern: Pattern,
+    cols: int,
+    sparsity: float | None,
+    bits: int | None = None,
+    kernel_positions: int = 1,
+    layer_groups: int = 1,
+) -> int:
+    """Columns per removed group of a ``channels`` / ``heads`` pattern (1 otherwise), after
+    checking the layer can shrink: not a grouped convolution (``layer_groups > 1``: its input
+    channels are tied to its output channels group by group), heads on a Linear only
+    (``kernel_positions == 1``), a head size dividing ``cols``, at least one group left, no
+    ``bits`` (structured levels compound with quantization in the budget, not in one solve)."""
+    if not pattern.structured:
+        return 1
+    if layer_groups > 1:
+        raise ValueError(
+            f"pattern {pattern}: a grouped convolution (groups={layer_groups}) cannot shrink its "
+            "input channels (each is tied to its group's output channels); use 'unstructured' "
+            "or leave the layer out"
+        )
+    if pattern.kind == "heads" and kernel_positions != 1:
+        raise ValueError(
+            f"pattern {pattern} applies to attention output projections (Linear), not to a "
+            f"convolution ({kernel_positions} kernel positions per channel)"
+        )
+    if bits is not None:
+        raise ValueError(
+            f"pattern {pattern} prunes only: bits={bits} cannot be solved together with it "
+            "(compound structured levels with quantization through the budget)"
+        )
+    g = structured_group_size(pattern, cols, kernel_positions)  # type: ignore[arg-type]
+    n = cols // g
+    k = int(round(float(sparsity or 0.0) * n))
+    if k >= n:
+        raise ValueError(
+            f"sparsity={sparsity} removes all {n} {pattern.kind} of the layer; at least one "
+            "must stay"
+        )
+    return g
 
 
 def check_options(method: str, options: dict, allowed: Iterable[str]) -> None:
@@ -235,6 +283,8 @@ class CompressSpec:
     damp: relative damping (λ = damp · mean diag H). dtype: compute dtype (float32 / float64).
     on_singular: policy when H cannot be inverted ("raise" | "damp" | "eig").
     options: method-specific knobs (e.g. ``block_size`` for GPTQ, ``act_order``).
+    channel_size: columns per removed group of a ``channels`` / ``heads`` pattern (1 for a
+    Linear input feature, ``kh·kw`` for a conv input channel, ``head_dim`` for a head).
     """
 
     sparsity: float | None = None
@@ -246,6 +296,7 @@ class CompressSpec:
     dtype: torch.dtype = DEFAULT_DTYPE
     on_singular: str = DEFAULT_ON_SINGULAR
     options: dict[str, Any] = field(default_factory=dict)
+    channel_size: int = 1
 
     @property
     def prunes(self) -> bool:
@@ -266,14 +317,26 @@ def make_spec(
     damp: float = DEFAULT_DAMP,
     dtype: torch.dtype = DEFAULT_DTYPE,
     on_singular: str = DEFAULT_ON_SINGULAR,
+    *,
+    head_dim: int | None = None,
+    kernel_positions: int = 1,
+    layer_groups: int = 1,
     **options: object,
 ) -> CompressSpec:
-    """Validate arguments into a ``CompressSpec`` for a layer with ``cols`` input columns."""
+    """Validate arguments into a ``CompressSpec`` for a layer with ``cols`` input columns.
+
+    For ``channels`` / ``heads``: ``kernel_positions`` (``kh·kw`` of a conv, 1 for a Linear) and
+    ``layer_groups`` (a conv's groups) describe the layer, ``head_dim`` the head size when the
+    pattern does not name it (``check_structured``).
+    """
     pat = check_pattern(pattern)
+    if head_dim is not None:
+        pat = parse_pattern(pat, head_dim)
     pat.check_cols(cols)
     if sparsity is not None:
         sparsity = check_sparsity(sparsity)
     sparsity = check_pattern_sparsity(pat, sparsity)
+    channel_size = check_structured(pat, cols, sparsity, bits, kernel_positions, layer_groups)
     return CompressSpec(
         sparsity=sparsity,
         pattern=pat,
@@ -284,4 +347,5 @@ def make_spec(
         dtype=check_dtype(dtype),
         on_singular=check_on_singular(on_singular),
         options=dict(options),
+        channel_size=channel_size,
     )

@@ -20,7 +20,6 @@ channel-major), ``head_dim`` for a head of an attention output projection.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,84 +27,12 @@ from typing import Any
 import torch
 
 from .hessian import PreparedHessian, prepare_layer, row_losses
+from .patterns import StructuredPattern, parse_structured, structured_group_size  # noqa: F401
 from .result import LayerResult
 from .spec import CompressSpec, check_damp, check_dtype, check_weight_hessian
 from .structured_engine import DEFAULT_LAZY, gram, greedy_groups
 
 STRUCTURED_METHODS = ("obc", "magnitude", "obd")
-
-
-# --- patterns ------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class StructuredPattern:
-    """``"channels"`` (input channels / features) or ``"heads"`` (needs ``head_dim``)."""
-
-    kind: str  # "channels" | "heads"
-    head_dim: int | None = None
-
-    def __str__(self) -> str:
-        if self.kind == "heads" and self.head_dim is not None:
-            return f"heads{self.head_dim}"
-        return self.kind
-
-    def group_size(self, cols: int, kernel_positions: int = 1) -> int:
-        """Columns per group for a layer with ``cols`` inputs (see ``structured_group_size``)."""
-        return structured_group_size(self, cols, kernel_positions)
-
-
-def parse_structured(pattern: object, head_dim: int | None = None) -> StructuredPattern | None:
-    """``"channels"``, ``"heads"`` / ``"heads64"`` / ``"heads:64"`` → a pattern; else None.
-
-    ``None`` means "not a structured pattern" (let the unstructured parser handle it). A head
-    size given both in the name and as ``head_dim`` must agree.
-    """
-    if isinstance(pattern, StructuredPattern):
-        return pattern if head_dim is None else _with_head_dim(pattern, head_dim)
-    if not isinstance(pattern, str):
-        return None
-    p = pattern.strip().lower()
-    if p == "channels":
-        if head_dim is not None:
-            raise ValueError("head_dim applies to pattern 'heads' only, not 'channels'")
-        return StructuredPattern("channels")
-    m = re.fullmatch(r"heads\s*:?\s*(\d+)?", p)
-    if not m:
-        return None
-    named = int(m.group(1)) if m.group(1) else None
-    if named is not None and head_dim is not None and int(head_dim) != named:
-        raise ValueError(f"pattern {pattern!r} says head size {named} but head_dim={head_dim}")
-    return _with_head_dim(StructuredPattern("heads"), named if named is not None else head_dim)
-
-
-def _with_head_dim(pat: StructuredPattern, head_dim: int | None) -> StructuredPattern:
-    if head_dim is None:
-        return pat
-    if isinstance(head_dim, bool) or int(head_dim) != head_dim or int(head_dim) < 1:
-        raise ValueError(f"head_dim must be a positive integer, got {head_dim!r}")
-    if pat.kind != "heads":
-        raise ValueError("head_dim applies to pattern 'heads' only, not 'channels'")
-    return StructuredPattern("heads", int(head_dim))
-
-
-def structured_group_size(pattern: StructuredPattern, cols: int, kernel_positions: int = 1) -> int:
-    """Columns per group: ``kernel_positions`` (1 for Linear, ``kh·kw`` for a conv) for
-    ``channels``; ``head_dim`` for ``heads``. ValueError if it does not divide ``cols``."""
-    if pattern.kind == "heads":
-        if pattern.head_dim is None:
-            raise ValueError(
-                "pattern 'heads' needs the head size: give head_dim (or read it from the "
-                "model config: hidden_size / num_attention_heads)"
-            )
-        g = pattern.head_dim
-        if cols % g != 0:
-            raise ValueError(f"head_dim={g} does not divide the {cols} input columns of W")
-        return g
-    g = int(kernel_positions)
-    if g < 1 or cols % g != 0:
-        raise ValueError(f"{g} kernel positions per channel do not divide the {cols} columns")
-    return g
 
 
 def check_group_size(cols: int, group_size: int) -> int:
@@ -407,3 +334,23 @@ def solve_structured(
     return StructuredResult(
         weight, keep.cpu(), loss, rl, method, g, loss, prep.damping, prep.fallback
     )
+
+
+def solve_structured_spec(
+    method: str, W: torch.Tensor, H: torch.Tensor, spec: CompressSpec
+) -> LayerResult:
+    """The registry's entry for ``channels`` / ``heads`` (``obc``, ``magnitude``, ``obd``):
+    ``solve_structured`` with the spec's group size (``spec.channel_size``), fraction, dtype,
+    damping and singular policy, as a ``LayerResult`` (mask ``(rows, cols)``, whole columns)."""
+    if spec.options:
+        raise ValueError(
+            f"method {method!r} with pattern {spec.pattern} takes no options, got "
+            f"{sorted(spec.options)}"
+        )
+    res = solve_structured(
+        W, H, spec.channel_size, spec.sparsity or 0.0, method,
+        dtype=spec.dtype, damp=spec.damp, on_singular=spec.on_singular,
+    )  # fmt: skip
+    out = res.to_layer_result(str(spec.pattern))
+    out.sparsity = res.fraction
+    return out

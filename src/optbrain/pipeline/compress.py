@@ -19,6 +19,7 @@ budget stitcher uses it too).
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ from torch import nn
 from ..adapters import LayerAdapter, adapter_for, find_layers
 from ..core.hessian import HessianAccumulator, row_losses
 from ..core.layer import compress_layer
+from ..core.patterns import parse_pattern
+from ..core.spec import make_spec
 from ..recipe import LayerPlan, Recipe
 from ..recipe_rules import class_names
 from ..report import LayerRecord, Report, peak_memory_tracker
@@ -81,6 +84,34 @@ class WeightBackup:
 
 
 # ------------------------------------------------------------------------------ planning ----
+def head_dim_of(model: nn.Module) -> int | None:
+    """The attention head size of a transformers model (``config.head_dim``, else
+    ``hidden_size / num_attention_heads``), None when the model has no such config."""
+    cfg = getattr(model, "config", None)
+    hd = getattr(cfg, "head_dim", None)
+    if isinstance(hd, int) and hd > 0:
+        return hd
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
+        return hidden // heads
+    return None
+
+
+def layer_kwargs(model: nn.Module, adapter: LayerAdapter, plan: LayerPlan) -> dict[str, Any]:
+    """``plan.spec_kwargs()`` plus what a ``channels`` / ``heads`` pattern needs to know of the
+    layer: its kernel positions per input channel, its conv groups, and the head size (from
+    the model config unless the recipe gives ``head_dim`` or a pattern like ``heads64``)."""
+    kw = plan.spec_kwargs()
+    pat = parse_pattern(plan.pattern)
+    if not pat.structured:
+        return kw
+    kw["kernel_positions"] = math.prod(getattr(adapter, "kernel", (1,)))
+    kw["layer_groups"] = adapter.groups
+    if pat.kind == "heads" and pat.head_dim is None and kw.get("head_dim") is None:
+        kw["head_dim"] = head_dim_of(model)
+    return kw
+
+
 def plan_layers(model: nn.Module, rec: Recipe) -> tuple[Plans, Adapters, list[LayerRecord]]:
     """Per compressible layer the recipe's plan and adapter; skip records for the others.
 
@@ -113,7 +144,7 @@ def plan_layers(model: nn.Module, rec: Recipe) -> tuple[Plans, Adapters, list[La
             continue
         adapter = adapter_for(module)
         try:
-            plan.spec(adapter.cols)
+            make_spec(adapter.cols, **layer_kwargs(model, adapter, plan))
         except ValueError as e:
             records.append(skip_record(lname, module, f"recipe does not fit this layer: {e}"))
             continue
@@ -126,9 +157,12 @@ def plan_layers(model: nn.Module, rec: Recipe) -> tuple[Plans, Adapters, list[La
 class LayerCompressor:
     """Compresses one layer from its per-group Hessians and keeps its records and state."""
 
-    def __init__(self, plans: Plans, adapters: Adapters, progress: Progress) -> None:
+    def __init__(
+        self, plans: Plans, adapters: Adapters, progress: Progress, model: nn.Module | None = None
+    ) -> None:
         self.plans = plans
         self.adapters = adapters
+        self.model = model
         self.progress = progress
         self.records: list[LayerRecord] = []
         self.state: dict[str, LayerState] = {}
@@ -138,12 +172,13 @@ class LayerCompressor:
         plan = self.plans[name]
         adapter = self.adapters[name]
         entry = LayerState(plan=plan.to_dict())
+        kwargs = layer_kwargs(self.model, adapter, plan) if self.model else plan.spec_kwargs()
         self.backup.keep(module.weight)
         for g, acc in enumerate(hessians):
             W = adapter.weight(g)
             H = acc.hessian()
             with peak_memory_tracker(W.device) as mem:
-                res = compress_layer(W, H.to(W.device), method=plan.method, **plan.spec_kwargs())
+                res = compress_layer(W, H.to(W.device), method=plan.method, **kwargs)
             adapter.set_weight(g, res.weight)
             measured = float(row_losses(W, res.weight, H.to(W.device)).sum())
             rec = LayerRecord.from_result(
@@ -289,7 +324,7 @@ def compress(
         return finish(model, records, rec, ModelState(recipe=rec.to_dict()), name, t0, 0)
     batches = take_samples(calibration, rec.calibration.samples)
     progress = Progress(len(plans), "compress", enabled=not quiet)
-    comp = LayerCompressor(plans, adapters, progress)
+    comp = LayerCompressor(plans, adapters, progress, model)
     try:
         with reporting("quiet" if quiet else level() or "normal"):
             solve(model, batches, rec, comp, forward, inputs)

@@ -14,6 +14,7 @@ import torch
 
 from ..result import LayerResult
 from ..spec import DEFAULT_METHOD, CompressSpec, SettingError, check_weight_hessian
+from ..structured import STRUCTURED_METHODS
 from .auto import solve_auto
 from .baselines import solve_magnitude, solve_obd, solve_rtn
 from .gptq import solve_gptq
@@ -63,6 +64,11 @@ def solve(
     """
     check_method(method)
     check_weight_hessian(W, H)
+    if spec.pattern.structured and method not in STRUCTURED_METHODS:
+        raise ValueError(
+            f"pattern {spec.pattern} (whole channels / heads) is solved by methods "
+            f"{list(STRUCTURED_METHODS)}, not {method!r}"
+        )
     dtype = safe_dtype(W, H, spec.dtype)
     if dtype != spec.dtype:
         spec = replace(spec, dtype=dtype)

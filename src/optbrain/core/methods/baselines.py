@@ -31,6 +31,7 @@ from ..hessian import PreparedHessian, prepare_layer, row_losses
 from ..patterns import Pattern, pruned_count
 from ..result import LayerResult, layer_result, unchanged
 from ..spec import CompressSpec, check_options
+from ..structured import solve_structured_spec
 
 
 def prune_mask(
@@ -103,6 +104,8 @@ def _obd_score(Wc: torch.Tensor, prep: PreparedHessian) -> torch.Tensor:
 
 def solve_magnitude(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
     """Magnitude pruning (and round-to-nearest of the kept weights when ``bits`` is set)."""
+    if spec.pattern.structured:
+        return solve_structured_spec("magnitude", W, H, spec)
     check_options("magnitude", spec.options, ("scope", "search"))
     scope = option_scope("magnitude", spec.options)
     search = option_bool("magnitude", spec.options, "search", True)
@@ -113,6 +116,8 @@ def solve_magnitude(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> Lay
 
 def solve_obd(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
     """Optimal Brain Damage: prune by ``w_p² H_pp / 2`` without updating the other weights."""
+    if spec.pattern.structured:
+        return solve_structured_spec("obd", W, H, spec)
     check_options("obd", spec.options, ("scope",))
     if spec.quantizes:
         raise ValueError(

@@ -25,6 +25,7 @@ from ..obs import DEFAULT_ENGINE, EngineConfig
 from ..patterns import Pattern, parse_pattern
 from ..result import LayerResult, layer_result, unchanged
 from ..spec import DEFAULT_DAMP, CompressSpec, check_options, make_spec
+from ..structured import solve_structured_spec
 from ..trace import PruneTrace, obs_trace, prune_nm
 
 OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row", "outliers")
@@ -77,6 +78,8 @@ def exact_quantize(
 
 def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
     """Exact OBS/OBQ/OBC for one layer; ``loss`` is the greedy's predicted loss."""
+    if spec.pattern.structured:
+        return solve_structured_spec("obc", W, H, spec)
     check_options("obc", spec.options, OPTIONS)
     engine = engine_config(spec.options)
     if not spec.prunes and not spec.quantizes:  # nothing asked: W unchanged, exactly
