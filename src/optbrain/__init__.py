@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS: dict[str, str] = {
     "compress": ".api",
     "calibration_from": ".pipeline.calibration",
+    "shrink": ".api",
+    "ShrinkReport": ".api",
     "QuantGrid": ".core.grid",
     "fit_grid": ".core.grid",
     "HessianAccumulator": ".core.hessian",
@@ -35,7 +37,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imports lazily
-    from .api import compress
+    from .api import ShrinkReport, compress, shrink
     from .core.grid import QuantGrid, fit_grid
     from .core.hessian import HessianAccumulator, hessian_from_inputs, layer_loss, prepare_hessian
     from .core.layer import compress_layer, prune_layer, quantize_layer
@@ -83,6 +85,8 @@ __all__ = [
     "prune_layer",
     "quantize_layer",
     "save",
+    "shrink",
+    "ShrinkReport",
 ]
 
 from ._version import __version__  # noqa: E402,F401

@@ -26,6 +26,10 @@ writes) stores the layers as format version 3 instead: integer codes (two 4-bit 
 byte), mask bits and scales per group (``optbrain.io.packed``), about 1/8 of the float32
 bytes at 4 bits; a layer whose weight is not exactly on its grid is stored as it is. ``load``
 reads versions 1 to 3.
+
+A shrunk model (``optbrain.shrink``) also stores its whole state dict under ``shrunk.`` (the new
+shapes), the example inputs under ``shrink.example.`` and the shrink operations in the manifest;
+``load`` replays the operations on the fresh dense model before copying the tensors in.
 """
 
 from __future__ import annotations
@@ -67,6 +71,8 @@ TENSORS = "compressed.safetensors"
 TENSORS_B = "compressed.b.safetensors"
 MANIFEST = "manifest.json"
 REPORT = "report.json"
+SHRUNK = "shrunk."
+EXAMPLE = "shrink.example."
 
 
 def _bn_modules(model: nn.Module) -> dict[str, nn.modules.batchnorm._BatchNorm]:
@@ -138,6 +144,12 @@ def save(model: nn.Module, path: str | os.PathLike, packed: bool = False) -> Pat
                     tensors[k] = t.detach().cpu().contiguous()
                     keys.append(k)
             buffers[name] = keys
+    shrink = None
+    if state.shrink:
+        example = _pack_example(state.shrink_example, tensors)
+        for k, v in model.state_dict().items():
+            tensors[f"{SHRUNK}{k}"] = v.detach().cpu().clone().contiguous()
+        shrink = {"ops": state.shrink["ops"], "example": example, "report": state.shrink}
     clean_stale(out)
     current = _current_tensors_name(out)
     name = TENSORS_B if current == TENSORS else TENSORS  # never overwrite what the manifest names
@@ -155,11 +167,58 @@ def save(model: nn.Module, path: str | os.PathLike, packed: bool = False) -> Pat
         "report": state.report,
         "environment": environment(),
     }
+    if shrink is not None:
+        manifest["shrink"] = shrink
     atomic_json(out / MANIFEST, seal(manifest))  # the commit point
     for old in {TENSORS, TENSORS_B} - {name}:
         (out / old).unlink(missing_ok=True)
     atomic_json(out / REPORT, state.report)
     return out
+
+
+def _pack_example(example: Any, tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """Store the shrink example inputs in ``tensors``; returns how to rebuild them."""
+    if isinstance(example, torch.Tensor):
+        tensors[f"{EXAMPLE}0"] = example.detach().cpu().contiguous()
+        return {"kind": "tensor"}
+    if isinstance(example, dict):
+        for k, v in example.items():
+            tensors[f"{EXAMPLE}{k}"] = v.detach().cpu().contiguous()
+        return {"kind": "kwargs", "keys": list(example)}
+    if isinstance(example, tuple | list):
+        for i, v in enumerate(example):
+            tensors[f"{EXAMPLE}{i}"] = v.detach().cpu().contiguous()
+        return {"kind": "args", "keys": [str(i) for i in range(len(example))]}
+    raise CheckpointError(
+        f"cannot save the shrink example inputs of type {type(example).__name__} "
+        "(a tensor, a tuple or a dict of tensors)"
+    )
+
+
+def _unpack_example(info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> Any:
+    if info["kind"] == "tensor":
+        return tensors[f"{EXAMPLE}0"]
+    vals = [tensors[f"{EXAMPLE}{k}"] for k in info["keys"]]
+    return dict(zip(info["keys"], vals, strict=True)) if info["kind"] == "kwargs" else tuple(vals)
+
+
+def _replay_shrink(
+    model: nn.Module, shrink: dict[str, Any], tensors: dict[str, torch.Tensor]
+) -> None:
+    """Shrink the fresh dense ``model`` as the saved one was, then copy its whole state in."""
+    from ..pipeline.shrink import apply_ops
+
+    example = _unpack_example(shrink["example"], tensors)
+    was_training = model.training
+    apply_ops(model.eval(), example, shrink["ops"])
+    model.train(was_training)
+    saved = {k[len(SHRUNK) :]: v for k, v in tensors.items() if k.startswith(SHRUNK)}
+    try:
+        model.load_state_dict(saved, strict=True)
+    except RuntimeError as e:
+        raise CheckpointError(
+            f"the shrunk checkpoint does not fit the replayed model: {e}"
+        ) from None
 
 
 def read_manifest(path: str | os.PathLike) -> dict[str, Any]:
@@ -209,7 +268,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     Raises ``CheckpointError`` when the files are missing, truncated or modified (the tensors'
     checksum, the manifest's seal), the manifest is malformed, or a layer is absent from the
-    model or has another shape or dtype. The model is changed only after every check passed.
+    model or has another shape or dtype. The model is changed only after every check passed,
+    except that a shrunk run first replays its shrink (the shapes must change before they can
+    be checked).
     """
     d = Path(path)
     manifest = read_manifest(d)
@@ -228,6 +289,11 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(f"{tpath} cannot be read: {e}") from None
     if manifest.get("version") == LEGACY_VERSION:
         _check_all_named(d, manifest, tensors)
+    if manifest.get("shrink"):  # shapes change first: replay the shrink on the dense model
+        try:
+            _replay_shrink(model, manifest["shrink"], tensors)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CheckpointError(f"{d / MANIFEST}: cannot replay the shrink: {e}") from None
     try:  # every check, and the new state, before anything is written into the model
         plan, state = _plan_load(model, d, manifest, tensors)
     except CheckpointError:
@@ -241,6 +307,9 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         for write in plan:
             write()
     state.report = report
+    if manifest.get("shrink"):
+        state.shrink = manifest["shrink"]["report"]
+        state.shrink_example = _unpack_example(manifest["shrink"]["example"], tensors)
     state.attach(model)
     return model
 

@@ -122,6 +122,8 @@ class ModelState(_Fields):
     report: dict[str, Any] | None = None
     bn_recalibrated: bool = False
     loaded_from: str | None = None
+    shrink: dict[str, Any] | None = None  # optbrain.shrink's report and replayable ops
+    shrink_example: Any = None  # the example inputs shrink traced (tensor, tuple or dict)
 
     def attach(self, model: nn.Module) -> ModelState:
         """Keep this state on ``model`` (replacing any earlier one); returns it."""
