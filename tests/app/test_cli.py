@@ -436,3 +436,25 @@ def test_reused_out_loses_an_earlier_runs_files(tmp_path, capsys):
     argv = "compress --model digits-mlp --sparsity 0.5 --samples 16 --limit 20 --quiet"
     assert main([*argv.split(), "--out", str(out)]) == 0
     assert {p.name for p in out.iterdir()} == RUN_FILES
+
+
+def test_compress_channels_writes_a_shrunk_run(tmp_path, capsys):
+    """``--pattern channels``: the saved weights are physically smaller, the metrics show
+    parameters / MACs / latency dense vs compressed, and eval reloads the shrunk model."""
+    out = tmp_path / "cnn-channels"
+    argv = ["compress", "--model", "digits-cnn", "--pattern", "channels", "--sparsity", "0.5"]
+    assert main([*argv, "--quiet", "--out", str(out)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["shrink"]["ops"], "nothing was shrunk"
+    removed = manifest["shrink"]["report"]["removed"]
+    assert removed and all(v > 0 for v in removed.values())
+    metrics = json.loads((out / "report.json").read_text())["metrics"]
+    for k in ("params", "macs"):
+        assert metrics[k]["compressed"] < 0.8 * metrics[k]["dense"], k
+    assert metrics["latency_b1_ms"]["compressed"] > 0 and "latency_b32_ms" in metrics
+    capsys.readouterr()
+    assert main(["eval", "--model", "digits-cnn", "--compressed", str(out), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["compressed"]["params"] == metrics["params"]["compressed"]
+    assert got["compressed"]["accuracy"] == pytest.approx(metrics["accuracy"]["compressed"])
+    assert got["dense"]["params"] == metrics["params"]["dense"]

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 import optbrain
-from optbrain.pipeline.shrink import count_macs, count_params
+from optbrain.pipeline.cost import count_macs, count_params
 
 pytest.importorskip("torch_pruning")
 

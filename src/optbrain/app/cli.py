@@ -182,6 +182,14 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
         model = load(copy.deepcopy(dense), args.compressed)
         metrics["compressed"] = entry.evaluate(model, dense=dense, limit=args.limit)
+    if args.compressed or args.costs:
+        from ..pipeline.cost import model_costs
+        from .runs import example_input
+
+        example = example_input(entry.calibration(1, 0)[0], entry.inputs)
+        metrics["dense"].update(model_costs(dense, example))
+        if args.compressed:
+            metrics["compressed"].update(model_costs(model, example))
     if args.json:
         print(json.dumps(metrics, indent=1))
     else:
@@ -266,7 +274,11 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--method", choices=sorted(METHODS), help="solver (default: auto)")
     c.add_argument("--preset", help="w4a16, w8a16, 2:4, 2:4+w4 or N%% (e.g. 50%%)")
     c.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
-    c.add_argument("--pattern", help="'unstructured' (default), 'N:M' e.g. 2:4, or 'blockB'")
+    c.add_argument(
+        "--pattern",
+        help="'unstructured' (default), 'N:M' e.g. 2:4, 'blockB', or 'channels' / 'heads' "
+        "(whole input channels / attention heads; the model is then shrunk for real)",
+    )
     c.add_argument("--bits", type=int, help="quantize to this many bits")
     c.add_argument(
         "--group-size",
@@ -306,6 +318,11 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--compressed", metavar="RUN_DIR", help="a run directory to evaluate")
     e.add_argument("--limit", type=_positive_int, help="evaluate on the first N examples only")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    e.add_argument(
+        "--costs",
+        action="store_true",
+        help="also measure parameters, MACs and torch latency (always with --compressed)",
+    )
     e.set_defaults(func=cmd_eval)
 
     r = sub.add_parser("report", help="render a run's report as a table and an HTML page")

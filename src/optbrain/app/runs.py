@@ -1,7 +1,9 @@
 """Compressing a zoo model end to end, uniformly or to a budget: one runner for both.
 
 Dense metrics, compress (``optbrain.compress`` with a recipe, or ``compress_to_budget`` with a
-target), compressed metrics, run directory. Used by the CLI (``optbrain compress --model``
+target; a ``channels`` / ``heads`` run is then shrunk for real, ``optbrain.shrink``), compressed
+metrics, parameters, MACs and measured latency of both (``pipeline.cost.model_costs``), run
+directory. Used by the CLI (``optbrain compress --model``
 with or without ``--target``, ``optbrain demo``) and the benchmarks; the library API stays in
 ``optbrain.api`` and ``optbrain.budget``.
 """
@@ -18,20 +20,28 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from .._files import atomic_write
-from ..api import compress
+from ..api import compress, shrink
 from ..io import save
+from ..pipeline.cost import model_costs
+from ..pipeline.shrink import structured_layers
 from ..recipe import Recipe
 from ..report import Report
 
 if TYPE_CHECKING:
     from .zoo import ZooEntry
 
-__all__ = ["RUN_FILES", "run_zoo", "run_zoo_budget"]
+__all__ = ["RUN_FILES", "example_input", "run_zoo", "run_zoo_budget"]
 
 #: the files a runner writes beside the saved run (a budget run: allocation.json; uniform:
 #: recipe.yaml; an own model: source.json); those a run does not write are deleted from a
 #: reused directory
 RUN_FILES = frozenset({"report.html", "recipe.yaml", "allocation.json", "source.json"})
+
+
+def example_input(batch: Any, inputs: str) -> Any:
+    """The model input of a calibration batch (``inputs="first"``: the first element of an
+    ``(x, y)`` batch), for shrinking and timing."""
+    return batch[0] if inputs == "first" and isinstance(batch, tuple | list) else batch
 
 
 def _run(
@@ -57,8 +67,13 @@ def _run(
     batches = entry.calibration(*calib)
     t0 = time.perf_counter()
     report = run(model, batches)
+    example = example_input(batches[0], entry.inputs)
+    if structured_layers(model):  # channels / heads: remove them for real
+        report.metadata["shrink"] = shrink(model, example).to_dict()
     seconds = time.perf_counter() - t0
     comp = entry.evaluate(model, dense=dense, limit=limit)
+    comp.update(model_costs(model, example))
+    dense_metrics = {**dense_metrics, **model_costs(dense, example)}
     report.metrics = {
         k: {"dense": dense_metrics.get(k), "compressed": comp.get(k)}
         for k in sorted(set(dense_metrics) | set(comp))

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from ..core.patterns import parse_pattern
+from .cost import call, count_macs, count_params
 from .state import compressed_state
 
 #: torch-pruning's element-wise ops (by autograd node name) that act per channel.
@@ -69,15 +70,6 @@ class ShrinkReport:
 
 
 # ------------------------------------------------------------------------- model calls ----
-def call(model: nn.Module, inputs: Any) -> Any:
-    """``model(inputs)``: a dict as keywords, a tuple / list as positional arguments."""
-    if isinstance(inputs, Mapping):
-        return model(**inputs)
-    if isinstance(inputs, tuple | list):
-        return model(*inputs)
-    return model(inputs)
-
-
 def first_tensor(out: Any) -> torch.Tensor:
     """The main output tensor: itself, ``logits`` / ``last_hidden_state``, or the first one."""
     if isinstance(out, torch.Tensor):
@@ -91,36 +83,6 @@ def first_tensor(out: Any) -> torch.Tensor:
         if isinstance(t, torch.Tensor):
             return t
     raise TypeError(f"no tensor in the model's output of type {type(out).__name__}")
-
-
-def count_params(model: nn.Module) -> int:
-    """Parameters of ``model`` (tied ones once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def count_macs(model: nn.Module, inputs: Any) -> int:
-    """Multiply-accumulates of the Linear / Conv layers in one forward on ``inputs``
-    (``LayerAdapter.macs``, hooks on every layer with an adapter)."""
-    from ..adapters import adapter_for
-
-    total = [0]
-    hooks = []
-    for m in model.modules():
-        a = adapter_for(m)
-        if a is None:
-            continue
-
-        def hook(mod: nn.Module, args: tuple, _out: Any, a: Any = a) -> None:
-            total[0] += a.macs(args[0].shape)
-
-        hooks.append(m.register_forward_hook(hook))
-    try:
-        with torch.no_grad():
-            call(model, inputs)
-    finally:
-        for h in hooks:
-            h.remove()
-    return total[0]
 
 
 # ----------------------------------------------------------------------- what was zeroed ----

@@ -1,0 +1,106 @@
+"""What a model costs to run: parameters, multiply-accumulates, and measured torch latency.
+
+``count_params`` / ``count_macs`` count (MACs of every Linear / Conv through its adapter, on
+one forward); ``latency_ms`` times ``model(inputs)`` in torch eager (warm-up runs excluded,
+the median of the repeats); ``model_costs`` gives all of them at batch 1 and at a throughput
+batch, for ``optbrain eval`` / ``compress`` to put dense and compressed side by side.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+
+
+def call(model: nn.Module, inputs: Any) -> Any:
+    """``model(inputs)``: a dict as keywords, a tuple / list as positional arguments."""
+    if isinstance(inputs, Mapping):
+        return model(**inputs)
+    if isinstance(inputs, tuple | list):
+        return model(*inputs)
+    return model(inputs)
+
+
+def map_tensors(inputs: Any, fn: Any) -> Any:
+    """``inputs`` with ``fn`` applied to every tensor in it (tensor, tuple / list, dict)."""
+    if isinstance(inputs, torch.Tensor):
+        return fn(inputs)
+    if isinstance(inputs, Mapping):
+        return {k: map_tensors(v, fn) for k, v in inputs.items()}
+    if isinstance(inputs, tuple | list):
+        return type(inputs)(map_tensors(v, fn) for v in inputs)
+    return inputs
+
+
+def batch_of(inputs: Any, n: int) -> Any:
+    """A batch of ``n`` samples: the first sample of ``inputs`` repeated ``n`` times."""
+    return map_tensors(inputs, lambda t: t[:1].expand(n, *t.shape[1:]).contiguous())
+
+
+def count_params(model: nn.Module) -> int:
+    """Parameters of ``model`` (tied ones once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, inputs: Any) -> int:
+    """Multiply-accumulates of the Linear / Conv layers in one forward on ``inputs``
+    (``LayerAdapter.macs`` of each layer's input, by forward hooks)."""
+    from ..adapters import adapter_for
+
+    total = [0]
+    hooks = []
+    for m in model.modules():
+        a = adapter_for(m)
+        if a is None:
+            continue
+
+        def hook(mod: nn.Module, args: tuple, _out: Any, a: Any = a) -> None:
+            total[0] += a.macs(args[0].shape)
+
+        hooks.append(m.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            call(model, inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return total[0]
+
+
+def latency_ms(model: nn.Module, inputs: Any, *, repeats: int = 20, warmup: int = 3) -> float:
+    """Median wall time of ``model(inputs)`` in milliseconds (torch eager, no grad, eval)."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    was_training = model.training
+    model.eval()
+    times = []
+    try:
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                call(model, inputs)
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        model.train(was_training)
+    return 1000.0 * statistics.median(times)
+
+
+def model_costs(
+    model: nn.Module, example: Any, *, throughput_batch: int = 32, repeats: int = 20
+) -> dict[str, float]:
+    """``params``, ``macs`` (per sample) and ``latency_b1_ms`` / ``latency_b{N}_ms`` (median
+    of ``repeats``) of ``model`` on the first sample of ``example``."""
+    one = batch_of(example, 1)
+    big = batch_of(example, throughput_batch)
+    return {
+        "params": float(count_params(model)),
+        "macs": float(count_macs(model, one)),
+        "latency_b1_ms": latency_ms(model, one, repeats=repeats),
+        f"latency_b{throughput_batch}_ms": latency_ms(model, big, repeats=max(3, repeats // 4)),
+    }
