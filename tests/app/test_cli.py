@@ -122,7 +122,9 @@ def test_compress_writes_the_run_directory(mlp_run):
     # the printed table is the report's metrics, and the dense number is a fresh evaluation
     rows = metric_rows(stdout)
     metrics = report["metrics"]
-    assert set(rows) == set(metrics) == {"accuracy", "agreement"}
+    costs = {"params", "macs", "latency_b1_ms", "latency_b32_ms"}  # measured, dense vs compressed
+    assert set(rows) == set(metrics) == {"accuracy", "agreement", *costs}
+    assert metrics["params"]["compressed"] == metrics["params"]["dense"]  # zeros, not shrunk
     for k, (dense, comp) in rows.items():
         for printed, stored in ((dense, metrics[k]["dense"]), (comp, metrics[k]["compressed"])):
             assert (printed is None) == (stored is None)
