@@ -22,7 +22,7 @@ from torch import nn
 from .._files import atomic_write
 from ..api import compress, shrink
 from ..io import save
-from ..pipeline.cost import model_costs
+from ..pipeline.cost import model_costs, throughput_batch_for
 from ..pipeline.shrink import structured_layers
 from ..recipe import Recipe
 from ..report import Report
@@ -72,8 +72,10 @@ def _run(
         report.metadata["shrink"] = shrink(model, example).to_dict()
     seconds = time.perf_counter() - t0
     comp = entry.evaluate(model, dense=dense, limit=limit)
-    comp.update(model_costs(model, example))
-    dense_metrics = {**dense_metrics, **model_costs(dense, example)}
+    dense_costs = model_costs(dense, example)
+    n = throughput_batch_for(dense_costs["macs"])  # the same batch for both
+    comp.update(model_costs(model, example, throughput_batch=n))
+    dense_metrics = {**dense_metrics, **dense_costs}
     report.metrics = {
         k: {"dense": dense_metrics.get(k), "compressed": comp.get(k)}
         for k in sorted(set(dense_metrics) | set(comp))

@@ -91,16 +91,37 @@ def latency_ms(model: nn.Module, inputs: Any, *, repeats: int = 20, warmup: int 
     return 1000.0 * statistics.median(times)
 
 
+#: Multiply-accumulates one timed throughput forward may take (bounds the automatic batch).
+THROUGHPUT_MACS = 4e9
+
+
+def throughput_batch_for(macs_per_sample: float, most: int = 32) -> int:
+    """The automatic throughput batch: ``most`` samples, fewer (at least 1) when a forward
+    would take more than ``THROUGHPUT_MACS`` multiply-accumulates."""
+    return max(1, min(most, int(THROUGHPUT_MACS // max(macs_per_sample, 1.0))))
+
+
 def model_costs(
-    model: nn.Module, example: Any, *, throughput_batch: int = 32, repeats: int = 20
+    model: nn.Module,
+    example: Any,
+    *,
+    throughput_batch: int | None = None,
+    repeats: int | None = None,
 ) -> dict[str, float]:
-    """``params``, ``macs`` (per sample) and ``latency_b1_ms`` / ``latency_b{N}_ms`` (median
-    of ``repeats``) of ``model`` on the first sample of ``example``."""
+    """``params``, ``macs`` (per sample), ``latency_b1_ms`` and ``latency_b{N}_ms`` (median of
+    ``repeats``, warm-up excluded) of ``model`` on the first sample of ``example``.
+
+    ``throughput_batch`` N defaults to ``throughput_batch_for(macs)``; ``repeats`` to 20 for a
+    forward under 1 GMAC, 5 above (the big batch is timed a quarter as often, at least 3)."""
     one = batch_of(example, 1)
-    big = batch_of(example, throughput_batch)
+    macs = float(count_macs(model, one))
+    n = throughput_batch or throughput_batch_for(macs)
+    r = repeats or (20 if macs < 1e9 else 5)
     return {
         "params": float(count_params(model)),
-        "macs": float(count_macs(model, one)),
-        "latency_b1_ms": latency_ms(model, one, repeats=repeats),
-        f"latency_b{throughput_batch}_ms": latency_ms(model, big, repeats=max(3, repeats // 4)),
+        "macs": macs,
+        "latency_b1_ms": latency_ms(model, one, repeats=r, warmup=3 if macs < 1e9 else 1),
+        f"latency_b{n}_ms": latency_ms(
+            model, batch_of(example, n), repeats=max(3, r // 4), warmup=1
+        ),
     }
