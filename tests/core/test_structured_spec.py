@@ -80,3 +80,11 @@ def test_other_methods_reject_structured(method):
     W, H = _problem()
     with pytest.raises(ValueError, match="whole channels"):
         compress_layer(W, H, 0.5, "channels", method=method)
+
+
+def test_auto_runs_structured_obs():
+    W, H = _problem()
+    auto = compress_layer(W, H, 0.5, "channels", method="auto")
+    obc = compress_layer(W, H, 0.5, "channels", method="obc")
+    assert auto.info["auto"]["solver"] == "obc"
+    torch.testing.assert_close(auto.weight, obc.weight, rtol=0, atol=0)

@@ -64,7 +64,7 @@ def solve(
     """
     check_method(method)
     check_weight_hessian(W, H)
-    if spec.pattern.structured and method not in STRUCTURED_METHODS:
+    if spec.pattern.structured and method not in (*STRUCTURED_METHODS, "auto"):
         raise ValueError(
             f"pattern {spec.pattern} (whole channels / heads) is solved by methods "
             f"{list(STRUCTURED_METHODS)}, not {method!r}"

@@ -93,7 +93,8 @@ def _budget(options: dict) -> float:
 
 def solve_auto(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
     """Run OBC if its modelled time fits ``time_budget``, else GPTQ (quantization only) or
-    SparseGPT (pruning, or pruning + quantization)."""
+    SparseGPT (pruning, or pruning + quantization); ``channels`` / ``heads``: always OBC
+    (structured OBS)."""
     allowed = {"time_budget", *OBC_OPTIONS, *GPTQ_OPTIONS, *SPARSEGPT_OPTIONS}
     bad = sorted(set(spec.options) - allowed)
     if bad:
@@ -102,8 +103,10 @@ def solve_auto(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerRes
         )
     budget = _budget(spec.options)
     rows, cols = W.shape
-    est = estimate_obc_seconds(rows, cols, spec)
-    if est <= budget:
+    est = 0.0 if spec.pattern.structured else estimate_obc_seconds(rows, cols, spec)
+    if spec.pattern.structured:  # structured OBS shares one H⁻¹ per layer: always affordable
+        name, fn, keys = "obc", solve_obc, ()
+    elif est <= budget:
         name, fn, keys = "obc", solve_obc, OBC_OPTIONS
     elif spec.prunes:
         name, fn, keys = "sparsegpt", solve_sparsegpt, SPARSEGPT_OPTIONS
