@@ -30,8 +30,9 @@ BUDGETS = {
     "3-bit": {"bits": 3},
     "2:4+4-bit": {"pattern": "2:4", "bits": 4},
 }
-METHODS = ["magnitude", "obd", "rtn", "gptq", "sparsegpt", "obc"]
+METHODS = ["magnitude", "wanda", "obd", "rtn", "gptq", "sparsegpt", "obc"]
 PRUNE_ONLY = {"obd"}
+NEEDS_PRUNING = {"wanda"}  # without pruning it is rtn
 QUANT_ONLY = {"rtn", "gptq"}
 
 
@@ -42,6 +43,8 @@ def applicable(method: str, budget: dict) -> bool:
         return quant and not prunes
     if method in PRUNE_ONLY:
         return prunes and not quant
+    if method in NEEDS_PRUNING:
+        return prunes
     return True
 
 

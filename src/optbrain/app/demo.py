@@ -12,9 +12,14 @@ from pathlib import Path
 
 # (label, short name for the run directory, recipe settings, methods at that budget)
 BUDGETS: list[tuple[str, str, dict, list[str]]] = [
-    ("2:4 + 4-bit", "nm24-4bit", {"pattern": "2:4", "bits": 4}, ["obc", "sparsegpt", "magnitude"]),
+    (
+        "2:4 + 4-bit",
+        "nm24-4bit",
+        {"pattern": "2:4", "bits": 4},
+        ["obc", "sparsegpt", "wanda", "magnitude"],
+    ),
     ("2-bit", "2bit", {"bits": 2}, ["obc", "gptq", "rtn"]),
-    ("80% unstructured", "sparse80", {"sparsity": 0.8}, ["obc", "sparsegpt", "magnitude"]),
+    ("80% unstructured", "sparse80", {"sparsity": 0.8}, ["obc", "sparsegpt", "wanda", "magnitude"]),
 ]
 MODEL = "digits-cnn"
 

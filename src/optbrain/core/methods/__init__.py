@@ -16,7 +16,7 @@ from ..result import LayerResult
 from ..spec import DEFAULT_METHOD, CompressSpec, SettingError, check_weight_hessian
 from ..structured import STRUCTURED_METHODS
 from .auto import solve_auto
-from .baselines import solve_magnitude, solve_obd, solve_rtn
+from .baselines import solve_magnitude, solve_obd, solve_rtn, solve_wanda
 from .gptq import solve_gptq
 from .obc import solve_obc
 from .sparsegpt import solve_sparsegpt
@@ -29,6 +29,7 @@ METHODS: dict[str, Solver] = {
     "gptq": solve_gptq,
     "sparsegpt": solve_sparsegpt,
     "magnitude": solve_magnitude,
+    "wanda": solve_wanda,
     "obd": solve_obd,
     "rtn": solve_rtn,
     "auto": solve_auto,

@@ -1,4 +1,4 @@
-"""Baselines beside every result: magnitude pruning, OBD diagonal saliency, round-to-nearest.
+"""Baselines beside every result: magnitude, Wanda, OBD diagonal saliency, round-to-nearest.
 
 None of them updates the remaining weights; their loss is measured directly,
 ``½ Σ_r δ_r H δ_rᵀ`` under the damped ``H`` (``row_losses``), from the same starting weights
@@ -9,6 +9,11 @@ as the other solvers (dead-input columns zeroed).
   exactly ``round(s · rows · cols)`` weights / ``round(s · rows · cols/B)`` blocks) or ``"row"``
   (``round(s · cols)`` per row). With ``bits``: prune, then round to nearest on a grid fitted to
   the pruned weights (``fit_grid`` with ``weight = diag H``, as OBC fits its compound grid).
+* ``"wanda"``: Wanda (Sun et al., 2023), remove the smallest ``|w_rj| · ‖X_j‖`` compared
+  *within each output row* (option ``scope``, default ``"row"``; ``"layer"`` for one threshold).
+  ``‖X_j‖ = sqrt(N · H_jj / 2)`` is read off the raw (undamped) ``diag H``; the constant
+  ``sqrt(N/2)`` does not change the ranking, so the score is ``|w| · sqrt(H_jj)``. N:M: the
+  lowest of every M in a row. With ``bits``: prune, then round to nearest (as magnitude).
 * ``"obd"``: Optimal Brain Damage, remove the smallest diagonal saliency ``w_p² H_pp / 2`` (the
   loss of zeroing ``w_p`` alone if H were diagonal); blocks sum it. Same patterns and ``scope``.
   Pruning only: ``bits`` is a ValueError.
@@ -98,6 +103,12 @@ def _magnitude_score(Wc: torch.Tensor, prep: PreparedHessian) -> torch.Tensor:
     return Wc * Wc  # blocks: squared L2
 
 
+def _wanda_score(Wc: torch.Tensor, prep: PreparedHessian) -> torch.Tensor:
+    # prep.H is damped (λ on the diagonal) and has dead inputs at 1: undo both, ‖X_j‖² ∝ H_jj
+    raw = (torch.diagonal(prep.H) - prep.damping).clamp_min(0).masked_fill(prep.dead, 0)
+    return Wc.abs() * raw.sqrt().unsqueeze(0)
+
+
 def _obd_score(Wc: torch.Tensor, prep: PreparedHessian) -> torch.Tensor:
     return 0.5 * Wc * Wc * torch.diagonal(prep.H).unsqueeze(0)
 
@@ -112,6 +123,17 @@ def solve_magnitude(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> Lay
     if not spec.prunes and not spec.quantizes:
         return unchanged(W, "magnitude", spec)
     return _prune_then_round("magnitude", W, H, spec, _magnitude_score, search, scope)
+
+
+def solve_wanda(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
+    """Wanda: prune by ``|w_rj| · ‖X_j‖`` per output row, no update (and round with ``bits``)."""
+    check_options("wanda", spec.options, ("scope", "search"))
+    scope = spec.options.get("scope", "row")
+    scope = option_scope("wanda", {"scope": scope})
+    search = option_bool("wanda", spec.options, "search", True)
+    if not spec.prunes and not spec.quantizes:
+        return unchanged(W, "wanda", spec)
+    return _prune_then_round("wanda", W, H, spec, _wanda_score, search, scope)
 
 
 def solve_obd(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
