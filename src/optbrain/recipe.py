@@ -74,6 +74,7 @@ import yaml
 from . import recipe_yaml
 from .core.patterns import parse_pattern
 from .core.spec import DTYPES
+from .core.targets import NO_REFIT_METHODS
 from .recipe_rules import (
     CALIBRATION_MODES,
     DEFAULTS,
@@ -137,6 +138,15 @@ class Recipe:
             self.calibration._normalize(("calibration",))
         else:
             raise _fail((), "calibration", "a mapping", self.calibration)
+        if self.calibration.targets == "dense":
+            for i, r in enumerate(self.rules):
+                if r.method in NO_REFIT_METHODS:
+                    raise RecipeError(
+                        f"recipe.rules[{i}].method: {r.method!r} does not refit weights from H, "
+                        "so calibration targets: dense cannot apply to it; use obc, gptq, "
+                        "sparsegpt or auto, or targets: compressed",
+                        ("rules", i, "method"),
+                    )
         if not _is_int(self.seed):
             raise _fail((), "seed", "an integer", self.seed)
         if not isinstance(self.bn_recalibration, bool):

@@ -18,6 +18,7 @@ from .core.methods import METHODS, check_method
 from .core.patterns import parse_pattern
 from .core.spec import (
     DEFAULT_METHOD,
+    DEFAULT_TARGETS,
     SETTING_DEFAULTS,
     CompressSpec,
     PatternSparsityError,
@@ -31,6 +32,7 @@ from .core.spec import (
     check_pattern_sparsity,
     check_sparsity,
     check_sym,
+    check_targets,
     dtype_name,
     make_spec,
 )
@@ -64,7 +66,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "2:4+w8": {"pattern": "2:4", "bits": 8, "group_size": 128},
 }
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
-CALIBRATION_KEYS = ("mode", "samples", "batch_size")
+CALIBRATION_KEYS = ("mode", "samples", "batch_size", "targets")
 GLOBAL_KEYS = ("version", "calibration", "seed", "bn_recalibration", "ignore", "rules")
 # options are passed to make_spec / compress_layer as keyword arguments: these names are taken
 _RESERVED_OPTIONS = ("cols", "method", "W", "H", *SETTINGS)
@@ -426,12 +428,15 @@ class CalibrationConfig:
     mode: "independent" (every layer's H from the dense model, one pass; OBC) or "sequential"
     (block by block, each block fed the already-compressed model's outputs; GPTQ).
     samples: number of calibration samples. batch_size: samples per forward pass (None: library
-    default).
+    default). targets (sequential mode): "compressed" (default; each layer fits its own outputs
+    on the compressed model's inputs) or "dense" (it fits the dense model's outputs, GPTAQ-style:
+    ``optbrain.core.targets``).
     """
 
     mode: str = "independent"
     samples: int = 128
     batch_size: int | None = None
+    targets: str = DEFAULT_TARGETS
 
     def __post_init__(self) -> None:
         self._normalize(("calibration",))
@@ -443,6 +448,16 @@ class CalibrationConfig:
             raise _fail(path, "samples", "a positive integer", self.samples)
         if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
             raise _fail(path, "batch_size", "a positive integer or null", self.batch_size)
+        try:
+            check_targets(self.targets)
+        except SettingError as e:
+            raise _fail(path, "targets", e.what, self.targets) from None
+        if self.targets == "dense" and self.mode != "sequential":
+            raise RecipeError(
+                f"{_where((*path, 'targets'))}: dense needs mode: sequential (in independent mode "
+                "every layer already sees the dense inputs)",
+                (*path, "targets"),
+            )
 
     @classmethod
     def from_dict(cls, d: Mapping | None, path: tuple = ("calibration",)) -> CalibrationConfig:
@@ -462,6 +477,8 @@ class CalibrationConfig:
         out: dict[str, Any] = {"mode": self.mode, "samples": self.samples}
         if self.batch_size is not None:
             out["batch_size"] = self.batch_size
+        if self.targets != DEFAULT_TARGETS:
+            out["targets"] = self.targets
         return out
 
 

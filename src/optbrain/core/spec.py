@@ -24,6 +24,10 @@ DEFAULT_DAMP = 0.01
 #: What to do when H cannot be inverted (see ``core.hessian.prepare_hessian``).
 ON_SINGULAR = ("raise", "damp", "eig")
 DEFAULT_ON_SINGULAR = "damp"
+#: Whose outputs a layer is fitted to in sequential mode (``core.targets``): its own outputs
+#: on the compressed model's inputs, or the dense model's outputs (GPTAQ-style).
+TARGETS = ("compressed", "dense")
+DEFAULT_TARGETS = "compressed"
 #: Compute dtypes by name (the recipe's spelling) and the default.
 DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "float64": torch.float64}
 DEFAULT_DTYPE = torch.float32
@@ -182,6 +186,13 @@ def check_on_singular(on_singular: object) -> str:
     if on_singular not in ON_SINGULAR:
         raise SettingError("on_singular", f"one of {list(ON_SINGULAR)}", on_singular)
     return on_singular  # type: ignore[return-value]
+
+
+def check_targets(targets: object) -> str:
+    """Sequential-mode targets: one of ``TARGETS``."""
+    if targets not in TARGETS:
+        raise SettingError("targets", f"one of {list(TARGETS)}", targets)
+    return targets  # type: ignore[return-value]
 
 
 def check_dtype(dtype: object, plain: bool = False) -> torch.dtype:

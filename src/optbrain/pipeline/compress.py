@@ -33,6 +33,7 @@ from ..core.hessian import HessianAccumulator, row_losses
 from ..core.layer import compress_layer
 from ..core.patterns import parse_pattern
 from ..core.spec import make_spec
+from ..core.targets import CrossAccumulator, compress_to_dense, target_loss
 from ..recipe import LayerPlan, Recipe
 from ..recipe_rules import class_names
 from ..report import LayerRecord, Report, peak_memory_tracker
@@ -42,6 +43,7 @@ from .hessians import collect_hessians
 from .progress import Progress, level, reporting
 from .sequential import find_blocks, sequential_compress
 from .state import GroupState, LayerState, ModelState
+from .targets import collect_paired, dense_copy
 
 Plans = dict[str, LayerPlan]
 Adapters = dict[str, LayerAdapter]
@@ -177,10 +179,18 @@ class LayerCompressor:
         for g, acc in enumerate(hessians):
             W = adapter.weight(g)
             H = acc.hessian()
+            dense = isinstance(acc, CrossAccumulator)  # dense targets (core.targets)
             with peak_memory_tracker(W.device) as mem:
-                res = compress_layer(W, H.to(W.device), method=plan.method, **kwargs)
+                if dense:
+                    mats = (H, acc.cross(), acc.dense_hessian())
+                    res = compress_to_dense(W, *mats, method=plan.method, **kwargs)
+                else:
+                    res = compress_layer(W, H.to(W.device), method=plan.method, **kwargs)
             adapter.set_weight(g, res.weight)
-            measured = float(row_losses(W, res.weight, H.to(W.device)).sum())
+            if dense:  # ‖X̃ Ŵᵀ − X Wᵀ‖² / N against the dense outputs
+                measured = float(target_loss(W, res.weight, *mats).sum())
+            else:
+                measured = float(row_losses(W, res.weight, H.to(W.device)).sum())
             rec = LayerRecord.from_result(
                 res,
                 name=name,
@@ -204,10 +214,14 @@ def _solve_sequential(
     comp: LayerCompressor,
     forward: Forward | None,
     inputs: str,
+    targets: str = "compressed",
 ) -> list[str]:
     """Block by block (or layer by layer without blocks); returns the layers left for one
-    independent pass (those outside the blocks)."""
+    independent pass (those outside the blocks). ``targets="dense"``: a dense copy of the
+    model runs beside it and every layer (also those outside the blocks, one by one after
+    them) is fitted to the dense outputs (``optbrain.core.targets``)."""
     plans, adapters = comp.plans, comp.adapters
+    dense = dense_copy(model) if targets == "dense" else None
     try:
         blocks = find_blocks(model)
     except ValueError:  # no block list (an MLP, a plain CNN): layer by layer below
@@ -226,13 +240,23 @@ def _solve_sequential(
             }
 
         sequential_compress(
-            model, batches, blocks, targets_in_block, comp, forward=forward, inputs=inputs
+            model,
+            batches,
+            blocks,
+            targets_in_block,
+            comp,
+            forward=forward,
+            inputs=inputs,
+            dense=dense,
         )
     rest = [n for n in plans if n not in comp.state]
-    if blocks:
+    if blocks and dense is None:
         return rest
     for n in rest:  # each layer's H from the model with the layers before compressed
-        hess = collect_hessians(model, {n: adapters[n]}, batches, forward, inputs=inputs)
+        if dense is not None:
+            hess = collect_paired(model, dense, {n: adapters[n]}, batches, forward, inputs=inputs)
+        else:
+            hess = collect_hessians(model, {n: adapters[n]}, batches, forward, inputs=inputs)
         comp(n, adapters[n].module, hess[n])
     return []
 
@@ -250,7 +274,8 @@ def solve(
     anything fails."""
     with comp.backup.restoring():
         if rec.calibration.mode == "sequential":
-            rest = _solve_sequential(model, batches, comp, forward, inputs)
+            targets = rec.calibration.targets
+            rest = _solve_sequential(model, batches, comp, forward, inputs, targets)
         else:
             rest = list(comp.plans)
         if rest:

@@ -60,6 +60,7 @@ from .data import (
     to_device,
 )
 from .hessians import HessianHooks, as_adapter
+from .targets import PairedHooks
 
 CompressFn = Callable[[str, nn.Module, list[HessianAccumulator]], None]
 ORDERS = ("sequential", "parallel")
@@ -343,6 +344,7 @@ def sequential_compress(
     inputs: str = "all",
     store_device: torch.device | str | None = None,
     dtype: torch.dtype = torch.float64,
+    dense: nn.Module | None = None,
 ) -> list[str]:
     """Compress ``model`` block by block from calibration data (see the module docstring).
 
@@ -357,6 +359,9 @@ def sequential_compress(
     store_device: where the stored block inputs live between blocks (e.g. ``"cpu"`` to save
       accelerator memory; default: where they were produced).
     dtype: accumulation dtype of the Hessians.
+    dense: a dense copy of ``model`` (``pipeline.targets.dense_copy``, same module names) for
+      dense targets: each block of the copy runs on the dense inputs beside the compressed one
+      and ``compress_fn`` gets ``CrossAccumulator`` objects (``H̃``, ``C``, dense ``H``).
 
     Returns the qualified names of the compressed layers in the order compressed. The model
     runs in eval mode under ``torch.no_grad``; modes and ``config.use_cache`` are restored and
@@ -379,36 +384,58 @@ def sequential_compress(
 
     dev = model_device(model)
     done: list[str] = []
-    with calibration_mode(model) as handles:
+    if dense is not None:
+        named = dict(model.named_modules())
+        for bn, blk in blocks:
+            if named.get(bn) is not blk:
+                raise ValueError(f"dense targets need blocks named as in the model; {bn!r} is not")
+    with calibration_mode(model) as handles, calibration_mode(dense or nn.Module()):
         blocks, links, cur, batches = _start(
             model, calibration, blocks, handles, forward, inputs, store_device
         )
+        dcur = None if dense is None else list(cur)  # nothing compressed yet: same inputs
         for k, (bname, block) in enumerate(blocks):
             bdev = next((t.device for t in chain(block.parameters(), block.buffers())), dev)
+            dblock = None if dense is None else dense.get_submodule(bname)
             if cur is None:  # not chained to the previous block: re-capture
                 cur = [
                     _capture(model, block, bname, i, batch, forward, inputs, store_device)
                     for i, batch in enumerate(batches)
                 ]
+                if dense is not None:
+                    dcur = [
+                        _capture(dense, dblock, bname, i, b, forward, inputs, store_device)
+                        for i, b in enumerate(batches)
+                    ]
             adapters = {
                 n: as_adapter(f"{bname}.{n}", m) for n, m in targets_in_block(block).items()
             }
             if adapters:
                 groups, once = _layer_groups(block, bname, adapters, cur[0], bdev, order)
                 for group in groups:
-                    hooks = HessianHooks(
-                        {n: adapters[n] for n in group},
-                        dtype=dtype,
-                        stop_after=group[-1] if once else None,
-                    )
-                    _block_pass(block, bname, cur, bdev, hooks)
+                    stop = group[-1] if once else None
+                    if dblock is not None:
+                        hooks = PairedHooks(
+                            {n: adapters[n] for n in group},
+                            {n: dblock.get_submodule(n) for n in group},
+                            dtype=dtype,
+                            stop_after=stop,
+                        )
+                        _paired_pass(block, dblock, bname, cur, dcur, bdev, hooks)
+                    else:
+                        hooks = HessianHooks(
+                            {n: adapters[n] for n in group}, dtype=dtype, stop_after=stop
+                        )
+                        _block_pass(block, bname, cur, bdev, hooks)
                     for n in group:
                         compress_fn(f"{bname}.{n}", adapters[n].module, hooks.hessians[n])
                         done.append(f"{bname}.{n}")
             if k + 1 < len(blocks) and links[k + 1]:
                 _advance(block, bname, cur, bdev, store_device)
+                if dblock is not None:
+                    _advance(dblock, bname, dcur, bdev, store_device)
             else:
-                cur = None
+                cur = dcur = None
     return done
 
 
@@ -463,6 +490,31 @@ def _block_pass(
         hooks.attach(handles)
         for i, inp in enumerate(cur):
             _run_block(block, bname, i, inp, device)
+    finally:
+        for h in handles:
+            h.remove()
+    hooks.check_seen(f" of block {bname!r}")
+
+
+def _paired_pass(
+    block: nn.Module,
+    dblock: nn.Module,
+    bname: str,
+    cur: list[Inputs],
+    dcur: list[Inputs],
+    device: torch.device,
+    hooks: PairedHooks,
+) -> None:
+    """Per stored input: the dense block on the dense input, then ``block`` on its input,
+    with ``hooks`` pairing the layer inputs (removed afterwards)."""
+    handles: list = []
+    try:
+        hooks.attach_dense(handles)
+        hooks.attach(handles)
+        for i, (inp, dinp) in enumerate(zip(cur, dcur, strict=True)):
+            _run_block(dblock, bname, i, dinp, device)
+            _run_block(block, bname, i, inp, device)
+            hooks.end_batch()
     finally:
         for h in handles:
             h.remove()
