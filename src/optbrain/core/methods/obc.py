@@ -3,7 +3,8 @@
 Options (``prune_layer(..., lazy=32)`` etc.): ``lazy``, ``shrink``, ``memory`` (engine speed
 knobs, see ``EngineConfig``; results do not depend on them), ``max_sparsity`` (how far the
 unstructured/block trace runs, default 1.0: every level), ``per_row`` (same sparsity in every
-row instead of the layer-wide selection).
+row instead of the layer-wide selection), ``guard`` (default True: never worse per row than
+GPTQ / SparseGPT on the same problem, see ``core.methods.guard``; False: the greedy alone).
 
 The per-part solves (``exact_nm``, ``exact_prune``, ``exact_quantize``) are public so that
 ``solve_obc_levels`` (the budget database: many levels of one layer) runs the same arithmetic,
@@ -18,6 +19,7 @@ from typing import Any, Protocol
 
 import torch
 
+from ..columnwise import option_bool
 from ..grid import QuantGrid, fit_layer_grid
 from ..hessian import PreparedHessian, prepare_layer, row_losses
 from ..obq import obq
@@ -27,8 +29,11 @@ from ..result import LayerResult, layer_result, unchanged
 from ..spec import DEFAULT_DAMP, CompressSpec, check_options, make_spec
 from ..structured import solve_structured_spec
 from ..trace import PruneTrace, obs_trace, prune_nm
+from .gptq import solve_gptq
+from .guard import guard
+from .sparsegpt import solve_sparsegpt
 
-OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row", "outliers")
+OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row", "outliers", "guard")
 
 
 def engine_config(options: dict[str, Any]) -> EngineConfig:
@@ -97,10 +102,49 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
         # the pruned state is the optimum on {Ŵ_S = 0}, so the losses add (Pythagoras)
         predicted = predicted + step_loss.sum(1).cpu()
     measured = row_losses(Wc, weight, prep.H).cpu()
-    info = {"measured_loss": float(measured.sum())}
+    info: dict[str, Any] = {}
+    if option_bool("obc", spec.options, "guard", True):
+        weight, keep, grid, predicted, measured, info["guard"] = guarded(
+            W, H, Wc, prep, spec, (weight, keep, grid, measured), predicted, trace
+        )
+    info["measured_loss"] = float(measured.sum())
     return layer_result(
         "obc", spec, weight, keep, predicted, prep=prep, grid=grid, trace=trace, info=info
     )
+
+
+def guarded(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    Wc: torch.Tensor,
+    prep: PreparedHessian,
+    spec: CompressSpec,
+    exact: tuple[torch.Tensor, torch.Tensor | None, QuantGrid | None, torch.Tensor],
+    predicted: torch.Tensor,
+    trace: PruneTrace | None,
+) -> tuple[Any, ...]:
+    """``core.methods.guard`` against the fast solver of ``spec`` → ``(weight, keep, grid,
+    predicted row loss, measured row loss, guard info)``; rows taken from the reference have
+    their measured loss as the predicted one."""
+    ref_name, ref = _reference(W, H, spec)
+    ref_rl = row_losses(Wc, ref.weight, prep.H).cpu()
+    ref_parts = (ref.weight.to(Wc), ref.mask, ref.grid, ref_rl)
+    (weight, keep, grid, rl), info = guard(
+        Wc, prep, exact, ref_parts, ref_name, trace, spec.quantizes
+    )
+    if info["rows_from_reference"]:
+        predicted = torch.where(rl != exact[3], rl, predicted)
+    return weight, keep, grid, predicted, rl, info
+
+
+def _reference(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> tuple[str, LayerResult]:
+    """The fast solver of the same problem, default options: GPTQ (quantization only) or
+    SparseGPT (pruning, with or without quantization; row scope when ``per_row``)."""
+    bare = dataclasses.replace(spec, options={})
+    if spec.prunes:  # per_row: the same count in every row, as SparseGPT's row scope
+        opts = {"scope": "row"} if spec.options.get("per_row") else {}
+        return "sparsegpt", solve_sparsegpt(W, H, dataclasses.replace(spec, options=opts))
+    return "gptq", solve_gptq(W, H, bare)
 
 
 class LevelLike(Protocol):
@@ -120,6 +164,7 @@ def solve_obc_levels(
     damp: float = DEFAULT_DAMP,
     sym: bool = True,
     group_size: int | None = None,
+    guard_levels: bool = True,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None, QuantGrid | None, float]]:
     """Every (non-dense) level of one layer with the exact solver, float32:
     ``[(weight, keep, grid, predicted loss)]`` in the order of ``levels``.
@@ -148,9 +193,19 @@ def solve_obc_levels(
                 pruned[key] = (w, keep, float(step_loss.sum()))
         weight, keep, loss = pruned[key]
         grid = None
+        pat = lv.pattern or "unstructured"
+        lspec = make_spec(W.shape[1], lv.sparsity or None, pat, damp=damp, dtype=torch.float32)
         if lv.bits is not None:
-            qspec = dataclasses.replace(spec, bits=lv.bits, sym=sym, group_size=group_size)
-            weight, grid, step_loss = exact_quantize(weight, keep, prep, qspec)
+            lspec = dataclasses.replace(lspec, bits=lv.bits, sym=sym, group_size=group_size)
+            weight, grid, step_loss = exact_quantize(weight, keep, prep, lspec)
             loss = loss + float(step_loss.sum())
+        if guard_levels and (lspec.prunes or lspec.quantizes):  # as method "obc" does
+            measured = row_losses(Wc, weight, prep.H).cpu()
+            tr = trace if lv.sparsity else None
+            weight, keep, grid, pred, _, _ = guarded(
+                W, H, Wc, prep, lspec, (weight, keep, grid, measured), measured, tr
+            )
+            if not torch.equal(pred, measured):  # rows from the reference: their measured loss
+                loss = loss + float((pred - measured).sum())
         out.append((weight, keep, grid, loss))
     return out
