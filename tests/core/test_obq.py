@@ -22,8 +22,8 @@ from optbrain import compress_layer, quantize_layer
 from optbrain.core.patterns import blocks_ok, nm_ok
 
 F64 = torch.float64
-# the naive references are the plain greedy: the per-row guard (core.methods.guard) is off
-EXACT = {"damp": 0.0, "dtype": F64, "guard": False}
+# the naive references are the plain greedy: no per-row guard (core.methods.guard), no slack
+EXACT = {"damp": 0.0, "dtype": F64, "guard": False, "slack": 0.0}
 
 
 def _naive_quant_row(W, H, grid, row, fixed=None, outliers=True):

@@ -6,6 +6,15 @@ grid value of the *current* (already compensated) weight::
     p = argmin_p (q(w_p) − w_p)² / [H⁻¹]_pp,   w −= (w_p − q(w_p)) / [H⁻¹]_pp · H⁻¹[:, p]
 
 The grid (per row, or per row and group) is fitted once on the weights before the greedy pass.
+
+``slack = c > 0`` (default ``SLACK = ¼``, method "obc" option ``slack``) changes the choice to
+``p = argmin_p ((q(w_p) − w_p)² − c·Δ_p²) / [H⁻¹]_pp`` (``Δ_p`` the grid step): the saving of
+rounding ``p`` now against a rounding error of ``√c·Δ_p``, per unit of its importance
+``1 / [H⁻¹]_pp``. Plain greedy (``c = 0``) fixes the cheap, unimportant weights first and leaves
+the important ones to the end, when few free weights remain to absorb their rounding error: on an
+axis-aligned ill-conditioned H (independent inputs with spread variances, few tokens) it loses to
+GPTQ's fixed order. ``c = ¼`` (the worst in-range error ``Δ/2``) prefers important weights that
+round well. (Diagnosis and the rule: the issue-16 research, branch obq16.)
 Compound OBC first prunes (any pattern) and then quantizes the kept weights, starting each row
 from the inverse Hessian of its kept coordinates, so pruned weights stay exactly zero.
 """
@@ -37,13 +46,20 @@ class QuantScorer(Scorer):
     largest error is quantized next instead of the cheapest one, so it cannot drift further
     (the rule of the original OBQ). Inside the range the error is at most half a step and the
     rule never fires.
+    slack: ``c`` of the slack rule (module docstring); 0 is plain greedy OBQ.
     """
 
     def __init__(
-        self, scale: torch.Tensor, zero: torch.Tensor, maxq: int, outliers: bool = True
+        self,
+        scale: torch.Tensor,
+        zero: torch.Tensor,
+        maxq: int,
+        outliers: bool = True,
+        slack: float = 0.0,
     ) -> None:
         self.scale_all, self.zero_all, self.maxq = scale, zero, maxq
         self.outliers = outliers
+        self.slack = float(slack)
         self.scale = self.zero = None
 
     def gather(self, pos):
@@ -54,7 +70,8 @@ class QuantScorer(Scorer):
         q = quantize_values(w, self.scale, self.zero, self.maxq)
         e = q - w
         err = e * e
-        score = (err / d).masked_fill_(~alive, float("inf"))
+        gain = err - self.slack * self.scale * self.scale if self.slack else err
+        score = (gain / d).masked_fill_(~alive, float("inf"))
         if self.outliers:
             out = (err > 0.25 * self.scale * self.scale) & alive
             rows = out.any(1, keepdim=True)
@@ -71,6 +88,7 @@ def obq(
     keep: torch.Tensor | None = None,
     engine: EngineConfig = DEFAULT_ENGINE,
     outliers: bool = True,
+    slack: float = 0.0,
 ) -> GreedyOut:
     """Quantize every (kept) weight of ``W (R, C)`` greedily onto ``grid``.
 
@@ -85,7 +103,7 @@ def obq(
     steps = C if keep is None else int(keep.sum(1).max().item())
     outs = []
     for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory):
-        scorer = QuantScorer(scale[sl], zero[sl], grid.maxq, outliers)
+        scorer = QuantScorer(scale[sl], zero[sl], grid.maxq, outliers, slack)
         if keep is None:
             outs.append(greedy_single(W[sl], prepared.Hinv, C, scorer, engine=engine))
             continue

@@ -4,7 +4,8 @@ Options (``prune_layer(..., lazy=32)`` etc.): ``lazy``, ``shrink``, ``memory`` (
 knobs, see ``EngineConfig``; results do not depend on them), ``max_sparsity`` (how far the
 unstructured/block trace runs, default 1.0: every level), ``per_row`` (same sparsity in every
 row instead of the layer-wide selection), ``guard`` (default True: never worse per row than
-GPTQ / SparseGPT on the same problem, see ``core.methods.guard``; False: the greedy alone).
+GPTQ / SparseGPT on the same problem, see ``core.methods.guard``; False: the greedy alone),
+``slack`` (OBQ's choice rule, default ``SLACK`` = ¼; 0: plain greedy OBQ; see ``core.obq``).
 
 The per-part solves (``exact_nm``, ``exact_prune``, ``exact_quantize``) are public so that
 ``solve_obc_levels`` (the budget database: many levels of one layer) runs the same arithmetic,
@@ -33,7 +34,9 @@ from .gptq import solve_gptq
 from .guard import guard
 from .sparsegpt import solve_sparsegpt
 
-OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row", "outliers", "guard")
+OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row", "outliers", "guard", "slack")
+#: OBQ's slack ``c`` by default (``core.obq``: the fix of greedy OBQ on ill-conditioned H).
+SLACK = 0.25
 
 
 def engine_config(options: dict[str, Any]) -> EngineConfig:
@@ -74,10 +77,11 @@ def exact_quantize(
     spec: CompressSpec,
     engine: EngineConfig = DEFAULT_ENGINE,
     outliers: bool = True,
+    slack: float = SLACK,
 ) -> tuple[torch.Tensor, QuantGrid, torch.Tensor]:
     """OBQ of the (kept) weights on ``fit_layer_grid`` → ``(weight, grid, step_loss)``."""
     grid = fit_layer_grid(weight, prep.H, spec)
-    out = obq(weight, prep, grid, keep=keep, engine=engine, outliers=outliers)
+    out = obq(weight, prep, grid, keep=keep, engine=engine, outliers=outliers, slack=slack)
     return out.weight, grid, out.step_loss
 
 
@@ -98,7 +102,12 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
     grid = None
     if spec.quantizes:
         outliers = bool(spec.options.get("outliers", True))
-        weight, grid, step_loss = exact_quantize(weight, keep, prep, spec, engine, outliers)
+        slack = spec.options.get("slack", SLACK)
+        if isinstance(slack, bool) or not isinstance(slack, int | float) or not slack >= 0:
+            raise ValueError(f"method 'obc': slack must be a number >= 0, got {slack!r}")
+        weight, grid, step_loss = exact_quantize(
+            weight, keep, prep, spec, engine, outliers, float(slack)
+        )
         # the pruned state is the optimum on {Ŵ_S = 0}, so the losses add (Pythagoras)
         predicted = predicted + step_loss.sum(1).cpu()
     measured = row_losses(Wc, weight, prep.H).cpu()
@@ -123,28 +132,50 @@ def guarded(
     predicted: torch.Tensor,
     trace: PruneTrace | None,
 ) -> tuple[Any, ...]:
-    """``core.methods.guard`` against the fast solver of ``spec`` → ``(weight, keep, grid,
-    predicted row loss, measured row loss, guard info)``; rows taken from the reference have
-    their measured loss as the predicted one."""
-    ref_name, ref = _reference(W, H, spec)
-    ref_rl = row_losses(Wc, ref.weight, prep.H).cpu()
-    ref_parts = (ref.weight.to(Wc), ref.mask, ref.grid, ref_rl)
-    (weight, keep, grid, rl), info = guard(
-        Wc, prep, exact, ref_parts, ref_name, trace, spec.quantizes
+    """``core.methods.guard`` against the fast solvers of ``spec`` → ``(weight, keep, grid,
+    predicted row loss, measured row loss, guard info)``; rows taken from a reference have
+    their measured loss as the predicted one. Quantization only: GPTQ in natural order, then
+    with ``act_order``; pruning: SparseGPT. ``info["rows_from_reference"]`` counts the rows
+    finally taken from any reference (``info["references"]``: per reference)."""
+    cur = exact
+    info: dict[str, Any] = {}
+    per: dict[str, int] = {}
+    for ref_name, ref in _references(W, H, spec):
+        ref_parts = (
+            ref.weight.to(Wc),
+            ref.mask,
+            ref.grid,
+            row_losses(Wc, ref.weight, prep.H).cpu(),
+        )
+        cur, step = guard(Wc, prep, cur, ref_parts, ref_name, trace, spec.quantizes)
+        per[ref_name] = step["rows_from_reference"]
+        if not info:
+            info = step
+        info["reference_loss" if len(per) == 1 else f"{ref_name} loss"] = step["reference_loss"]
+    weight, keep, grid, rl = cur
+    taken = rl != exact[3]
+    info["rows_from_reference"] = (
+        int(taken.sum()) if info["layout"] == "rows" else max(per.values())
     )
-    if info["rows_from_reference"]:
-        predicted = torch.where(rl != exact[3], rl, predicted)
+    info["references"] = per
+    info["reference"] = next(iter(per))
+    if bool(taken.any()):
+        predicted = torch.where(taken, rl, predicted)
     return weight, keep, grid, predicted, rl, info
 
 
-def _reference(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> tuple[str, LayerResult]:
-    """The fast solver of the same problem, default options: GPTQ (quantization only) or
-    SparseGPT (pruning, with or without quantization; row scope when ``per_row``)."""
-    bare = dataclasses.replace(spec, options={})
+def _references(
+    W: torch.Tensor, H: torch.Tensor, spec: CompressSpec
+) -> list[tuple[str, LayerResult]]:
+    """The fast solvers of the same problem, default options: GPTQ (natural order, then act
+    order) for quantization only; SparseGPT for pruning, with or without quantization (row
+    scope when ``per_row``)."""
     if spec.prunes:  # per_row: the same count in every row, as SparseGPT's row scope
         opts = {"scope": "row"} if spec.options.get("per_row") else {}
-        return "sparsegpt", solve_sparsegpt(W, H, dataclasses.replace(spec, options=opts))
-    return "gptq", solve_gptq(W, H, bare)
+        return [("sparsegpt", solve_sparsegpt(W, H, dataclasses.replace(spec, options=opts)))]
+    natural = solve_gptq(W, H, dataclasses.replace(spec, options={}))
+    act = solve_gptq(W, H, dataclasses.replace(spec, options={"act_order": True}))
+    return [("gptq", natural), ("gptq act_order", act)]
 
 
 class LevelLike(Protocol):
