@@ -60,7 +60,7 @@ from .data import (
     to_device,
 )
 from .hessians import HessianHooks, as_adapter
-from .targets import PairedHooks
+from .targets import PairedHooks, check_dense_blocks, paired_pass
 
 CompressFn = Callable[[str, nn.Module, list[HessianAccumulator]], None]
 ORDERS = ("sequential", "parallel")
@@ -274,6 +274,11 @@ def _capture(
     return got[0]
 
 
+def _recapture(model: nn.Module, block: nn.Module, bname: str, batches: list, *rest) -> list:
+    """``_capture`` of ``block``'s inputs for every batch (``rest``: forward, inputs, store)."""
+    return [_capture(model, block, bname, i, b, *rest) for i, b in enumerate(batches)]
+
+
 def _run_block(
     block: nn.Module, bname: str, i: int, inp: Inputs, device: torch.device | None
 ) -> Any:
@@ -359,9 +364,8 @@ def sequential_compress(
     store_device: where the stored block inputs live between blocks (e.g. ``"cpu"`` to save
       accelerator memory; default: where they were produced).
     dtype: accumulation dtype of the Hessians.
-    dense: a dense copy of ``model`` (``pipeline.targets.dense_copy``, same module names) for
-      dense targets: each block of the copy runs on the dense inputs beside the compressed one
-      and ``compress_fn`` gets ``CrossAccumulator`` objects (``H̃``, ``C``, dense ``H``).
+    dense: a dense copy of ``model`` (same names; ``pipeline.targets``) for dense targets: its
+      blocks run beside the compressed ones and ``compress_fn`` gets ``CrossAccumulator``s.
 
     Returns the qualified names of the compressed layers in the order compressed. The model
     runs in eval mode under ``torch.no_grad``; modes and ``config.use_cache`` are restored and
@@ -385,10 +389,7 @@ def sequential_compress(
     dev = model_device(model)
     done: list[str] = []
     if dense is not None:
-        named = dict(model.named_modules())
-        for bn, blk in blocks:
-            if named.get(bn) is not blk:
-                raise ValueError(f"dense targets need blocks named as in the model; {bn!r} is not")
+        check_dense_blocks(model, blocks)
     with calibration_mode(model) as handles, calibration_mode(dense or nn.Module()):
         blocks, links, cur, batches = _start(
             model, calibration, blocks, handles, forward, inputs, store_device
@@ -398,34 +399,21 @@ def sequential_compress(
             bdev = next((t.device for t in chain(block.parameters(), block.buffers())), dev)
             dblock = None if dense is None else dense.get_submodule(bname)
             if cur is None:  # not chained to the previous block: re-capture
-                cur = [
-                    _capture(model, block, bname, i, batch, forward, inputs, store_device)
-                    for i, batch in enumerate(batches)
-                ]
+                cur = _recapture(model, block, bname, batches, forward, inputs, store_device)
                 if dense is not None:
-                    dcur = [
-                        _capture(dense, dblock, bname, i, b, forward, inputs, store_device)
-                        for i, b in enumerate(batches)
-                    ]
+                    dcur = _recapture(dense, dblock, bname, batches, forward, inputs, store_device)
             adapters = {
                 n: as_adapter(f"{bname}.{n}", m) for n, m in targets_in_block(block).items()
             }
             if adapters:
                 groups, once = _layer_groups(block, bname, adapters, cur[0], bdev, order)
                 for group in groups:
-                    stop = group[-1] if once else None
+                    stop, sub = (group[-1] if once else None), {n: adapters[n] for n in group}
                     if dblock is not None:
-                        hooks = PairedHooks(
-                            {n: adapters[n] for n in group},
-                            {n: dblock.get_submodule(n) for n in group},
-                            dtype=dtype,
-                            stop_after=stop,
-                        )
-                        _paired_pass(block, dblock, bname, cur, dcur, bdev, hooks)
+                        hooks = PairedHooks(sub, dblock, dtype=dtype, stop_after=stop)
+                        paired_pass(_run_block, (block, dblock), bname, (cur, dcur), bdev, hooks)
                     else:
-                        hooks = HessianHooks(
-                            {n: adapters[n] for n in group}, dtype=dtype, stop_after=stop
-                        )
+                        hooks = HessianHooks(sub, dtype=dtype, stop_after=stop)
                         _block_pass(block, bname, cur, bdev, hooks)
                     for n in group:
                         compress_fn(f"{bname}.{n}", adapters[n].module, hooks.hessians[n])
@@ -490,31 +478,6 @@ def _block_pass(
         hooks.attach(handles)
         for i, inp in enumerate(cur):
             _run_block(block, bname, i, inp, device)
-    finally:
-        for h in handles:
-            h.remove()
-    hooks.check_seen(f" of block {bname!r}")
-
-
-def _paired_pass(
-    block: nn.Module,
-    dblock: nn.Module,
-    bname: str,
-    cur: list[Inputs],
-    dcur: list[Inputs],
-    device: torch.device,
-    hooks: PairedHooks,
-) -> None:
-    """Per stored input: the dense block on the dense input, then ``block`` on its input,
-    with ``hooks`` pairing the layer inputs (removed afterwards)."""
-    handles: list = []
-    try:
-        hooks.attach_dense(handles)
-        hooks.attach(handles)
-        for i, (inp, dinp) in enumerate(zip(cur, dcur, strict=True)):
-            _run_block(dblock, bname, i, dinp, device)
-            _run_block(block, bname, i, inp, device)
-            hooks.end_batch()
     finally:
         for h in handles:
             h.remove()

@@ -11,7 +11,7 @@ its hooks pair each call's input with the kept dense one, call by call.
 from __future__ import annotations
 
 import copy
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -40,8 +40,9 @@ def dense_copy(model: nn.Module) -> nn.Module:
 
 
 class PairedHooks:
-    """Hooks on ``targets`` (compressed modules) and ``dense`` (the same layers in the dense
-    copy, by the same names) filling one ``CrossAccumulator`` per group of each target.
+    """Hooks on ``targets`` (compressed modules) and the same layers in ``dense`` (the dense
+    copy of the model or block the names are relative to) filling one ``CrossAccumulator``
+    per group of each target.
 
     Run the dense side first for a batch, then the compressed side (``stop_after``: the
     compressed target after whose call the forward stops; the dense side stops there too).
@@ -50,13 +51,13 @@ class PairedHooks:
     def __init__(
         self,
         targets: Mapping[str, nn.Module | LayerAdapter],
-        dense: Mapping[str, nn.Module],
+        dense: nn.Module,
         *,
         dtype: torch.dtype = torch.float64,
         stop_after: str | None = None,
     ) -> None:
         self.adapters = {n: as_adapter(n, t) for n, t in targets.items()}
-        self.dense = dict(dense)
+        self.dense = {n: dense.get_submodule(n) for n in self.adapters}
         self.stop_after = stop_after
         self.kept: dict[str, list[torch.Tensor]] = {n: [] for n in self.adapters}
         self.hessians: dict[str, list[CrossAccumulator]] = {
@@ -127,6 +128,40 @@ class PairedHooks:
             )
 
 
+def check_dense_blocks(model: nn.Module, blocks: list[tuple[str, nn.Module]]) -> None:
+    """Blocks must carry their names in ``model`` (the dense copy is looked up by name)."""
+    named = dict(model.named_modules())
+    for bn, blk in blocks:
+        if named.get(bn) is not blk:
+            raise ValueError(f"dense targets need blocks named as in the model; {bn!r} is not")
+
+
+def paired_pass(
+    run: Callable[[nn.Module, str, int, Any, torch.device], Any],
+    blocks: tuple[nn.Module, nn.Module],
+    bname: str,
+    inputs: tuple[list[Any], list[Any]],
+    device: torch.device,
+    hooks: PairedHooks,
+) -> None:
+    """Per stored input ``i``: ``run(dense block, bname, i, dense input, device)``, then the
+    compressed block on its own input, ``hooks`` pairing the layer inputs (removed after)."""
+    block, dblock = blocks
+    cur, dcur = inputs
+    handles: list = []
+    try:
+        hooks.attach_dense(handles)
+        hooks.attach(handles)
+        for i, (inp, dinp) in enumerate(zip(cur, dcur, strict=True)):
+            run(dblock, bname, i, dinp, device)
+            run(block, bname, i, inp, device)
+            hooks.end_batch()
+    finally:
+        for h in handles:
+            h.remove()
+    hooks.check_seen(f" of block {bname!r}")
+
+
 def collect_paired(
     model: nn.Module,
     dense: nn.Module,
@@ -138,7 +173,7 @@ def collect_paired(
 ) -> dict[str, list[CrossAccumulator]]:
     """``{name: [CrossAccumulator] * groups}`` for layers of ``model`` (named as in ``dense``):
     compressed-model inputs paired with the dense copy's, one forward of each per batch."""
-    hooks = PairedHooks(targets, {n: dense.get_submodule(n) for n in targets})
+    hooks = PairedHooks(targets, dense)
     with calibration_mode(dense) as dh, calibration_mode(model) as handles:
         hooks.attach_dense(dh)
         hooks.attach(handles)

@@ -1,0 +1,143 @@
+"""Language-model quality at every budget, every method side by side, with wall times.
+
+    python benchmarks/lm_quality.py --models smollm2-135m --budgets 50% --methods wanda sparsegpt
+    python benchmarks/lm_quality.py --models minilm --budgets 50% --methods sparsegpt obc \\
+        sparsegpt+dense
+
+Models: smollm2-135m (perplexity on the zoo's held-out Wikipedia windows and on a second text,
+gensim's ``crime-and-punishment.txt``: the first ``--windows`` windows of 512 tokens) and minilm
+(Lee-50 Pearson, WordSim353, SimLex999). Budgets: 50%, 60%, 2:4, 4-bit, 3-bit, 2:4+4-bit (per
+output channel unless ``--group-size``). Methods: magnitude, wanda, sparsegpt, gptq, obc, auto;
+``METHOD+dense`` runs sequential mode with dense targets (``calibration.targets: dense``).
+Calibration: the zoo entry's (smollm2: sequential, 128 × 128 tokens; minilm: its default).
+SmolLM2's weights sit on a 4-bit grid in blocks of 32 (GGUF Q4_1): 4-bit group-32 results are
+flattering. Each cell: the metric(s) and the compression wall time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/__init__.py
+
+import torch  # noqa: E402
+
+from optbrain.app import zoo  # noqa: E402
+from optbrain.app.runs import run_zoo  # noqa: E402
+
+BUDGETS = {
+    "50%": {"sparsity": 0.5},
+    "60%": {"sparsity": 0.6},
+    "2:4": {"pattern": "2:4"},
+    "4-bit": {"bits": 4},
+    "3-bit": {"bits": 3},
+    "2:4+4-bit": {"pattern": "2:4", "bits": 4},
+}
+METHODS = ["magnitude", "wanda", "sparsegpt", "gptq", "obc"]
+PRUNE_ONLY, QUANT_ONLY = {"wanda"}, {"gptq"}
+
+
+def applicable(method: str, budget: dict) -> bool:
+    prunes = "sparsity" in budget or "pattern" in budget
+    if method in QUANT_ONLY:
+        return "bits" in budget and not prunes
+    if method in PRUNE_ONLY:
+        return prunes
+    return True
+
+
+@torch.no_grad()
+def text_perplexity(model: torch.nn.Module, path: str, windows: int, seq: int = 512) -> float:
+    """Perplexity of a causal LM on the first ``windows`` non-overlapping windows of a text."""
+    from optbrain.app.zoo import smollm
+
+    ids = smollm.tokenizer()(open(path, encoding="utf-8").read(), add_special_tokens=False)
+    ids = torch.tensor(ids["input_ids"][: windows * seq]).view(-1, seq)
+    nll, count = 0.0, 0
+    for x in ids:
+        logits = model(input_ids=x[None], use_cache=False).logits[0, :-1].float()
+        nll += float(torch.nn.functional.cross_entropy(logits, x[1:], reduction="sum"))
+        count += len(x) - 1
+    return math.exp(nll / count)
+
+
+def second_text() -> str:
+    from optbrain.app.zoo._common import gensim_test_data
+
+    return str(gensim_test_data("smollm2-135m") / "crime-and-punishment.txt")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "minilm"])
+    ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
+    ap.add_argument("--methods", nargs="+", default=METHODS)
+    ap.add_argument("--group-size", type=int, dest="group_size")
+    ap.add_argument("--windows", type=int, default=16, help="windows of the second text")
+    ap.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE")
+    ap.add_argument("--json", help="append every cell as a JSON line here")
+    args = ap.parse_args()
+    options: dict[str, dict] = {}
+    for o in args.option:
+        m, kv = o.split(":", 1)
+        k, v = kv.split("=", 1)
+        options.setdefault(m, {})[k] = json.loads(v)
+    for name in args.models:
+        entry = zoo.get(name)
+        dense = entry.load()
+        dm = entry.evaluate(dense)
+        lm = name.startswith("smollm")
+        if lm:
+            dm["text2_perplexity"] = text_perplexity(dense, second_text(), args.windows)
+        print(f"### {name} dense: {json.dumps({k: round(v, 4) for k, v in dm.items()})}")
+        for budget in args.budgets:
+            for spec in args.methods:
+                method, _, variant = spec.partition("+")
+                settings = dict(BUDGETS[budget])
+                if not applicable(method, settings):
+                    continue
+                if "bits" in settings and args.group_size:
+                    settings["group_size"] = args.group_size
+                rule = {"method": method, **settings}
+                if method in options:
+                    rule["options"] = options[method]
+                calib = dict(entry.recipe.get("calibration", {}))
+                if variant == "dense":
+                    calib.update(mode="sequential", targets="dense")
+                recipe = {"rules": [rule], "calibration": calib}
+                t0 = time.perf_counter()
+                model, report = run_zoo(
+                    name, recipe, None, quiet=True, dense=dense, dense_metrics=dm
+                )
+                metrics = {
+                    k: v["compressed"] for k, v in report.metrics.items() if "compressed" in v
+                }
+                if lm:
+                    metrics["text2_perplexity"] = text_perplexity(
+                        model, second_text(), args.windows
+                    )
+                secs = report.metadata["compress_seconds"]
+                used = sorted({r.method for r in report.layers if r.status == "compressed"})
+                cell = {
+                    "model": name,
+                    "budget": budget,
+                    "method": spec,
+                    "seconds": round(secs, 1),
+                    "wall_seconds": round(time.perf_counter() - t0, 1),
+                    "solvers": used,
+                    **{k: round(v, 4) for k, v in metrics.items()},
+                }
+                print(json.dumps(cell), flush=True)
+                if args.json:
+                    with open(args.json, "a") as f:
+                        f.write(json.dumps(cell) + "\n")
+                del model
+
+
+if __name__ == "__main__":
+    sys.exit(main())
