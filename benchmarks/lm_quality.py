@@ -5,7 +5,7 @@
         sparsegpt+dense
 
 Models: smollm2-135m (perplexity on the zoo's held-out Wikipedia windows and on a second text,
-gensim's ``crime-and-punishment.txt``: the first ``--windows`` windows of 512 tokens) and minilm
+gensim's ``lee_background.cor`` news text: the first ``--windows`` windows of 512 tokens) and minilm
 (Lee-50 Pearson, WordSim353, SimLex999). Budgets: 50%, 60%, 2:4, 4-bit, 3-bit, 2:4+4-bit (per
 output channel unless ``--group-size``). Methods: magnitude, wanda, sparsegpt, gptq, obc, auto;
 ``METHOD+dense`` runs sequential mode with dense targets (``calibration.targets: dense``).
@@ -57,7 +57,9 @@ def text_perplexity(model: torch.nn.Module, path: str, windows: int, seq: int = 
     from optbrain.app.zoo import smollm
 
     ids = smollm.tokenizer()(open(path, encoding="utf-8").read(), add_special_tokens=False)
-    ids = torch.tensor(ids["input_ids"][: windows * seq]).view(-1, seq)
+    ids = torch.tensor(ids["input_ids"])
+    k = min(windows, len(ids) // seq)
+    ids = ids[: k * seq].view(k, seq)
     nll, count = 0.0, 0
     for x in ids:
         logits = model(input_ids=x[None], use_cache=False).logits[0, :-1].float()
@@ -67,9 +69,9 @@ def text_perplexity(model: torch.nn.Module, path: str, windows: int, seq: int = 
 
 
 def second_text() -> str:
-    from optbrain.app.zoo._common import gensim_test_data
+    from optbrain.app.zoo._text import gensim_test_data
 
-    return str(gensim_test_data("smollm2-135m") / "crime-and-punishment.txt")
+    return str(gensim_test_data("smollm2-135m") / "lee_background.cor")
 
 
 def main() -> None:
@@ -94,7 +96,9 @@ def main() -> None:
         lm = name.startswith("smollm")
         if lm:
             dm["text2_perplexity"] = text_perplexity(dense, second_text(), args.windows)
-        print(f"### {name} dense: {json.dumps({k: round(v, 4) for k, v in dm.items()})}")
+        print(
+            f"### {name} dense: {json.dumps({k: round(v, 4) for k, v in dm.items()})}", flush=True
+        )
         for budget in args.budgets:
             for spec in args.methods:
                 method, _, variant = spec.partition("+")
