@@ -26,29 +26,14 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/__init__.py
 
 import torch  # noqa: E402
+from accuracy import BUDGETS, applicable  # noqa: E402  (benchmarks/ is on sys.path)
 
 from optbrain.app import zoo  # noqa: E402
 from optbrain.app.runs import run_zoo  # noqa: E402
 
-BUDGETS = {
-    "50%": {"sparsity": 0.5},
-    "60%": {"sparsity": 0.6},
-    "2:4": {"pattern": "2:4"},
-    "4-bit": {"bits": 4},
-    "3-bit": {"bits": 3},
-    "2:4+4-bit": {"pattern": "2:4", "bits": 4},
-}
+_ALL = {**BUDGETS, "60%": {"sparsity": 0.6}}  # accuracy.py's budgets, with 60%
+BUDGETS = {k: _ALL[k] for k in ("50%", "60%", "2:4", "4-bit", "3-bit", "2:4+4-bit")}
 METHODS = ["magnitude", "wanda", "sparsegpt", "gptq", "obc"]
-PRUNE_ONLY, QUANT_ONLY = {"wanda"}, {"gptq"}
-
-
-def applicable(method: str, budget: dict) -> bool:
-    prunes = "sparsity" in budget or "pattern" in budget
-    if method in QUANT_ONLY:
-        return "bits" in budget and not prunes
-    if method in PRUNE_ONLY:
-        return prunes
-    return True
 
 
 @torch.no_grad()
