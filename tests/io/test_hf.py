@@ -207,3 +207,21 @@ def test_bad_input_is_an_error_before_work(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="source .* is not a directory"):
         export_compressed_tensors(model, tmp_path / "d", source=tmp_path / "nowhere")
     assert not any((tmp_path / x).exists() for x in "abcd")
+
+
+def test_export_is_written_whole_into_a_fresh_directory(tmp_path: Path) -> None:
+    """The directory appears complete under its name (written beside it, renamed when done):
+    no temporary directory is left, an existing empty directory is taken, a non-empty one is
+    refused before any work and left as it was."""
+    model = llama(tmp_path / "dense")
+    compress(model, _calibration(), RECIPES["gptq4"], quiet=True)
+    (tmp_path / "empty").mkdir()
+    res = export_compressed_tensors(model, tmp_path / "empty")
+    assert (tmp_path / "empty" / "config.json").is_file() and res.files
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "keep.txt").write_text("mine")
+    with pytest.raises(ValueError, match="exists and is not an empty directory"):
+        export_compressed_tensors(model, full)
+    assert [p.name for p in full.iterdir()] == ["keep.txt"]

@@ -220,7 +220,18 @@ def export_compressed_tensors(
     """Write ``model`` (a transformers model after ``optbrain.compress``) to directory ``path``
     in the compressed-tensors format; see the module docstring. ``source``: the directory the
     model came from, for its tokenizer files (default: the model's ``name_or_path`` when that
-    is a directory). The model itself is not changed."""
+    is a directory). The model itself is not changed.
+
+    Atomic: the directory is written under a temporary name beside ``path`` and renamed into
+    place when complete, so ``path`` is either absent or a whole export. ``path`` must not be a
+    non-empty directory (checked before any work: transformers writes a directory, which cannot
+    replace another one atomically)."""
+    out = Path(path)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise ValueError(
+            f"{out} exists and is not an empty directory; choose a new output path or remove it "
+            "(a compressed-tensors export is written whole into a fresh directory)"
+        )
     _check_model(model)
     layers = compressed_layers(model)
     packed, dense = _plan(layers)
@@ -254,12 +265,19 @@ def export_compressed_tensors(
                     f"compressed-tensors packed other codes than optbrain's for {name!r}; "
                     "please report this (compressed-tensors version mismatch?)"
                 )
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    work.save_pretrained(str(out))
-    if packed:
-        compressor.update_config(str(out))
-    copied = _copy_tokenizer(src, out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        work.save_pretrained(str(tmp))
+        if packed:
+            compressor.update_config(str(tmp))
+        copied = _copy_tokenizer(src, tmp)
+        if out.is_dir():
+            out.rmdir()  # empty (checked above)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
     sizes: dict[str, int] = {}
     for f in sorted(out.glob("*.safetensors")):  # one file, or shards of a large model
