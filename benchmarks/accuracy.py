@@ -36,6 +36,16 @@ NEEDS_PRUNING = {"wanda"}  # without pruning it is rtn
 QUANT_ONLY = {"rtn", "gptq"}
 
 
+def parse_options(items: list[str]) -> dict[str, dict]:
+    """``["gptq:act_order=true", ...]`` (METHOD:KEY=JSON) -> ``{"gptq": {"act_order": True}}``."""
+    options: dict[str, dict] = {}
+    for o in items:
+        m, kv = o.split(":", 1)
+        k, v = kv.split("=", 1)
+        options.setdefault(m, {})[k] = json.loads(v)
+    return options
+
+
 def applicable(method: str, budget: dict) -> bool:
     prunes = "sparsity" in budget or "pattern" in budget
     quant = "bits" in budget
@@ -79,11 +89,7 @@ def main() -> None:
     ap.add_argument("--json", help="also write all results as JSON here")
     args = ap.parse_args()
 
-    options: dict[str, dict] = {}
-    for o in args.option:
-        m, kv = o.split(":", 1)
-        k, v = kv.split("=", 1)
-        options.setdefault(m, {})[k] = json.loads(v)
+    options = parse_options(args.option)
 
     names = args.models or zoo.names()
     lines: list[str] = []

@@ -26,7 +26,7 @@ import time
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/__init__.py
 
 import torch  # noqa: E402
-from accuracy import BUDGETS, applicable  # noqa: E402  (benchmarks/ is on sys.path)
+from accuracy import BUDGETS, applicable, parse_options  # noqa: E402  (benchmarks/ is on sys.path)
 
 from optbrain.app import zoo  # noqa: E402
 from optbrain.app.runs import run_zoo  # noqa: E402
@@ -69,11 +69,7 @@ def main() -> None:
     ap.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE")
     ap.add_argument("--json", help="append every cell as a JSON line here")
     args = ap.parse_args()
-    options: dict[str, dict] = {}
-    for o in args.option:
-        m, kv = o.split(":", 1)
-        k, v = kv.split("=", 1)
-        options.setdefault(m, {})[k] = json.loads(v)
+    options = parse_options(args.option)
     for name in args.models:
         entry = zoo.get(name)
         dense = entry.load()
