@@ -391,6 +391,31 @@ def test_progress_quiet_and_lines(capsys):
         assert "elapsed" in line
 
 
+def test_progress_within_layer_and_cost_model_eta(capsys, monkeypatch):
+    from optbrain.pipeline import compress as compress_mod
+    from optbrain.pipeline import progress
+
+    monkeypatch.setattr(progress, "WITHIN_AFTER", 0.0)  # show steps however short
+    monkeypatch.setattr(compress_mod, "NOTE_SOLVING_OVER", 0.0)
+    model = mlp(0)
+    calib, _ = mlp_data(0, 64)
+    recipe = {"method": "obc", "sparsity": 0.5, "options": {"lazy": 2}}  # a tick every 2 steps
+    compress(copy.deepcopy(model), calib, recipe)
+    lines = capsys.readouterr().err.splitlines()
+    assert lines[0].startswith("[compress] exact solving of 3 layer(s) predicted ~"), lines[0]
+    inner = [ln for ln in lines if "of the step" in ln]
+    assert inner and all(ln.startswith("[compress] ") for ln in inner)
+    assert all("(predicted ~" in ln for ln in inner)
+    done = [ln for ln in lines if "/3 " in ln]
+    assert [ln.split()[1] for ln in done] == ["1/3", "2/3", "3/3"]
+    assert "solving left ~" in done[0] and "solving left" not in done[-1]
+
+    # the fast solvers have no cost model: no note, no ETA, no lines inside a layer
+    compress(copy.deepcopy(model), calib, {"method": "sparsegpt", "sparsity": 0.5})
+    lines = capsys.readouterr().err.splitlines()
+    assert len(lines) == 3 and not any("predicted" in ln or "left" in ln for ln in lines)
+
+
 # ------------------------------------------------------------------------------ OBC vs baselines
 
 BUDGETS = {

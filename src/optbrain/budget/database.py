@@ -330,16 +330,18 @@ def _build_pending(
     progress = Progress(len(pending), "database", enabled=not quiet)
     try:
         for name in pending:
-            rec, tensors = _build_layer(
-                name,
-                db.layers.index(name),
-                adapters[name],
-                hessians.pop(name),
-                db.levels,
-                st,
-                shapes.get(name),
-                mloss,
-            )
+            fit = [lv for lv in db.levels if lv.fits(adapters[name].cols)]
+            with progress.within(name, exact_seconds(adapters[name], fit)):
+                rec, tensors = _build_layer(
+                    name,
+                    db.layers.index(name),
+                    adapters[name],
+                    hessians.pop(name),
+                    db.levels,
+                    st,
+                    shapes.get(name),
+                    mloss,
+                )
             stem = db.stem(name)
             rec["tensors_sha256"] = atomic_tensors(stem.with_suffix(".safetensors"), tensors)
             atomic_json(stem.with_suffix(".json"), rec)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import torch
 
+from . import ticks
 from .grid import QuantGrid, quantize_values
 from .hessian import PreparedHessian
 from .obs import (
@@ -102,7 +103,7 @@ def obq(
     # pad their working set with pruned coordinates (value 0, on the grid, decoupled: no cost)
     steps = C if keep is None else int(keep.sum(1).max().item())
     outs = []
-    for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory):
+    for _, sl in ticks.chunks(row_chunks(R, 2 * C * C * W.element_size(), engine.memory)):
         scorer = QuantScorer(scale[sl], zero[sl], grid.maxq, outliers, slack)
         if keep is None:
             outs.append(greedy_single(W[sl], prepared.Hinv, C, scorer, engine=engine))

@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import ticks
+
 DEFAULT_MEMORY = 1 << 30  # bytes of per-row H⁻¹ state per chunk of rows
 
 
@@ -201,6 +203,7 @@ def greedy_single(
             shared = False
             n = alive.shape[1] - int((~alive[0]).sum())
             k = 0
+            ticks.tick(ticks.cubic_done(s + 1, steps, Cw))
             if s == steps - 1 or n > engine.shrink * alive.shape[1]:
                 d = torch.diagonal(B, 0, 1, 2).clone()
                 continue
@@ -320,6 +323,7 @@ def greedy_block(
             D = _diag_blocks(B, g)
             U.zero_()
             k = 0
+            ticks.tick((s + 1) / steps)  # no working-set shrink: equal work per step
     keep = alive.repeat_interleave(g, dim=1)
     w = torch.where(keep, w, torch.zeros_like(w))
     return GreedyOut(weight=w, order=order, step_loss=step_loss)

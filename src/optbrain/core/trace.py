@@ -8,6 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
+from . import ticks
 from .hessian import PreparedHessian
 from .obs import (
     DEFAULT_ENGINE,
@@ -205,7 +206,7 @@ def obs_trace(
     total = C // g
     steps = max(1, min(total, int(-(-max_sparsity * total // 1))))
     orders, losses = [], []
-    for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory):
+    for _, sl in ticks.chunks(row_chunks(R, 2 * C * C * W.element_size(), engine.memory)):
         if g == 1:
             out = greedy_single(W[sl], prepared.Hinv, steps, PruneScorer(), engine=engine)
         else:
@@ -233,7 +234,7 @@ def prune_nm(
             NMScorer(sl.stop - sl.start, C, n, m, W.device),
             engine=engine,
         )
-        for sl in row_chunks(R, 2 * C * C * W.element_size(), engine.memory)
+        for _, sl in ticks.chunks(row_chunks(R, 2 * C * C * W.element_size(), engine.memory))
     ]
     return GreedyOut(
         torch.cat([o.weight for o in outs]),

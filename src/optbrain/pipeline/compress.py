@@ -29,8 +29,10 @@ import torch
 from torch import nn
 
 from ..adapters import LayerAdapter, adapter_for, find_layers
+from ..core import ticks
 from ..core.hessian import HessianAccumulator, row_losses
 from ..core.layer import compress_layer
+from ..core.methods.auto import predicted_seconds
 from ..core.patterns import parse_pattern
 from ..core.spec import make_spec
 from ..core.targets import CrossAccumulator, compress_to_dense, target_loss
@@ -40,12 +42,14 @@ from ..report import LayerRecord, Report, peak_memory_tracker
 from .batchnorm import recalibrate_batchnorm
 from .data import Forward, take_samples
 from .hessians import collect_hessians
-from .progress import Progress, level, reporting
+from .progress import Progress, level, reporting, seconds_text
 from .sequential import find_blocks, sequential_compress
 from .state import GroupState, LayerState, ModelState
 from .targets import collect_paired, dense_copy
 
 Plans = dict[str, LayerPlan]
+#: modelled seconds of exact solving above which a run says so before it starts
+NOTE_SOLVING_OVER = 60.0
 Adapters = dict[str, LayerAdapter]
 
 
@@ -169,6 +173,26 @@ class LayerCompressor:
         self.records: list[LayerRecord] = []
         self.state: dict[str, LayerState] = {}
         self.backup = WeightBackup()  # sequential mode writes block by block
+        # the cost model's seconds per layer (None: a fast solver), for ETAs
+        self.predicted = {n: self._predict(n) for n in plans}
+        self.actual: dict[str, float] = {}
+
+    def _predict(self, name: str) -> float | None:
+        adapter, plan = self.adapters[name], self.plans[name]
+        kwargs = layer_kwargs(self.model, adapter, plan) if self.model else plan.spec_kwargs()
+        spec = make_spec(adapter.cols, **kwargs)
+        secs = predicted_seconds(plan.method, adapter.rows, adapter.cols, spec)
+        return None if secs is None else secs * adapter.groups
+
+    def eta(self) -> float | None:
+        """Modelled seconds of the layers still to solve, scaled by how the solved ones went
+        (actual / predicted so far); None when no layer left has a model."""
+        left = [p for n, p in self.predicted.items() if p is not None and n not in self.actual]
+        if not left:
+            return None
+        done = [(self.actual[n], p) for n, p in self.predicted.items() if p and n in self.actual]
+        ratio = sum(a for a, _ in done) / sum(p for _, p in done) if done else 1.0
+        return sum(left) * ratio
 
     def __call__(self, name: str, module: nn.Module, hessians: list[HessianAccumulator]) -> None:
         plan = self.plans[name]
@@ -176,11 +200,17 @@ class LayerCompressor:
         entry = LayerState(plan=plan.to_dict())
         kwargs = layer_kwargs(self.model, adapter, plan) if self.model else plan.spec_kwargs()
         self.backup.keep(module.weight)
+        t0 = time.perf_counter()
+        G = len(hessians)
         for g, acc in enumerate(hessians):
             W = adapter.weight(g)
             H = acc.hessian()
             dense = isinstance(acc, CrossAccumulator)  # dense targets (core.targets)
-            with peak_memory_tracker(W.device) as mem:
+            with (
+                peak_memory_tracker(W.device) as mem,
+                self.progress.within(name, self.predicted.get(name)),
+                ticks.part(g / G, (g + 1) / G),
+            ):
                 if dense:
                     mats = (H, acc.cross(), acc.dense_hessian())
                     res = compress_to_dense(W, *mats, method=plan.method, **kwargs)
@@ -204,7 +234,10 @@ class LayerCompressor:
             entry.groups.append(GroupState.from_result(res))
         self.state[name] = entry
         secs = sum(r.seconds for r in self.records[-len(hessians) :])
-        self.progress.update(f"{name} ({self.records[-1].method}, {secs:.1f} s)")
+        self.actual[name] = time.perf_counter() - t0
+        eta = self.eta()
+        rest = f"; solving left ~{seconds_text(eta)} by the cost model" if eta else ""
+        self.progress.update(f"{name} ({self.records[-1].method}, {secs:.1f} s{rest})")
 
 
 # ---------------------------------------------------------------------- calibrate + solve ----
@@ -350,6 +383,13 @@ def compress(
     batches = take_samples(calibration, rec.calibration.samples)
     progress = Progress(len(plans), "compress", enabled=not quiet)
     comp = LayerCompressor(plans, adapters, progress, model)
+    slow = [n for n, p in comp.predicted.items() if p]
+    total = comp.eta()
+    if total is not None and total > NOTE_SOLVING_OVER:
+        progress.note(
+            f"exact solving of {len(slow)} layer(s) predicted ~{seconds_text(total)} "
+            "(cost model, optbrain.core.methods.auto)"
+        )
     try:
         with reporting("quiet" if quiet else level() or "normal"):
             solve(model, batches, rec, comp, forward, inputs)

@@ -84,6 +84,18 @@ def estimate_levels_seconds(rows: int, cols: int, levels: Iterable[LevelLike]) -
     return t
 
 
+def predicted_seconds(method: str, rows: int, cols: int, spec: CompressSpec) -> float | None:
+    """Modelled seconds of ``method`` on one ``rows × cols`` part, or None where there is no
+    model (the fast solvers and structured OBS, which take seconds at most): ``"obc"`` its
+    estimate, ``"auto"`` the estimate when it would choose OBC within its ``time_budget``."""
+    if spec.pattern.structured or method not in ("obc", "auto"):
+        return None
+    est = estimate_obc_seconds(rows, cols, spec)
+    if method == "auto" and est > _budget(spec.options):
+        return None
+    return est
+
+
 def _budget(options: dict) -> float:
     v = options.get("time_budget", DEFAULT_BUDGET)
     if isinstance(v, bool) or not isinstance(v, int | float) or math.isnan(v) or v < 0:

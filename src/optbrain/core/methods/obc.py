@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import torch
 
+from .. import ticks
 from ..columnwise import option_bool
 from ..grid import QuantGrid, fit_layer_grid
 from ..hessian import PreparedHessian, prepare_layer, row_losses
@@ -97,17 +98,22 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
     keep, trace = None, None
     weight = Wc
     predicted = torch.zeros(W.shape[0], dtype=torch.float64)
-    if spec.prunes:
-        weight, keep, predicted, trace = exact_prune(Wc, prep, spec, engine)
     grid = None
     if spec.quantizes:
         outliers = bool(spec.options.get("outliers", True))
         slack = spec.options.get("slack", SLACK)
         if isinstance(slack, bool) or not isinstance(slack, int | float) or not slack >= 0:
             raise ValueError(f"method 'obc': slack must be a number >= 0, got {slack!r}")
-        weight, grid, step_loss = exact_quantize(
-            weight, keep, prep, spec, engine, outliers, float(slack)
-        )
+    # progress: a compound's two greedy passes cost about the same (methods.auto.COST)
+    half = 0.5 if spec.prunes and spec.quantizes else 1.0
+    if spec.prunes:
+        with ticks.part(0.0, half):
+            weight, keep, predicted, trace = exact_prune(Wc, prep, spec, engine)
+    if spec.quantizes:
+        with ticks.part(1.0 - half, 1.0):
+            weight, grid, step_loss = exact_quantize(
+                weight, keep, prep, spec, engine, outliers, float(slack)
+            )
         # the pruned state is the optimum on {Ŵ_S = 0}, so the losses add (Pythagoras)
         predicted = predicted + step_loss.sum(1).cpu()
     measured = row_losses(Wc, weight, prep.H).cpu()
