@@ -331,7 +331,9 @@ def _build_pending(
     try:
         for name in pending:
             fit = [lv for lv in db.levels if lv.fits(adapters[name].cols)]
-            with progress.within(name, exact_seconds(adapters[name], fit)):
+            secs = exact_seconds(adapters[name], fit)
+            exact = st.solver == "obc" or (st.solver == "auto" and secs <= st.time_budget)
+            with progress.within(name, secs if exact else None):
                 rec, tensors = _build_layer(
                     name,
                     db.layers.index(name),
