@@ -12,6 +12,7 @@ Full form::
     calibration: {mode: sequential, samples: 128, batch_size: 8}
     seed: 0
     bn_recalibration: false
+    allocation: uniform                  # or owl: per-block sparsity from activation outliers
     ignore: [classifier]                 # never compressed, whatever the rules say
     rules:
       - targets: ["*"]                   # every layer: 4-bit GPTQ, groups of 128
@@ -56,6 +57,11 @@ where it is (``rules[1]``, ``calibration``) and what is allowed; from YAML, also
 Combinations that only arise after merging (an N:M pattern with a contradicting sparsity, a block
 pattern without a sparsity) are reported by ``plan`` with the module name and the rules applied.
 
+**Allocation.** ``allocation: owl`` (or ``{method: owl, outlier_m: 5, lam: 0.08}``) moves the
+unstructured sparsity of every pruned layer by its block's OWL offset (blocks with more
+activation outliers pruned less, the parameter-weighted mean unchanged;
+``optbrain.pipeline.owl``); ``uniform`` (the default) keeps the rules' sparsities as they are.
+
 YAML is read with YAML 1.1 rules except that ``2:4`` is a string (not the base-60 integer 124)
 and ``1e-3`` is a float (not a string); duplicate keys are an error.
 """
@@ -98,6 +104,49 @@ from .recipe_rules import (
     check_merged,
 )
 
+#: how the rules' unstructured sparsities are spread over the layers (``allocation:``)
+ALLOCATION_METHODS = ("uniform", "owl")
+
+
+@dataclass
+class SparsityAllocation:
+    """``allocation:`` — ``uniform`` (the rules' sparsities), or ``owl`` with OWL's outlier
+    threshold ``outlier_m`` (multiples of a block's mean Wanda score) and spread ``lam`` (each
+    block's sparsity moves by at most ``lam``); OWL's defaults 5 and 0.08."""
+
+    method: str = "uniform"
+    outlier_m: float = 5.0
+    lam: float = 0.08
+
+    def __post_init__(self) -> None:
+        path = ("allocation",)
+        if self.method not in ALLOCATION_METHODS:
+            raise _fail(path, "method", f"one of {list(ALLOCATION_METHODS)}", self.method)
+        for key, ok in (("outlier_m", lambda v: v > 0), ("lam", lambda v: 0 <= v < 0.5)):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not ok(v):
+                what = "a number > 0" if key == "outlier_m" else "a number in [0, 0.5)"
+                raise _fail(path, key, what, v)
+            setattr(self, key, float(v))
+
+    @classmethod
+    def from_value(cls, v: Any) -> SparsityAllocation:
+        if v is None:
+            return cls()
+        if isinstance(v, SparsityAllocation):
+            return v
+        if isinstance(v, str):
+            return cls(method=v)
+        if not isinstance(v, Mapping):
+            raise _fail((), "allocation", "'uniform', 'owl' or a mapping {method: owl, ...}", v)
+        _check_keys(v, dict.fromkeys(("method", "outlier_m", "lam")), ("allocation",))
+        return cls(**v)
+
+    def to_value(self) -> str | dict[str, Any]:
+        if (self.outlier_m, self.lam) == (5.0, 0.08):
+            return self.method
+        return {"method": self.method, "outlier_m": self.outlier_m, "lam": self.lam}
+
 
 @dataclass
 class Recipe:
@@ -109,6 +158,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     seed: int = 0
     bn_recalibration: bool = False
+    allocation: SparsityAllocation = field(default_factory=SparsityAllocation)
 
     def __post_init__(self) -> None:
         if not _is_int(self.version) or self.version < 1:
@@ -151,6 +201,7 @@ class Recipe:
             raise _fail((), "seed", "an integer", self.seed)
         if not isinstance(self.bn_recalibration, bool):
             raise _fail((), "bn_recalibration", "true or false", self.bn_recalibration)
+        self.allocation = SparsityAllocation.from_value(self.allocation)
 
     # ---------------------------------------------------------------- construction / output
 
@@ -194,6 +245,7 @@ class Recipe:
         if d.get("ignore") is not None:
             kw["ignore"] = _check_patterns(d["ignore"], (), "ignore", "recipe", True)
         kw["calibration"] = CalibrationConfig.from_dict(d.get("calibration"))
+        kw["allocation"] = SparsityAllocation.from_value(d.get("allocation"))
         return cls(**kw)
 
     def to_dict(self) -> dict[str, Any]:
@@ -204,6 +256,8 @@ class Recipe:
             "seed": self.seed,
             "bn_recalibration": self.bn_recalibration,
         }
+        if self.allocation.method != "uniform":  # written only when set: older dicts stay equal
+            out["allocation"] = self.allocation.to_value()
         if self.ignore:
             out["ignore"] = list(self.ignore)
         out["rules"] = [r.to_dict() for r in self.rules]

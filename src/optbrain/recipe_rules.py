@@ -67,7 +67,15 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 _PERCENT = re.compile(r"^(\d+(?:\.\d+)?)%$")
 CALIBRATION_KEYS = ("mode", "samples", "batch_size", "targets")
-GLOBAL_KEYS = ("version", "calibration", "seed", "bn_recalibration", "ignore", "rules")
+GLOBAL_KEYS = (
+    "version",
+    "calibration",
+    "seed",
+    "bn_recalibration",
+    "allocation",
+    "ignore",
+    "rules",
+)
 # options are passed to make_spec / compress_layer as keyword arguments: these names are taken
 _RESERVED_OPTIONS = ("cols", "method", "W", "H", *SETTINGS)
 

@@ -42,6 +42,7 @@ from ..report import LayerRecord, Report, peak_memory_tracker
 from .batchnorm import recalibrate_batchnorm
 from .data import Forward, take_samples
 from .hessians import collect_hessians
+from .owl import apply_owl, check_owl_plans
 from .progress import Progress, level, reporting, seconds_text
 from .sequential import find_blocks, sequential_compress
 from .state import GroupState, LayerState, ModelState
@@ -380,7 +381,11 @@ def compress(
     plans, adapters, records = plan_layers(model, rec)
     if not plans:  # a no-op recipe: nothing to calibrate, the model is left as it is
         return finish(model, records, rec, ModelState(recipe=rec.to_dict()), name, t0, 0)
+    if rec.allocation.method == "owl":
+        check_owl_plans(plans, rec.allocation)
     batches = take_samples(calibration, rec.calibration.samples)
+    if rec.allocation.method == "owl":  # per-block sparsities from the dense model's outliers
+        apply_owl(model, plans, adapters, batches, rec.allocation, forward, inputs)
     progress = Progress(len(plans), "compress", enabled=not quiet)
     comp = LayerCompressor(plans, adapters, progress, model)
     slow = [n for n, p in comp.predicted.items() if p]

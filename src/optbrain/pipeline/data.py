@@ -299,13 +299,16 @@ def _trim(batch: Any, n: int, full: int) -> Any:
     return batch
 
 
-def take_samples(calibration: Any, samples: int) -> list[Any]:
+def take_samples(calibration: Any, samples: int | None) -> list[Any]:
     """The calibration batches holding the first ``samples`` samples (a sample is one entry of
-    a batch's leading dimension; the last batch is cut to fit). Materialised as a list, since
-    calibration may be iterated more than once."""
+    a batch's leading dimension; the last batch is cut to fit; None: all of them). Materialised
+    as a list, since calibration may be iterated more than once."""
     out, seen = [], 0
     for batch in _batches(calibration, "model inputs", ValueError):
         n = _leading_dim(batch) or 1
+        if samples is None:
+            out.append(batch)
+            continue
         if seen + n > samples:
             batch = _trim(batch, samples - seen, n)
             n = samples - seen
