@@ -8,7 +8,8 @@ Models: smollm2-135m (perplexity on the zoo's held-out Wikipedia windows and on 
 gensim's ``lee_background.cor`` news text: the first ``--windows`` windows of 512 tokens) and minilm
 (Lee-50 Pearson, WordSim353, SimLex999). Budgets: 50%, 60%, 2:4, 4-bit, 3-bit, 2:4+4-bit (per
 output channel unless ``--group-size``). Methods: magnitude, wanda, sparsegpt, gptq, obc, auto;
-``METHOD+dense`` runs sequential mode with dense targets (``calibration.targets: dense``).
+``METHOD+dense`` runs sequential mode with dense targets (``calibration.targets: dense``),
+``METHOD+owl`` OWL's non-uniform sparsity per block (``allocation: owl``); both combine.
 Calibration: the zoo entry's (smollm2: sequential, 128 × 128 tokens; minilm: its default).
 SmolLM2's weights sit on a 4-bit grid in blocks of 32 (GGUF Q4_1): 4-bit group-32 results are
 flattering. Each cell: the metric(s) and the compression wall time.
@@ -92,9 +93,14 @@ def main() -> None:
                 if method in options:
                     rule["options"] = options[method]
                 calib = dict(entry.recipe.get("calibration", {}))
-                if variant == "dense":
+                variants = set(variant.split("+")) - {""}
+                if variants - {"dense", "owl"}:
+                    raise SystemExit(f"unknown variant in {spec!r}: use +dense and/or +owl")
+                if "dense" in variants:
                     calib.update(mode="sequential", targets="dense")
                 recipe = {"rules": [rule], "calibration": calib}
+                if "owl" in variants:  # OWL's per-block sparsities (pipeline/owl.py)
+                    recipe["allocation"] = "owl"
                 t0 = time.perf_counter()
                 model, report = run_zoo(
                     name, recipe, None, quiet=True, dense=dense, dense_metrics=dm

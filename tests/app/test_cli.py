@@ -203,6 +203,21 @@ def test_compress_with_recipe_file(tmp_path, capsys):
     assert Recipe.from_yaml(out / "recipe.yaml") == Recipe.from_yaml(recipe)
 
 
+def test_compress_allocation_owl(tmp_path, capsys):
+    out = tmp_path / "run"
+    argv = ["compress", "--model", "digits-mlp", "--method", "sparsegpt", "--sparsity", "0.5"]
+    assert (
+        main([*argv, "--allocation", "owl", "--samples", "32", "--out", str(out), "--quiet"]) == 0
+    )
+    capsys.readouterr()
+    report = json.loads((out / "report.json").read_text())
+    assert report["recipe"]["allocation"] == "owl"
+    sp = [r["sparsity"] for r in report["layers"] if r["status"] == "compressed"]
+    assert len(sp) >= 2 and max(sp) - min(sp) > 0.01  # not uniform any more
+    assert all(0.34 - 1e-3 <= s <= 0.66 + 1e-3 for s in sp), sp  # 0.5 ± 2λ
+    assert (out / "recipe.yaml").read_text().count("allocation: owl") == 1
+
+
 def test_compress_flags_mode_and_samples(tmp_path, capsys):
     out = tmp_path / "run"
     argv = ["compress", "--model", "digits-mlp", "--bits", "4", "--group-size", "32"]

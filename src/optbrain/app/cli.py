@@ -29,8 +29,9 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
                 "ignore",
                 "mode",
                 "samples",
+                "allocation",
             )
-            if getattr(args, k) is not None
+            if getattr(args, k, None) is not None
         }
         if args.asym:
             flags["asym"] = True
@@ -62,6 +63,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
     }
     if args.ignore:
         d["ignore"] = args.ignore
+    if getattr(args, "allocation", None):
+        d["allocation"] = args.allocation
     return Recipe.from_dict(d)
 
 
@@ -297,6 +300,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="calibration mode (default: independent, as OBC)",
     )
     c.add_argument("--samples", type=int, help="calibration samples (default 128)")
+    c.add_argument(
+        "--allocation",
+        choices=["uniform", "owl"],
+        help="spread of --sparsity over the layers: uniform (default) or owl (per block, "
+        "from activation outliers)",
+    )
     c.add_argument("--limit", type=_positive_int, help="evaluate on the first N examples only")
     c.add_argument("--out", help="run directory (default: runs/MODEL)")
     c.add_argument("--quiet", action="store_true", help="no progress line")

@@ -10,7 +10,8 @@ pruned layers), ``A_ij = |W_ij| · ‖X_j‖``::
 
 and every pruned layer of block ``b`` takes sparsity ``s_layer + δ_b``. ``mean_w`` weights the
 blocks by their parameter counts, so the model's overall sparsity is unchanged (OWL, whose
-blocks all have the same size, sets ``sparsity_b = s + δ_b``); ``|δ_b| ≤ λ``. ``‖X_j‖ ∝ √H_jj``
+blocks all have the same size, sets ``sparsity_b = s + δ_b``); ``max δ − min δ = 2λ`` and
+``|δ_b| < 2λ``. ``‖X_j‖ ∝ √H_jj``
 with the collected ``H = 2 XᵀX / N`` from the dense model (one ``N`` per block, so the scale
 cancels in ``D_b``). Layers outside the block list (``find_blocks``) are blocks of their own.
 ``M = 5``, ``λ = 0.08``: OWL's defaults (``recipe.SparsityAllocation``).
@@ -132,11 +133,12 @@ def owl_sparsities(
 
 
 def check_room(sparsity: float, lam: float, where: str) -> None:
-    """``sparsity ± lam`` must stay in ``(0, 1)``: else a ``ValueError`` naming ``where``."""
-    if not (sparsity - lam > 0.0 and sparsity + lam < 1.0):
+    """``sparsity ± 2·lam`` (the most an offset moves it) must stay in ``(0, 1)``: else a
+    ``ValueError`` naming ``where``."""
+    if not (sparsity - 2 * lam > 0.0 and sparsity + 2 * lam < 1.0):
         raise ValueError(
-            f"{where}: sparsity {sparsity} with allocation owl (lam {lam}) would leave (0, 1) "
-            f"once moved by up to ±{lam}; use a smaller allocation.lam"
+            f"{where}: sparsity {sparsity} with allocation owl (lam {lam}) could leave (0, 1) "
+            f"once moved by up to ±{2 * lam:g}; use a smaller allocation.lam"
         )
 
 
@@ -146,7 +148,7 @@ def owl_layers(plans: Mapping[str, Any]) -> list[str]:
 
 
 def check_owl_plans(plans: Mapping[str, Any], allocation: SparsityAllocation) -> None:
-    """Before any work: every layer OWL moves keeps room for ``± lam``."""
+    """Before any work: every layer OWL moves keeps room for ``± 2·lam``."""
     for n in owl_layers(plans):
         check_room(float(plans[n].sparsity), allocation.lam, f"layer {n}")
 
