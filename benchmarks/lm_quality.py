@@ -9,7 +9,10 @@ gensim's ``lee_background.cor`` news text: the first ``--windows`` windows of 51
 (Lee-50 Pearson, WordSim353, SimLex999). Budgets: 50%, 60%, 2:4, 4-bit, 3-bit, 2:4+4-bit (per
 output channel unless ``--group-size``). Methods: magnitude, wanda, sparsegpt, gptq, obc, auto;
 ``METHOD+dense`` runs sequential mode with dense targets (``calibration.targets: dense``),
-``METHOD+owl`` OWL's non-uniform sparsity per block (``allocation: owl``); both combine.
+``METHOD+owl`` OWL's non-uniform sparsity per block (``allocation: owl``), ``METHOD+dp`` the
+budget DP's sparsity per layer (``optbrain.budget.nonuniform.dp_sparsities``: a database of
+SparseGPT levels s ± 0.1, ± 0.2 with model-level errors on 16 samples, then the recipe run as
+usual; its time is included in the cell's); they combine.
 Calibration: the zoo entry's (smollm2: sequential, 128 × 128 tokens; minilm: its default).
 SmolLM2's weights sit on a 4-bit grid in blocks of 32 (GGUF Q4_1): 4-bit group-32 results are
 flattering. Each cell: the metric(s) and the compression wall time.
@@ -31,6 +34,7 @@ from accuracy import BUDGETS, applicable, parse_options  # noqa: E402  (benchmar
 
 from optbrain.app import zoo  # noqa: E402
 from optbrain.app.runs import run_zoo  # noqa: E402
+from optbrain.budget.nonuniform import dp_sparsities, with_sparsities  # noqa: E402
 
 _ALL = {**BUDGETS, "60%": {"sparsity": 0.6}}  # accuracy.py's budgets, with 60%
 BUDGETS = {k: _ALL[k] for k in ("50%", "60%", "2:4", "4-bit", "3-bit", "2:4+4-bit")}
@@ -69,6 +73,7 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=16, help="windows of the second text")
     ap.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE")
     ap.add_argument("--json", help="append every cell as a JSON line here")
+    ap.add_argument("--db-dir", help="+dp: keep the budget databases here (reused by reruns)")
     args = ap.parse_args()
     options = parse_options(args.option)
     for name in args.models:
@@ -94,13 +99,26 @@ def main() -> None:
                     rule["options"] = options[method]
                 calib = dict(entry.recipe.get("calibration", {}))
                 variants = set(variant.split("+")) - {""}
-                if variants - {"dense", "owl"}:
-                    raise SystemExit(f"unknown variant in {spec!r}: use +dense and/or +owl")
+                if variants - {"dense", "owl", "dp"}:
+                    raise SystemExit(f"unknown variant in {spec!r}: use +dense, +owl, +dp")
                 if "dense" in variants:
                     calib.update(mode="sequential", targets="dense")
                 recipe = {"rules": [rule], "calibration": calib}
                 if "owl" in variants:  # OWL's per-block sparsities (pipeline/owl.py)
                     recipe["allocation"] = "owl"
+                t_dp = 0.0
+                if "dp" in variants:  # the budget DP's per-layer sparsities (budget/nonuniform)
+                    t_dp = time.perf_counter()
+                    per = dp_sparsities(
+                        dense,
+                        entry.calibration(calib.get("samples", 128), 0),
+                        settings["sparsity"],
+                        db_dir=args.db_dir and f"{args.db_dir}/{name}-{budget.strip('%')}",
+                        inputs=entry.inputs,
+                        quiet=False,
+                    )
+                    recipe = with_sparsities(recipe, per).to_dict()
+                    t_dp = time.perf_counter() - t_dp
                 t0 = time.perf_counter()
                 model, report = run_zoo(
                     name, recipe, None, quiet=True, dense=dense, dense_metrics=dm
@@ -118,7 +136,7 @@ def main() -> None:
                     "model": name,
                     "budget": budget,
                     "method": spec,
-                    "seconds": round(secs, 1),
+                    "seconds": round(secs + t_dp, 1),
                     "wall_seconds": round(time.perf_counter() - t0, 1),
                     "solvers": used,
                     **{k: round(v, 4) for k, v in metrics.items()},
