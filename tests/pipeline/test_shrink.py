@@ -8,6 +8,7 @@ from torch import nn
 
 import optbrain
 from optbrain.pipeline.cost import count_macs, count_params
+from optbrain.pipeline.state import compressed_state
 
 pytest.importorskip("torch_pruning")
 
@@ -175,3 +176,41 @@ def test_bert_heads():
     assert sa.query.out_features == 16 and sa.num_attention_heads == 2 and sa.all_head_size == 16
     assert model.encoder.layer[0].intermediate.dense.out_features == 36
     assert sum(1 for n in rep.removed if "attention" in n) == 2
+
+
+def test_a_failed_check_puts_the_model_back(monkeypatch):
+    """The output check fails (a tolerance of -1 cannot be met) and a later op raises: both
+    times every module is as it was, sizes, attributes and outputs, and nothing is recorded."""
+    from optbrain.pipeline import shrink as shrink_mod
+
+    torch.manual_seed(0)
+    model = ResCNN()
+    _randomize_bn(model)
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+    _compress(model, calib, {"method": "obc", "pattern": "channels", "sparsity": 0.5})
+    x = calib[0]
+    with torch.no_grad():
+        before = model(x)
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    feats = (model.c3.in_channels, model.b2.num_features, model.fc.in_features)
+    state = compressed_state(model)
+    with pytest.raises(shrink_mod.ShrinkCheckError, match="put back as it was"):
+        optbrain.shrink(model, x, tol=-1.0)
+
+    def boom(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(shrink_mod, "count_macs", boom)  # after the channels are removed
+    with pytest.raises(KeyboardInterrupt):
+        optbrain.shrink(model, x)
+    monkeypatch.undo()
+    assert {k: tuple(v.shape) for k, v in model.state_dict().items()} == shapes
+    assert (model.c3.in_channels, model.b2.num_features, model.fc.in_features) == feats
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before, rtol=0, atol=0)
+    assert state.shrink is None
+    assert all(g.mask is not None for ls in state.layers.values() for g in ls.groups)
+    rep = optbrain.shrink(model, x)  # and it still shrinks afterwards
+    assert rep.removed and count_params(model) < rep.params_before
+    # the first convolution reads the image: its input channels cannot go
+    assert "model's own input" in rep.skipped["c1"] and model.c1.in_channels == 3

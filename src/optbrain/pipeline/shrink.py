@@ -23,9 +23,11 @@ of a forward that runs, and already maps indices through concat / split / flatte
 BatchNorm and grouped convolutions. The head bookkeeping it leaves to the caller (its
 ``num_heads`` support needs a hand-written map per model), so heads are done here.
 
-After shrinking, the outputs on ``example_inputs`` are compared with the masked model's (a
-relative error over ``tol`` raises). The operations are recorded in ``ModelState.shrink`` so
-that ``optbrain.save`` / ``load`` can replay them on a fresh dense model.
+After shrinking, the outputs on ``example_inputs`` are compared with the masked model's: a
+relative error over ``tol`` raises ``ShrinkCheckError``, and then, as after any failure part-way,
+the model is put back as it was (``Snapshot``: the old tensors by reference, no copy). The
+operations are recorded in ``ModelState.shrink`` so that ``optbrain.save`` / ``load`` can
+replay them on a fresh dense model.
 """
 
 from __future__ import annotations
@@ -48,6 +50,11 @@ PER_CHANNEL_OPS = (
     "AdaptiveAvgPool", "AvgPool", "MaxPool", "AdaptiveMaxPool", "Upsample", "T", "Permute",
     "Transpose", "Unsqueeze", "Squeeze", "Dropout", "NativeDropout", "ToCopy",
 )  # fmt: skip
+
+
+class ShrinkCheckError(RuntimeError):
+    """The shrunk model's outputs differ from the masked model's by more than the tolerance
+    (the model has been put back as it was)."""
 
 
 @dataclass
@@ -247,6 +254,14 @@ def plan_channels(dg: Any, module: nn.Module, idxs: list[int]) -> tuple[list[int
     if fn is None:
         return [], f"{type(module).__name__} has no input-channel pruner"
     group = dg.get_pruning_group(module, fn, idxs=idxs)
+    producers = [
+        it
+        for it in group.items
+        if getattr(it.dep.handler, "__name__", "") == "prune_out_channels"
+        and isinstance(it.dep.target.module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Embedding)
+    ]
+    if not producers:  # removing them would change the shape the model is called with
+        return [], "its input channels are the model's own input (no layer produces them)"
     bad: set[int] = set()
     for item in group.items:
         target = item.dep.target.module
@@ -292,6 +307,40 @@ def _rel_error(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30))
 
 
+class Snapshot:
+    """Every module's parameters, buffers and plain attributes (``in_features``, ``num_heads``)
+    as they are now, by reference: shrinking puts new tensors in place (torch-pruning and
+    ``prune_heads`` assign new ``Parameter`` objects, they do not write into the old ones), so
+    keeping the old objects is enough to put the model back, with no copy of its weights.
+    ``restore()`` checks the shapes it puts back are those it took."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.items = []
+        for m in model.modules():
+            attrs = {k: v for k, v in vars(m).items() if not k.startswith("_")}
+            self.items.append((m, dict(m._parameters), dict(m._buffers), attrs))
+        self.shapes = [
+            {k: tuple(v.shape) for k, v in (*p.items(), *b.items()) if v is not None}
+            for _, p, b, _ in self.items
+        ]
+
+    def restore(self) -> None:
+        for (m, params, buffers, attrs), shapes in zip(self.items, self.shapes, strict=True):
+            m._parameters.clear()
+            m._parameters.update(params)
+            m._buffers.clear()
+            m._buffers.update(buffers)
+            for k in [k for k in vars(m) if not k.startswith("_") and k not in attrs]:
+                delattr(m, k)
+            for k, v in attrs.items():
+                object.__setattr__(m, k, v)
+            now = {
+                k: tuple(v.shape) for k, v in (*params.items(), *buffers.items()) if v is not None
+            }
+            if now != shapes:  # pragma: no cover - an op wrote into a tensor in place
+                raise RuntimeError("shrink could not roll back: a tensor was changed in place")
+
+
 def shrink(model: nn.Module, example_inputs: Any, *, tol: float = 1e-4) -> ShrinkReport:
     """Physically remove what the structured masks of ``optbrain.compress`` zeroed (see the
     module docstring), in place; returns a ``ShrinkReport``.
@@ -305,6 +354,7 @@ def shrink(model: nn.Module, example_inputs: Any, *, tol: float = 1e-4) -> Shrin
     targets = structured_layers(model)
     rep = ShrinkReport(params_before=count_params(model))
     was_training = model.training
+    snap = Snapshot(model)
     model.eval()
     try:
         with torch.no_grad():
@@ -342,8 +392,16 @@ def shrink(model: nn.Module, example_inputs: Any, *, tol: float = 1e-4) -> Shrin
         with torch.no_grad():
             out = first_tensor(call(model, example_inputs))
         rep.max_rel_error = _rel_error(out, ref)
+        if rep.max_rel_error > tol:
+            raise ShrinkCheckError(
+                f"shrink changed the model's output by {rep.max_rel_error:.3g} (relative) > "
+                f"{tol}; the model was put back as it was; operations: {rep.ops}"
+            )
         rep.params_after = count_params(model)
         rep.macs_after = count_macs(model, example_inputs)
+    except BaseException:  # a failed check, a tracing error, an interrupt: put the model back
+        snap.restore()
+        raise
     finally:
         model.train(was_training)
     for name in rep.removed:  # the weight is physically smaller now: no mask to keep
@@ -351,9 +409,4 @@ def shrink(model: nn.Module, example_inputs: Any, *, tol: float = 1e-4) -> Shrin
             grp.mask = None
     state.shrink = {**rep.to_dict(), "ops": [*(state.shrink or {}).get("ops", []), *rep.ops]}
     state.shrink_example = example_inputs
-    if rep.max_rel_error > tol:
-        raise RuntimeError(
-            f"shrink changed the model's output by {rep.max_rel_error:.3g} (relative) > {tol}; "
-            f"operations: {rep.ops}"
-        )
     return rep
