@@ -214,3 +214,39 @@ def test_a_failed_check_puts_the_model_back(monkeypatch):
     assert rep.removed and count_params(model) < rep.params_before
     # the first convolution reads the image: its input channels cannot go
     assert "model's own input" in rep.skipped["c1"] and model.c1.in_channels == 3
+
+
+def test_gpt2_conv1d_heads_and_ffn_neurons(tmp_path):
+    """GPT-2 (transformers' Conv1D, traced by neither torch.fx nor torch-pruning): heads and FFN
+    neurons removed by hand, outputs unchanged, save / load replays it on a fresh model."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(n_layer=2, n_embd=64, n_head=4, n_positions=32, vocab_size=100)
+
+    def fresh():
+        torch.manual_seed(0)
+        return transformers.GPT2LMHeadModel(cfg).eval()
+
+    model = fresh()
+    g = torch.Generator().manual_seed(0)
+    calib = [{"input_ids": torch.randint(0, 100, (4, 16), generator=g)} for _ in range(2)]
+    rules = [
+        {"targets": ["re:.*attn.c_proj"], "method": "obc", "pattern": "heads", "sparsity": 0.5},
+        {"targets": ["re:.*mlp.c_proj"], "method": "obc", "pattern": "channels", "sparsity": 0.25},
+        {"targets": ["re:.*attn.c_attn"], "method": "obc", "pattern": "channels", "sparsity": 0.25},
+    ]
+    optbrain.compress(model, calib, {"rules": rules}, quiet=True)
+    rep = _check(model, calib[0], lambda o: o.logits)
+    for i in range(2):
+        assert rep.removed[f"transformer.h.{i}.attn.c_proj"] == 2
+        assert rep.removed[f"transformer.h.{i}.mlp.c_proj"] == 64
+        assert (
+            "dependency graph could not be traced" in rep.skipped[f"transformer.h.{i}.attn.c_attn"]
+        )
+    att = model.transformer.h[0].attn
+    assert att.num_heads == 2 and att.c_attn.weight.shape == (64, 96)
+    assert model.transformer.h[0].mlp.c_fc.weight.shape == (64, 192)
+    optbrain.save(model, tmp_path / "run")
+    again = optbrain.load(fresh(), tmp_path / "run")
+    x = calib[1]
+    with torch.no_grad():
+        torch.testing.assert_close(again(**x).logits, model(**x).logits, rtol=0, atol=0)

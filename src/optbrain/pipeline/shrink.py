@@ -8,6 +8,8 @@ layer, its removed input channels AND the producers' matching output channels:
   ``self.query/key/value`` + ``output.dense``): the head's ``head_dim`` columns of the output
   projection and its q/k/v rows (k/v only when every query head sharing them goes: GQA), and
   the module's head count. Exact: the removed head's output was multiplied by zero columns.
+* GPT-2 style models (transformers' ``Conv1D``): FFN neurons and heads by hand
+  (``optbrain.pipeline.shrink_conv1d``), as torch-pruning traces neither.
 * ``channels`` everywhere else, through ``torch-pruning``'s ``DependencyGraph`` (traced from a
   real forward on ``example_inputs``): the consumer's input channels, every other consumer of
   the same tensor (a residual add, a concat, a grouped conv tie them), and the producers'
@@ -39,8 +41,16 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..adapters import is_hf_conv1d
 from ..core.patterns import parse_pattern
 from .cost import call, count_macs, count_params
+from .shrink_conv1d import (
+    gpt2_attention_of,
+    gpt2_ffn_of,
+    prune_gpt2_ffn,
+    prune_gpt2_heads,
+    zero_rows,
+)
 from .state import compressed_state
 
 #: torch-pruning's element-wise ops (by autograd node name) that act per channel.
@@ -107,7 +117,9 @@ def structured_layers(model: nn.Module) -> dict[str, str]:
 
 
 def zero_inputs(module: nn.Module) -> list[int]:
-    """Input channels (features) of a Linear / Conv read through all-zero weights."""
+    """Input channels (features) of a Linear / Conv / HF Conv1D read through all-zero weights."""
+    if is_hf_conv1d(module):
+        return zero_rows(module)
     w = module.weight.detach()
     cols = w.transpose(0, 1).reshape(w.shape[1], -1)
     return (~cols.any(1)).nonzero().flatten().tolist()
@@ -295,8 +307,15 @@ def apply_ops(model: nn.Module, inputs: Any, ops: list[dict[str, Any]]) -> None:
     """Replay recorded shrink operations on ``model`` (the dense one: no zero checks)."""
     for op in ops:
         if op["kind"] == "heads":
-            prune_heads(model, op["layer"], list(op["idxs"]), check=False)
-    channel_ops = [op for op in ops if op["kind"] == "channels"]
+            gpt2 = gpt2_attention_of(model, op["layer"]) is not None
+            (prune_gpt2_heads if gpt2 else prune_heads)(
+                model, op["layer"], list(op["idxs"]), check=False
+            )
+        elif op["kind"] == "channels" and gpt2_ffn_of(model, op["layer"]) is not None:
+            prune_gpt2_ffn(model, op["layer"], list(op["idxs"]), check=False)
+    channel_ops = [
+        op for op in ops if op["kind"] == "channels" and gpt2_ffn_of(model, op["layer"]) is None
+    ]
     if channel_ops:
         dg = _graph(model, inputs)
         for op in channel_ops:
@@ -363,8 +382,9 @@ def shrink(model: nn.Module, example_inputs: Any, *, tol: float = 1e-4) -> Shrin
         for name, kind in targets.items():
             if kind != "heads":
                 continue
+            gpt2 = gpt2_attention_of(model, name) is not None
             try:
-                done = prune_heads(model, name, None)
+                done = (prune_gpt2_heads if gpt2 else prune_heads)(model, name, None)
             except ValueError as e:
                 rep.skipped[name] = str(e)
                 continue
@@ -373,9 +393,26 @@ def shrink(model: nn.Module, example_inputs: Any, *, tol: float = 1e-4) -> Shrin
                 rep.ops.append({"kind": "heads", "layer": name, "idxs": done})
             else:
                 rep.skipped[name] = "no head can go (k/v shared with kept heads, or not zero)"
-        channel_layers = [n for n, k in targets.items() if k == "channels"]
+        channel_layers = []
+        for name in (n for n, k in targets.items() if k == "channels"):
+            if gpt2_ffn_of(model, name) is None:
+                channel_layers.append(name)
+                continue
+            done = prune_gpt2_ffn(model, name)
+            if done:
+                rep.removed[name] = len(done)
+                rep.ops.append({"kind": "channels", "layer": name, "idxs": done})
+            else:
+                rep.skipped[name] = "no FFN neuron can go (none is zero, or all are)"
+        dg = None
         if channel_layers:
-            dg = _graph(model, example_inputs)
+            try:
+                dg = _graph(model, example_inputs)
+            except Exception as e:  # noqa: BLE001 - torch-pruning cannot trace this model
+                why = f"the dependency graph could not be traced ({type(e).__name__}: {e})"
+                rep.skipped.update(dict.fromkeys(channel_layers, why))
+                channel_layers = []
+        if channel_layers:
             for name in channel_layers:
                 module = model.get_submodule(name)
                 idxs = zero_inputs(module)  # now: earlier groups may have removed some
