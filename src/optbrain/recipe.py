@@ -81,6 +81,7 @@ from . import recipe_yaml
 from .core.patterns import parse_pattern
 from .core.spec import DTYPES
 from .core.targets import NO_REFIT_METHODS
+from .recipe_globals import CalibrationConfig, SparsityAllocation
 from .recipe_rules import (
     CALIBRATION_MODES,
     DEFAULTS,
@@ -89,7 +90,6 @@ from .recipe_rules import (
     RECIPE_VERSION,
     RULE_KEYS,
     SETTINGS,
-    CalibrationConfig,
     LayerPlan,
     RecipeError,
     Rule,
@@ -103,49 +103,6 @@ from .recipe_rules import (
     allowed_methods,
     check_merged,
 )
-
-#: how the rules' unstructured sparsities are spread over the layers (``allocation:``)
-ALLOCATION_METHODS = ("uniform", "owl")
-
-
-@dataclass
-class SparsityAllocation:
-    """``allocation:`` — ``uniform`` (the rules' sparsities), or ``owl`` with OWL's outlier
-    threshold ``outlier_m`` (multiples of a block's mean Wanda score) and spread ``lam`` (each
-    block's sparsity moves by at most ``lam``); OWL's defaults 5 and 0.08."""
-
-    method: str = "uniform"
-    outlier_m: float = 5.0
-    lam: float = 0.08
-
-    def __post_init__(self) -> None:
-        path = ("allocation",)
-        if self.method not in ALLOCATION_METHODS:
-            raise _fail(path, "method", f"one of {list(ALLOCATION_METHODS)}", self.method)
-        for key, ok in (("outlier_m", lambda v: v > 0), ("lam", lambda v: 0 <= v < 0.5)):
-            v = getattr(self, key)
-            if isinstance(v, bool) or not isinstance(v, int | float) or not ok(v):
-                what = "a number > 0" if key == "outlier_m" else "a number in [0, 0.5)"
-                raise _fail(path, key, what, v)
-            setattr(self, key, float(v))
-
-    @classmethod
-    def from_value(cls, v: Any) -> SparsityAllocation:
-        if v is None:
-            return cls()
-        if isinstance(v, SparsityAllocation):
-            return v
-        if isinstance(v, str):
-            return cls(method=v)
-        if not isinstance(v, Mapping):
-            raise _fail((), "allocation", "'uniform', 'owl' or a mapping {method: owl, ...}", v)
-        _check_keys(v, dict.fromkeys(("method", "outlier_m", "lam")), ("allocation",))
-        return cls(**v)
-
-    def to_value(self) -> str | dict[str, Any]:
-        if (self.outlier_m, self.lam) == (5.0, 0.08):
-            return self.method
-        return {"method": self.method, "outlier_m": self.outlier_m, "lam": self.lam}
 
 
 @dataclass

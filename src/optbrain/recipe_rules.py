@@ -1,5 +1,6 @@
 """Recipe rules: the keys a rule may set, their defaults, matching module names, and the data
-classes (Rule, LayerPlan, CalibrationConfig). Settings are validated by ``optbrain.core.spec``."""
+classes (Rule, LayerPlan; the global settings are in ``recipe_globals``). Settings are
+validated by ``optbrain.core.spec``."""
 
 from __future__ import annotations
 
@@ -18,7 +19,6 @@ from .core.methods import METHODS, check_method
 from .core.patterns import parse_pattern
 from .core.spec import (
     DEFAULT_METHOD,
-    DEFAULT_TARGETS,
     SETTING_DEFAULTS,
     CompressSpec,
     PatternSparsityError,
@@ -32,7 +32,6 @@ from .core.spec import (
     check_pattern_sparsity,
     check_sparsity,
     check_sym,
-    check_targets,
     dtype_name,
     make_spec,
 )
@@ -427,67 +426,6 @@ class Rule:
         """Whether this rule applies to module ``name`` (of the classes named ``classes``):
         a target matches, no ignore does."""
         return _matches(name, self.targets, classes) and not _matches(name, self.ignore, classes)
-
-
-@dataclass
-class CalibrationConfig:
-    """How calibration data is used.
-
-    mode: "independent" (every layer's H from the dense model, one pass; OBC) or "sequential"
-    (block by block, each block fed the already-compressed model's outputs; GPTQ).
-    samples: number of calibration samples. batch_size: samples per forward pass (None: library
-    default). targets (sequential mode): "compressed" (default; each layer fits its own outputs
-    on the compressed model's inputs) or "dense" (it fits the dense model's outputs, GPTAQ-style:
-    ``optbrain.core.targets``).
-    """
-
-    mode: str = "independent"
-    samples: int = 128
-    batch_size: int | None = None
-    targets: str = DEFAULT_TARGETS
-
-    def __post_init__(self) -> None:
-        self._normalize(("calibration",))
-
-    def _normalize(self, path: tuple) -> None:
-        if self.mode not in CALIBRATION_MODES:
-            raise _fail(path, "mode", f"one of {list(CALIBRATION_MODES)}", self.mode)
-        if not _is_int(self.samples) or self.samples < 1:
-            raise _fail(path, "samples", "a positive integer", self.samples)
-        if self.batch_size is not None and (not _is_int(self.batch_size) or self.batch_size < 1):
-            raise _fail(path, "batch_size", "a positive integer or null", self.batch_size)
-        try:
-            check_targets(self.targets)
-        except SettingError as e:
-            raise _fail(path, "targets", e.what, self.targets) from None
-        if self.targets == "dense" and self.mode != "sequential":
-            raise RecipeError(
-                f"{_where((*path, 'targets'))}: dense needs mode: sequential (in independent mode "
-                "every layer already sees the dense inputs)",
-                (*path, "targets"),
-            )
-
-    @classmethod
-    def from_dict(cls, d: Mapping | None, path: tuple = ("calibration",)) -> CalibrationConfig:
-        if d is None:
-            return cls()
-        if not isinstance(d, Mapping):
-            raise RecipeError(
-                f"{_where(path)} must be a mapping with keys {', '.join(CALIBRATION_KEYS)}, "
-                f"got {d!r}",
-                path,
-            )
-        _check_keys(d, CALIBRATION_KEYS, path)
-        # null means "the default"; validation errors then name calibration.<key>
-        return cls(**{k: d[k] for k in CALIBRATION_KEYS if d.get(k) is not None})
-
-    def to_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"mode": self.mode, "samples": self.samples}
-        if self.batch_size is not None:
-            out["batch_size"] = self.batch_size
-        if self.targets != DEFAULT_TARGETS:
-            out["targets"] = self.targets
-        return out
 
 
 def _matches_some(pattern: str, names: list[str], classes: Iterable[str] = ()) -> bool:
