@@ -3,11 +3,19 @@
     python benchmarks/deploy_zoo.py --model fashion-cnn --method gptq --bits 8 \
         --formats safetensors onnx --batches 1 32 --threads 2
 
-Per model: compress with the recipe (or the entry's default), evaluate, then for each format
-``optbrain.export`` with its wall time, the bytes of the compressed layers against their float32
-bytes and the files; then ``optbrain.app.deploy.bench`` on ONNX Runtime (dense fp32 graph vs
-the compressed graph, alternated call by call in this one process, median of the repeats after
-warm-up) for each batch size. Prints one JSON object per model and a markdown table.
+    python benchmarks/deploy_zoo.py --model fashion-cnn --recipe recipe.yaml \
+        --formats onnx --activations int8 --batches 1 32 --threads 2
+    python benchmarks/deploy_zoo.py --model smollm2-135m --method gptq --bits 4 \
+        --formats compressed-tensors --dtype bfloat16 --batches --limit 2
+
+Per model: compress with the recipe (``--recipe`` YAML path or text, ``--method``..., or the
+entry's default), evaluate, then for each format ``optbrain.export`` with its wall time, the
+bytes of the compressed layers against their float32 bytes and the files (compressed-tensors:
+also the bytes of the dense model's own ``save_pretrained`` directory, and the metric of the
+directory loaded back with plain ``transformers``); then ``optbrain.app.deploy.bench`` on ONNX
+Runtime (dense fp32 graph vs the compressed graph, with ``--activations int8`` static int8
+activations, alternated call by call in this one process, median of the repeats after warm-up)
+for each batch size. Prints one JSON object per model and a markdown table.
 """
 
 from __future__ import annotations
@@ -24,6 +32,20 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrai
 from optbrain.app import deploy, zoo  # noqa: E402
 from optbrain.app.runs import run_zoo  # noqa: E402
 from optbrain.io import export  # noqa: E402
+from optbrain.recipe import Recipe  # noqa: E402
+
+
+def hf_directory(entry, path: Path, total: int, limit: int | None) -> dict:
+    """The dense model's ``save_pretrained`` bytes, the export's ratio to them, and the metric
+    of the exported directory loaded by plain transformers (``from_pretrained``)."""
+    import transformers
+
+    with tempfile.TemporaryDirectory() as tmp:
+        entry.load().save_pretrained(tmp)
+        dense = sum(p.stat().st_size for p in Path(tmp).iterdir() if p.is_file())
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(path)).eval()
+    metrics = entry.evaluate(loaded, limit=limit)
+    return {"dense_dir_bytes": dense, "dir_ratio": total / dense, "loaded_metrics": metrics}
 
 
 def main() -> None:
@@ -36,8 +58,11 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, dest="group_size")
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
+    ap.add_argument("--recipe", help="recipe YAML path or text (instead of --method ...)")
     ap.add_argument("--formats", nargs="+", default=["safetensors", "onnx"])
-    ap.add_argument("--batches", nargs="+", type=int, default=[1, 32])
+    ap.add_argument("--activations", default="float", help="onnx: float or int8")
+    ap.add_argument("--dtype", help="compressed-tensors: float16 / bfloat16 for the rest")
+    ap.add_argument("--batches", nargs="*", type=int, default=[1, 32])
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--out", help="keep the runs and files here (default: a temp dir)")
@@ -47,7 +72,9 @@ def main() -> None:
     for name in args.model:
         entry = zoo.get(name)
         recipe = dict(entry.recipe)
-        if args.method:
+        if args.recipe:
+            recipe = Recipe.coerce(args.recipe).to_dict()
+        elif args.method:
             rule = {"method": args.method}
             for k in ("sparsity", "pattern", "bits", "group_size"):
                 if getattr(args, k) is not None:
@@ -59,9 +86,14 @@ def main() -> None:
         res: dict = {"model": name, "recipe": recipe, "compress_s": time.perf_counter() - t0}
         res["metrics"] = report.metrics
         for fmt in args.formats:
-            kw = {}
+            kw: dict = {}
             if fmt == "onnx":
                 kw["example_inputs"] = deploy.positional(model, deploy.example_batch(entry, 1))
+                if args.activations == "int8":
+                    kw["activations"] = "int8"
+                    kw["calibration"] = deploy.calibration_args(entry, model, args.samples)
+            if fmt == "compressed-tensors" and args.dtype:
+                kw["dtype"] = args.dtype
             path = root / f"{name}.{fmt}" if fmt != "onnx" else root / f"{name}.onnx"
             t0 = time.perf_counter()
             e = export(model, path, format=fmt, **kw)
@@ -73,9 +105,14 @@ def main() -> None:
                 "ratio": e.ratio,
                 "dense_layers": len(e.dense),
                 "dense_why": sorted(set(e.dense.values())),
+                "info": e.info,
             }
+            if fmt == "compressed-tensors":
+                res[fmt].update(hf_directory(entry, path, e.total_bytes, args.limit))
         for b in args.batches:
-            res[f"ort_b{b}"] = deploy.bench(run, "onnxruntime", b, args.threads, args.repeats, 5)
+            res[f"ort_b{b}"] = deploy.bench(
+                run, "onnxruntime", b, args.threads, args.repeats, 5, args.activations, args.samples
+            )
         print(json.dumps(res, default=str), flush=True)
         rows.append(res)
     print("\n| model | metric dense → compressed | format | MB | layer ratio | export s |")

@@ -106,9 +106,17 @@ def update_deployment(run: Path, section: str, key: str, value: dict[str, Any]) 
 def cmd_export(args: argparse.Namespace) -> int:
     from ..io import export
     from ..io.formats import check_format
+    from ..io.onnx_int8 import check_activations
 
     run = Path(args.run)
     fmt = check_format(args.format)
+    act = check_activations(args.activations)
+    if act != "float" and fmt != "onnx":
+        raise ValueError(f"--activations {act} applies to --format onnx only, not {fmt!r}")
+    if args.dtype is not None and fmt != "compressed-tensors":
+        raise ValueError(f"--dtype applies to --format compressed-tensors only, not {fmt!r}")
+    if args.samples < 1:
+        raise ValueError("--samples must be at least 1")
     name = run_model_name(run, args.model)
     from . import zoo
 
@@ -121,8 +129,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     out = Path(args.out)
     _, _, model = load_run(run, name)
     example = positional(model, example_batch(entry, 1)) if fmt == "onnx" else None
+    kw: dict[str, Any] = {}
+    if act == "int8":
+        kw = {"activations": act, "calibration": calibration_args(entry, model, args.samples)}
+    if args.dtype is not None:
+        kw["dtype"] = args.dtype
     t0 = time.perf_counter()
-    res = export(model, out, format=fmt, example_inputs=example)
+    res = export(model, out, format=fmt, example_inputs=example, **kw)
     seconds = time.perf_counter() - t0
     info = {
         "path": str(out.resolve()),
@@ -133,8 +146,9 @@ def cmd_export(args: argparse.Namespace) -> int:
         "ratio": res.ratio,
         "dense": res.dense,
         "seconds": seconds,
+        "info": res.info,
     }
-    update_deployment(run, "exports", fmt, info)
+    update_deployment(run, "exports", fmt if act == "float" else f"{fmt}-{act}", info)
     print(
         f"{fmt}: {out} ({res.total_bytes / 1e6:.2f} MB; compressed layers "
         f"{res.layer_bytes / 1e6:.3f} MB = {res.ratio:.4f}x their float32 "
@@ -142,7 +156,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     for layer, why in res.dense.items():
         print(f"  kept dense: {layer}: {why}")
+    if "calibration_agreement" in res.info:
+        print(
+            f"  int8 graph vs torch compressed model on the calibration inputs: top-1 agreement "
+            f"{res.info['calibration_agreement']:.2f}%, relative error "
+            f"{res.info['calibration_rel_error']:.4f}"
+        )
     return 0
+
+
+def calibration_args(entry: Any, model: Any, samples: int, seed: int = 0) -> list[Any]:
+    """``samples`` calibration inputs of ``entry`` as positional-argument tuples of ``model``
+    (the activation ranges of ``activations="int8"``)."""
+    return [positional(model, b) for b in entry.calibration(samples, seed)]
 
 
 # ------------------------------------------------------------------------------ bench
@@ -173,16 +199,18 @@ def _state_bytes(model: Any) -> int:
     return sum(t.numel() * t.element_size() for t in model.state_dict().values())
 
 
-def _ort_session(path: Path, threads: int) -> Any:
-    """An ONNX Runtime CPU session with ``threads`` intra-op threads. ``session.disable_quant_qdq``:
-    the ``DequantizeLinear`` of every constant integer weight is folded once when the graph is
-    loaded, so Conv / MatMul run on prepacked float weights; with QDQ handling on, ONNX Runtime
-    keeps those nodes and dequantizes on every call (digits-cnn 4-bit, batch 32: 15 ms instead
-    of 0.6 ms)."""
+def _ort_session(path: Path, threads: int, qdq: bool = False) -> Any:
+    """An ONNX Runtime CPU session with ``threads`` intra-op threads. ``qdq=False`` (weight-only
+    graphs): ``session.disable_quant_qdq``, the ``DequantizeLinear`` of every constant integer
+    weight is folded once when the graph is loaded, so Conv / MatMul run on prepacked float
+    weights; with QDQ handling on, ONNX Runtime keeps those nodes and dequantizes on every call
+    (digits-cnn 4-bit, batch 32: 15 ms instead of 0.6 ms). ``qdq=True`` (int8 activations):
+    QDQ handling on, so Q/DQ groups fuse into integer kernels (QLinearConv, ...)."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    if not qdq:
+        opts.add_session_config_entry("session.disable_quant_qdq", "1")
     opts.intra_op_num_threads = threads
     opts.inter_op_num_threads = 1
     opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -196,20 +224,36 @@ def _ort_feed(sess: Any, args: tuple[Any, ...]) -> dict[str, Any]:
 
 
 def bench(
-    run: Path, runtime: str, batch: int, threads: int, repeats: int, warmup: int
+    run: Path,
+    runtime: str,
+    batch: int,
+    threads: int,
+    repeats: int,
+    warmup: int,
+    activations: str | None = None,
+    samples: int = 128,
 ) -> dict[str, Any]:
-    """Dense fp32 vs the compressed run on ``runtime``, in one process, on ``batch`` inputs."""
+    """Dense fp32 vs the compressed run on ``runtime``, in one process, on ``batch`` inputs.
+    ``activations="int8"`` (onnxruntime only): the compressed graph has static int8
+    activations calibrated on ``samples`` calibration inputs (``optbrain.io.onnx_int8``)."""
     import torch
+
+    from ..io.onnx_int8 import check_activations
 
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {list(RUNTIMES)}")
-    if batch < 1 or threads < 1 or repeats < 1:
-        raise ValueError("--batch, --threads and --repeats must be at least 1")
+    if batch < 1 or threads < 1 or repeats < 1 or samples < 1:
+        raise ValueError("--batch, --threads, --repeats and --samples must be at least 1")
+    act = check_activations(activations)
+    if act != "float" and runtime != "onnxruntime":
+        raise ValueError(f"--activations {act} needs --runtime onnxruntime (torch runs float)")
     name = run_model_name(run)
     entry, dense, model = load_run(run, name)
     x = example_batch(entry, batch)
     args = positional(model, x)
     out: dict[str, Any] = {"runtime": runtime, "batch": batch, "threads": threads}
+    if act != "float":
+        out["activations"] = act
     if runtime == "torch":
         torch.set_num_threads(threads)
         with torch.inference_mode():
@@ -222,8 +266,15 @@ def bench(
         with tempfile.TemporaryDirectory() as tmp:
             pd = export_dense_onnx(dense, Path(tmp) / "dense.onnx", example_inputs=args)
             pc = Path(tmp) / "compressed.onnx"
-            export_onnx(model, pc, example_inputs=args)
-            sd, sc = _ort_session(pd, threads), _ort_session(pc, threads)
+            if act == "int8":
+                from ..io.onnx_int8 import export_onnx_int8
+
+                cal = calibration_args(entry, model, samples)
+                res = export_onnx_int8(model, pc, example_inputs=args, calibration=cal)
+                out["calibration_agreement"] = res.info["calibration_agreement"]
+            else:
+                export_onnx(model, pc, example_inputs=args)
+            sd, sc = _ort_session(pd, threads), _ort_session(pc, threads, qdq=act == "int8")
             fd, fc = _ort_feed(sd, args), _ort_feed(sc, args)
             nbytes = {"dense": pd.stat().st_size, "compressed": pc.stat().st_size}
             td, tc = time_pair(lambda: sd.run(None, fd), lambda: sc.run(None, fc), repeats, warmup)
@@ -240,9 +291,21 @@ def bench(
 
 def cmd_bench(args: argparse.Namespace) -> int:
     run = Path(args.run)
-    res = bench(run, args.runtime, args.batch, args.threads, args.repeats, args.warmup)
-    update_deployment(run, "bench", f"{args.runtime}-b{args.batch}-t{args.threads}", res)
-    print(bench_table({"bench": {f"{args.runtime}-b{args.batch}-t{args.threads}": res}}))
+    res = bench(
+        run,
+        args.runtime,
+        args.batch,
+        args.threads,
+        args.repeats,
+        args.warmup,
+        activations=args.activations,
+        samples=args.samples,
+    )
+    key = f"{args.runtime}-b{args.batch}-t{args.threads}"
+    if res.get("activations"):
+        key += f"-{res['activations']}"
+    update_deployment(run, "bench", key, res)
+    print(bench_table({"bench": {key: res}}))
     return 0
 
 
@@ -274,12 +337,18 @@ def bench_table(dep: dict[str, Any]) -> str:
         for b in benches.values():
             d, c = b["dense"], b["compressed"]
             lines.append(
-                f"| {b['runtime']} | {b['batch']} | {b['threads']} | {d['median_ms']:.3f} | "
+                f"| {_runtime_label(b)} | {b['batch']} | {b['threads']} | {d['median_ms']:.3f} | "
                 f"{c['median_ms']:.3f} | {b['speedup']:.2f}x | {d['throughput']:.1f} | "
                 f"{c['throughput']:.1f} | {b['bytes']['dense'] / 1e6:.3f} | "
                 f"{b['bytes']['compressed'] / 1e6:.3f} |"
             )
     return "\n".join(lines)
+
+
+def _runtime_label(b: dict[str, Any]) -> str:
+    """``onnxruntime``, or ``onnxruntime int8`` for a graph with int8 activations."""
+    act = b.get("activations")
+    return f"{b['runtime']} {act} activations" if act else b["runtime"]
 
 
 def deployment_table(report: Any) -> str:
@@ -292,12 +361,19 @@ def deployment_table(report: Any) -> str:
 def add_parsers(sub: Any) -> None:
     """The ``export`` and ``bench`` subcommands on the CLI's subparsers."""
     from ..io.formats import FORMATS
+    from ..io.hf import DTYPES
 
     x = sub.add_parser("export", help="write a run as a deployable file (ONNX, HF, packed)")
     x.add_argument("run", help="run directory written by 'optbrain compress'")
     x.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     x.add_argument("--out", required=True, help="file (onnx) or directory to write")
     x.add_argument("--model", help="the zoo model the run must be of (default: the run's)")
+    _activation_args(x)
+    x.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        help="compressed-tensors: float type of the tensors left unquantized (default: model's)",
+    )
     x.set_defaults(func=cmd_export)
 
     b = sub.add_parser("bench", help="latency and throughput, dense vs compressed, one run")
@@ -307,4 +383,19 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     b.add_argument("--repeats", type=int, default=30, help="timed calls of each (default 30)")
     b.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
+    _activation_args(b)
     b.set_defaults(func=cmd_bench)
+
+
+def _activation_args(p: Any) -> None:
+    from ..io.onnx_int8 import ACTIVATIONS
+
+    p.add_argument(
+        "--activations",
+        choices=ACTIVATIONS,
+        default="float",
+        help="onnx: 'int8' = static int8 activations from the calibration set (integer kernels)",
+    )
+    p.add_argument(
+        "--samples", type=int, default=128, help="calibration inputs for --activations int8"
+    )

@@ -47,22 +47,50 @@ def export(
     *,
     example_inputs: Any = None,
     source: str | os.PathLike | None = None,
+    activations: str | None = None,
+    calibration: Any = None,
+    dtype: str | None = None,
 ) -> ExportResult:
     """Write ``model`` (after ``optbrain.compress`` or ``optbrain.load``) to ``path`` in
     ``format`` (see the module docstring). ``example_inputs``: for ``"onnx"``, a tensor or
-    tuple of positional inputs to trace with; ``source``: for ``"compressed-tensors"``, the
-    directory with the tokenizer files. Bad input (an unknown format, a model the format
-    cannot take, a missing example input) raises ValueError before anything is written."""
+    tuple of positional inputs to trace with; ``activations``: for ``"onnx"``, ``"float"``
+    (default, weight-only) or ``"int8"`` (static int8 activations from ``calibration``, a list
+    of input batches: ``optbrain.io.onnx_int8``); ``source``: for ``"compressed-tensors"``, the
+    directory with the tokenizer files; ``dtype``: for ``"compressed-tensors"``, the float
+    type of the tensors left unquantized (``"float16"`` / ``"bfloat16"``; default: the
+    model's). Bad input (an unknown format, an option the format does not take, a model the
+    format cannot take, a missing example input) raises ValueError before anything is
+    written."""
     check_format(format)
+    from .onnx_int8 import check_activations
+
+    act = check_activations(activations)
+    _only(format, "onnx", activations=activations, calibration=calibration)
+    _only(format, "compressed-tensors", dtype=dtype, source=source)
     if format == "onnx":
+        if act == "int8":
+            from .onnx_int8 import export_onnx_int8
+
+            return export_onnx_int8(
+                model, path, example_inputs=example_inputs, calibration=calibration
+            )
         from .onnx import export_onnx
 
         return export_onnx(model, path, example_inputs=example_inputs)
     if format == "compressed-tensors":
         from .hf import export_compressed_tensors
 
-        return export_compressed_tensors(model, path, source=source)
+        return export_compressed_tensors(model, path, source=source, dtype=dtype)
     return export_safetensors(model, path)
+
+
+def _only(format: str, owner: str, **options: Any) -> None:
+    """A ValueError when an option of format ``owner`` is given for another ``format``."""
+    given = [k for k, v in options.items() if v is not None and v != "float"]
+    if given and format != owner:
+        raise ValueError(
+            f"option {given[0]}= applies to format={owner!r} only, not format={format!r}"
+        )
 
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike) -> ExportResult:

@@ -75,6 +75,54 @@ def _require_library() -> Any:
     return compressed_tensors
 
 
+#: ``dtype=`` of the export: the float type of the tensors compressed-tensors does not pack
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def check_dtype(dtype: str | None) -> torch.dtype | None:
+    """``dtype`` as a torch dtype (None: the model's own), else a ValueError naming DTYPES."""
+    if dtype is None:
+        return None
+    if dtype not in DTYPES:
+        raise ValueError(
+            f"dtype={dtype!r} for format={FORMAT!r}: choose one of {list(DTYPES)} (the float "
+            "type of the tensors left unquantized: embeddings, norms, biases, dense layers)"
+        )
+    return DTYPES[dtype]
+
+
+def _cast_rest(model: nn.Module, packed: dict[str, CompressedLayer], dtype: torch.dtype) -> int:
+    """Cast every floating parameter and buffer outside the packed layers to ``dtype``, in
+    place (tied parameters stay tied: ``.data`` is replaced); returns how many tensors."""
+    n = 0
+    seen: set[int] = set()
+    for name, m in model.named_modules():
+        if name in packed:
+            continue
+        tensors = [*m.named_parameters(recurse=False), *m.named_buffers(recurse=False)]
+        for _, t in tensors:
+            if t.is_floating_point() and t.dtype != dtype and id(t) not in seen:
+                seen.add(id(t))
+                t.data = t.data.to(dtype)
+                n += 1
+    return n
+
+
+def _compute_dtype(out: Path, dtype: torch.dtype) -> None:
+    """Write the model's compute dtype into ``out/config.json`` (``dtype`` and the older
+    ``torch_dtype`` key): transformers then loads the stored float16 / bfloat16 tensors into
+    a model of that dtype, and the packed layers' float32 scales stay float32."""
+    import json
+
+    cfg = out / "config.json"
+    data = json.loads(cfg.read_text())
+    name = str(dtype).removeprefix("torch.")
+    for key in ("dtype", "torch_dtype"):
+        if key in data or key == "dtype":
+            data[key] = name
+    cfg.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
 def _check_model(model: nn.Module) -> None:
     if not (hasattr(model, "save_pretrained") and hasattr(model, "config")):
         raise ValueError(
@@ -215,12 +263,21 @@ _DTYPE_BYTES = {
 
 
 def export_compressed_tensors(
-    model: nn.Module, path: str | os.PathLike, *, source: str | os.PathLike | None = None
+    model: nn.Module,
+    path: str | os.PathLike,
+    *,
+    source: str | os.PathLike | None = None,
+    dtype: str | None = None,
 ) -> ExportResult:
     """Write ``model`` (a transformers model after ``optbrain.compress``) to directory ``path``
     in the compressed-tensors format; see the module docstring. ``source``: the directory the
     model came from, for its tokenizer files (default: the model's ``name_or_path`` when that
-    is a directory). The model itself is not changed.
+    is a directory). ``dtype`` (``"float16"``, ``"bfloat16"``, ``"float32"``; default: as the
+    model has them): the float type of every tensor compressed-tensors does not pack (the
+    embedding — tied to the LM head in small LMs, the largest tensor left —, norms, biases,
+    pruned-only layers); the packed layers' scales keep the model's dtype, and config.json
+    keeps the model's compute dtype, so transformers loads a model of that dtype whose packed
+    layers dequantize exactly as without ``dtype``. The model itself is not changed.
 
     Atomic: the directory is written under a temporary name beside ``path`` and renamed into
     place when complete, so ``path`` is either absent or a whole export. ``path`` must not be a
@@ -233,6 +290,7 @@ def export_compressed_tensors(
             "(a compressed-tensors export is written whole into a fresh directory)"
         )
     _check_model(model)
+    cast = check_dtype(dtype)
     layers = compressed_layers(model)
     packed, dense = _plan(layers)
     src = _source_dir(model, source)
@@ -244,6 +302,8 @@ def export_compressed_tensors(
     from compressed_tensors.quantization import apply_quantization_config
 
     work = copy.deepcopy(model)
+    compute = work.dtype if hasattr(work, "dtype") else torch.float32
+    cast_tensors = _cast_rest(work, packed, cast) if cast is not None else 0
     new = dict(work.named_modules())
     if packed:
         apply_quantization_config(work, _quantization_config(packed))
@@ -272,6 +332,8 @@ def export_compressed_tensors(
         work.save_pretrained(str(tmp))
         if packed:
             compressor.update_config(str(tmp))
+        if cast is not None:
+            _compute_dtype(tmp, compute)
         copied = _copy_tokenizer(src, tmp)
         if out.is_dir():
             out.rmdir()  # empty (checked above)
@@ -291,5 +353,10 @@ def export_compressed_tensors(
         layer_bytes=layer_bytes,
         layer_fp32_bytes=fp32,
         dense=dense,
-        info={"packed_layers": list(packed), "tokenizer_files": copied},
+        info={
+            "packed_layers": list(packed),
+            "tokenizer_files": copied,
+            "dtype": None if cast is None else str(cast).removeprefix("torch."),
+            "cast_tensors": cast_tensors,
+        },
     )
