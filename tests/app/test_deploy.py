@@ -100,11 +100,35 @@ def test_export_onnx_runs_in_onnxruntime_like_torch(run, tmp_path):
     assert info["total_bytes"] == path.stat().st_size
 
 
+def test_export_onnx_int8_activations_runs_close_to_torch(run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    path = tmp_path / "q.onnx"
+    argv = ["export", run, "--format", "onnx", "--activations", "int8", "--samples", 64]
+    code, out, err = _main([*argv, "--out", path])
+    assert code == 0, err
+    info = _deployment(run)["exports"]["onnx-int8"]
+    assert info["info"]["activations"] == "int8" and info["info"]["calibration_batches"] >= 1
+    assert info["info"]["calibration_agreement"] >= 95.0
+    assert "top-1 agreement" in out
+    entry = zoo.get("digits-mlp")
+    model = load(entry.load(), run)
+    x = deploy.example_batch(entry, 64, seed=3)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    assert np.linalg.norm(got - want) < 0.05 * np.linalg.norm(want)
+    assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
         (["--format", "compressed-tensors"], "'digits-mlp' is not one"),
         (["--format", "onnx", "--model", "digits-cnn"], "written for model 'digits-mlp'"),
+        (["--format", "safetensors", "--activations", "int8"], "applies to --format onnx only"),
+        (["--format", "onnx", "--dtype", "float16"], "--dtype applies to --format compressed"),
+        (["--format", "onnx", "--activations", "int8", "--samples", 0], "--samples must be"),
     ],
 )
 def test_export_bad_input_is_an_error_before_work(run, tmp_path, argv, message):
@@ -148,11 +172,26 @@ def test_bench_writes_the_deployment_section(run, runtime):
     assert code == 0 and f"| {runtime} | 8 | 1 | {d['median_ms']:.3f} |" in out
 
 
+def test_bench_int8_activations(run):
+    pytest.importorskip("onnxruntime")
+    argv = ["bench", run, "--activations", "int8", "--samples", 32, "--batch", 8, "--repeats", 3]
+    code, out, err = _main([*argv, "--warmup", 1])
+    assert code == 0, err
+    b = _deployment(run)["bench"]["onnxruntime-b8-t1-int8"]
+    assert b["activations"] == "int8" and b["calibration_agreement"] >= 95.0
+    assert b["dense"]["median_ms"] > 0 and b["compressed"]["median_ms"] > 0
+    assert "| onnxruntime int8 activations | 8 | 1 |" in out
+
+
 def test_bench_bad_runtime_and_batch(run):
     with pytest.raises(ValueError, match="unknown runtime 'tvm'"):
         deploy.bench(run, "tvm", 1, 1, 1, 0)
     with pytest.raises(ValueError, match="at least 1"):
         deploy.bench(run, "torch", 0, 1, 1, 0)
+    with pytest.raises(ValueError, match="needs --runtime onnxruntime"):
+        deploy.bench(run, "torch", 1, 1, 1, 0, activations="int8")
+    with pytest.raises(ValueError, match="unknown activations 'int4'"):
+        deploy.bench(run, "onnxruntime", 1, 1, 1, 0, activations="int4")
 
 
 def test_time_pair_measures_each_side():

@@ -7,6 +7,7 @@ format cannot take are a clear error before anything is written."""
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ pytest.importorskip(
 import transformers  # noqa: E402
 
 from optbrain.api import compress  # noqa: E402
-from optbrain.io.hf import export_compressed_tensors  # noqa: E402
+from optbrain.io.hf import _tensor_bytes, export_compressed_tensors  # noqa: E402
 
 VOCAB = 96
 RECIPES = {
@@ -35,7 +36,22 @@ RECIPES = {
     "tied-gptq4": {"method": "gptq", "bits": 4},
     "sparsegpt50-4bit": {"method": "sparsegpt", "sparsity": 0.5, "bits": 4},
     "sparsegpt50": {"method": "sparsegpt", "sparsity": 0.5},
+    "tied-gptq4-float16": {"method": "gptq", "bits": 4},
+    "gptq4-bfloat16": {"method": "gptq", "bits": 4},
 }
+#: recipes exported with dtype= (the tensors compressed-tensors does not pack)
+DTYPE = {"tied-gptq4-float16": "float16", "gptq4-bfloat16": "bfloat16"}
+
+
+def _rounded(model: torch.nn.Module, packed: list[str], dtype: str) -> torch.nn.Module:
+    """A copy of ``model`` whose parameters outside the ``packed`` layers went through
+    ``dtype`` and back: what the exported directory holds."""
+    out = copy.deepcopy(model)
+    for name, m in out.named_modules():
+        if name not in packed:
+            for p in m.parameters(recurse=False):
+                p.data = p.data.to(getattr(torch, dtype)).float()
+    return out
 
 
 def _tokenizer(d: Path) -> None:
@@ -101,10 +117,13 @@ def exported(tmp_path_factory: pytest.TempPathFactory) -> dict:
     for name, recipe in RECIPES.items():
         model = llama(root / f"dense-{name}", tie=name.startswith("tied"))
         compress(model, _calibration(), recipe, quiet=True)
-        with torch.no_grad():
-            refs[name] = model(input_ids=TEST_IDS).logits
         out = root / f"ct-{name}"
-        results[name] = export_compressed_tensors(model, out)
+        results[name] = export_compressed_tensors(model, out, dtype=DTYPE.get(name))
+        ref = model
+        if name in DTYPE:
+            ref = _rounded(model, results[name].info["packed_layers"], DTYPE[name])
+        with torch.no_grad():
+            refs[name] = ref(input_ids=TEST_IDS).logits
         dirs[name] = str(out)
     torch.save(TEST_IDS, root / "ids.pt")
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -170,6 +189,29 @@ def test_tied_output_embedding_stays_tied_and_dense(exported: dict) -> None:
     assert len(group["targets"]) == 14 and "re:^lm_head$" not in group["targets"]
 
 
+@pytest.mark.parametrize("name", list(DTYPE))
+def test_dtype_stores_the_unpacked_tensors_smaller(exported: dict, name: str) -> None:
+    """dtype=: embedding and norms stored in float16 / bfloat16, the packed layers' scales in
+    float32; config.json keeps float32, so transformers loads a float32 model whose logits
+    equal (tolerance 0, above) those of the compressed model with those tensors rounded."""
+    from safetensors import safe_open
+
+    d = Path(exported["dirs"][name])
+    want = {"float16": "F16", "bfloat16": "BF16"}[DTYPE[name]]
+    with safe_open(str(d / "model.safetensors"), framework="pt") as f:
+        dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118
+    assert dtypes["model.embed_tokens.weight"] == want
+    assert dtypes["model.norm.weight"] == want
+    assert {v for k, v in dtypes.items() if k.endswith("weight_scale")} == {"F32"}
+    assert json.loads((d / "config.json").read_text())["dtype"] == "float32"
+    plain = Path(exported["dirs"][name.removesuffix(f"-{DTYPE[name]}")])
+    small, full = (_tensor_bytes(x / "model.safetensors") for x in (d, plain))
+    assert small.keys() == full.keys()
+    for k, n in small.items():  # the unpacked tensors take half their float32 bytes
+        assert n == (full[k] if dtypes[k] in ("I32", "I64", "F32") else full[k] // 2), k
+    assert exported["results"][name].info["dtype"] == DTYPE[name]
+
+
 def test_model_is_left_unchanged(tmp_path: Path) -> None:
     model = llama(tmp_path / "dense")
     compress(model, _calibration(), RECIPES["gptq4"], quiet=True)
@@ -206,6 +248,8 @@ def test_bad_input_is_an_error_before_work(tmp_path: Path) -> None:
         export_compressed_tensors(model, tmp_path / "c")
     with pytest.raises(ValueError, match="source .* is not a directory"):
         export_compressed_tensors(model, tmp_path / "d", source=tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="dtype='int8' .* choose one of"):
+        export_compressed_tensors(model, tmp_path / "d", dtype="int8")
     assert not any((tmp_path / x).exists() for x in "abcd")
 
 
