@@ -29,10 +29,28 @@ from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/app/cli.py
 
+import torch  # noqa: E402
+
 from optbrain.app import deploy, zoo  # noqa: E402
 from optbrain.app.runs import run_zoo  # noqa: E402
 from optbrain.io import export  # noqa: E402
 from optbrain.recipe import Recipe  # noqa: E402
+
+
+class OrtModule(torch.nn.Module):
+    """An ONNX file (one tensor input) run by ONNX Runtime, called like the torch model, so
+    that the zoo entry's ``evaluate`` measures the exported graph itself."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = 1
+        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(self.sess.run(None, {"input": x.numpy()})[0])
 
 
 def hf_directory(entry, path: Path, total: int, limit: int | None) -> dict:
@@ -109,12 +127,19 @@ def main() -> None:
             }
             if fmt == "compressed-tensors":
                 res[fmt].update(hf_directory(entry, path, e.total_bytes, args.limit))
+            if fmt == "onnx" and "input" in e.info.get("inputs", []):
+                res[fmt]["ort_metrics"] = entry.evaluate(
+                    OrtModule(path), dense=entry.load(), limit=args.limit
+                )
         for b in args.batches:
             res[f"ort_b{b}"] = deploy.bench(
                 run, "onnxruntime", b, args.threads, args.repeats, 5, args.activations, args.samples
             )
         print(json.dumps(res, default=str), flush=True)
         rows.append(res)
+    for r in rows:
+        if "ort_metrics" in r.get("onnx", {}):
+            print(f"{r['model']}: the ONNX graph on the test data: {r['onnx']['ort_metrics']}")
     print("\n| model | metric dense → compressed | format | MB | layer ratio | export s |")
     print("|---|---|---|---:|---:|---:|")
     for r in rows:

@@ -1,14 +1,18 @@
 """Does int8 activation quantization speed a zoo CNN up on ONNX Runtime's CPU provider?
 
     python benchmarks/ort_static_int8.py --model fashion-cnn --batches 1 32 --threads 2
+    python benchmarks/ort_static_int8.py --model fashion-cnn --reduce-range
 
 Exports the dense model (``optbrain.io.onnx.export_dense_onnx``), quantizes it statically
 with ONNX Runtime's own tool (``onnxruntime.quantization.quantize_static``: QDQ, int8 weights
 per channel, uint8 activations with scales from the model's calibration set), and times both
 graphs alternated call by call in one process (``optbrain.app.deploy.time_pair``); prints
 latency, speedup, file sizes and the top-1 agreement of the int8 graph with the fp32 one on
-held-out calibration-style inputs (another seed). A probe for the README's claim of which
-combinations speed up a CPU; not part of the library.
+held-out calibration-style inputs (another seed). ``--reduce-range``: 7-bit weights, which
+avoids the int16 saturation of ONNX Runtime's u8×s8 kernels on AVX2 CPUs without VNNI (what
+``optbrain.export(..., activations="int8")`` does). A probe for the README's claim of which
+combinations speed up a CPU on the dense model; the library's own path is
+``optbrain bench RUN --activations int8``.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=20)
     ap.add_argument("--samples", type=int, default=128, help="calibration samples")
+    ap.add_argument("--reduce-range", action="store_true", help="7-bit weights (AVX2 fix)")
     args = ap.parse_args()
     import onnxruntime as ort
     from onnxruntime.quantization import (
@@ -67,6 +72,7 @@ def main() -> None:
         per_channel=True,
         activation_type=QuantType.QUInt8,
         weight_type=QuantType.QInt8,
+        reduce_range=args.reduce_range,
     )
 
     def session(p: Path) -> ort.InferenceSession:

@@ -21,8 +21,9 @@ after batch-norm folding they are no longer on their grid); for weights already 
 
 Why ``reduce_range``: on x86 CPUs without VNNI (AVX2 only, as this machine), ONNX Runtime's
 u8×s8 kernels add pairs of products in int16 (``vpmaddubsw``), which saturates with full 8-bit
-weights. Measured on fashion-cnn (2,000 test images): full-range int8 weights agree with the
-fp32 graph on 91.9% of the top-1 labels, 7-bit ones on 99.45%.
+weights. Measured on fashion-cnn (``benchmarks/ort_static_int8.py [--reduce-range]``, 512
+inputs): full-range int8 weights agree with the fp32 graph on 91.6% of the top-1 labels, 7-bit
+ones on 99.6%.
 
 The int8 graph cannot equal the torch compressed model: its outputs differ by the activation
 rounding. The top-1 agreement and the relative output error on the calibration batches are
