@@ -133,4 +133,6 @@ def test_bad_input_is_an_error_before_work(tmp_path: Path) -> None:
         export(model, tmp_path / "p", format="safetensors", activations="int8")
     with pytest.raises(ValueError, match="dtype= applies to format='compressed-tensors' only"):
         export(model, out, dtype="float16", **kw)
+    with pytest.raises(ValueError, match="dtype='half'"):
+        export(model, tmp_path / "p", format="compressed-tensors", dtype="half")
     assert not out.exists() and not (tmp_path / "p").exists()

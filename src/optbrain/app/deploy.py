@@ -105,16 +105,11 @@ def update_deployment(run: Path, section: str, key: str, value: dict[str, Any]) 
 # ------------------------------------------------------------------------------ export
 def cmd_export(args: argparse.Namespace) -> int:
     from ..io import export
-    from ..io.formats import check_format
-    from ..io.onnx_int8 import check_activations
+    from ..io.formats import check_options
 
     run = Path(args.run)
-    fmt = check_format(args.format)
-    act = check_activations(args.activations)
-    if act != "float" and fmt != "onnx":
-        raise ValueError(f"--activations {act} applies to --format onnx only, not {fmt!r}")
-    if args.dtype is not None and fmt != "compressed-tensors":
-        raise ValueError(f"--dtype applies to --format compressed-tensors only, not {fmt!r}")
+    fmt = args.format
+    act = check_options(fmt, activations=args.activations, dtype=args.dtype)
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
     name = run_model_name(run, args.model)
@@ -346,7 +341,7 @@ def bench_table(dep: dict[str, Any]) -> str:
 
 
 def _runtime_label(b: dict[str, Any]) -> str:
-    """``onnxruntime``, or ``onnxruntime int8`` for a graph with int8 activations."""
+    """``onnxruntime``, or ``onnxruntime int8 activations`` for a graph with int8 ones."""
     act = b.get("activations")
     return f"{b['runtime']} {act} activations" if act else b["runtime"]
 

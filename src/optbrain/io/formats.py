@@ -61,12 +61,9 @@ def export(
     model's). Bad input (an unknown format, an option the format does not take, a model the
     format cannot take, a missing example input) raises ValueError before anything is
     written."""
-    check_format(format)
-    from .onnx_int8 import check_activations
-
-    act = check_activations(activations)
-    _only(format, "onnx", activations=activations, calibration=calibration)
-    _only(format, "compressed-tensors", dtype=dtype, source=source)
+    act = check_options(
+        format, activations=activations, calibration=calibration, dtype=dtype, source=source
+    )
     if format == "onnx":
         if act == "int8":
             from .onnx_int8 import export_onnx_int8
@@ -84,13 +81,30 @@ def export(
     return export_safetensors(model, path)
 
 
-def _only(format: str, owner: str, **options: Any) -> None:
-    """A ValueError when an option of format ``owner`` is given for another ``format``."""
-    given = [k for k, v in options.items() if v is not None and v != "float"]
-    if given and format != owner:
-        raise ValueError(
-            f"option {given[0]}= applies to format={owner!r} only, not format={format!r}"
-        )
+#: the options of ``export`` that only one format takes
+OPTION_FORMAT = {
+    "activations": "onnx",
+    "calibration": "onnx",
+    "dtype": "compressed-tensors",
+    "source": "compressed-tensors",
+}
+
+
+def check_options(format: str, **options: Any) -> str:
+    """Check ``format`` and the format-specific ``options`` of ``export`` (given = not None;
+    ``activations="float"`` is the default) before any work; returns the activations
+    (``"float"`` or ``"int8"``). A ValueError names the option and the format it belongs to."""
+    from .hf import check_dtype
+    from .onnx_int8 import check_activations
+
+    check_format(format)
+    act = check_activations(options.get("activations"))
+    check_dtype(options.get("dtype"))
+    for key, value in options.items():
+        owner = OPTION_FORMAT[key]
+        if value is not None and value != "float" and format != owner:
+            raise ValueError(f"option {key}= applies to format={owner!r} only, not {format!r}")
+    return act
 
 
 def export_safetensors(model: nn.Module, path: str | os.PathLike) -> ExportResult:
