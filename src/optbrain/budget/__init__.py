@@ -5,7 +5,10 @@ program choosing one level per layer under the budget.
     from optbrain.budget import compress_to_budget
     report = compress_to_budget(model, calibration, target="flops=0.25", db_dir="db/")
 
-* ``levels``   — ``Level(sparsity, pattern, bits)`` with stable ids (``"s0.5+b4"``), grids
+* ``levels``   — ``Level(sparsity, pattern, bits, channels)`` with stable ids (``"s0.5+b4"``,
+  ``"c0.25"``), grids (``default_levels``, ``structured_levels``)
+* ``channels`` — channel levels: where they apply (what ``shrink`` honours), their solve
+* ``latency``  — the measured per-machine latency table (cached)
 * ``database`` — build / resume / reuse the on-disk database, fingerprint checks
 * ``costs``    — cost models per layer and level, ``parse_target("bops=1/12")``
 * ``solver``   — the DP (``solve_dp``) and a brute force for tests
@@ -24,7 +27,7 @@ from .database import (
     build_database,
     fingerprint,
 )
-from .levels import Level, default_levels, normalize_levels
+from .levels import Level, default_levels, normalize_levels, structured_levels
 from .solver import BudgetError, Solution, brute_force, solve_dp
 
 __all__ = [
@@ -52,4 +55,5 @@ __all__ = [
     "parse_target",
     "plan_allocation",
     "solve_dp",
+    "structured_levels",
 ]
