@@ -22,7 +22,7 @@ and ``b`` the weight bits
         index (unstructured): min(params, nnz · ⌈log2 cols⌉) bits — a bitmask, or a column
                index per kept weight, whichever is smaller; (N:M) nnz · ⌈log2 M⌉ bits (the
                position of each kept weight in its group of M, 2 bits for 2:4 as in sparse
-               tensor cores); dense: none
+               tensor cores); dense and channel levels (shrunk): none
         scales (quantized): one fp16 scale per row and quantization group (16 bits each) plus
                a b-bit zero point each when asymmetric
     latency  = timing[layer][level]                        ms: a user table (JSON), or measured
@@ -60,6 +60,8 @@ __all__ = ["DENSE_BITS", "METRICS", "Target", "level_cost", "parse_target"]
 
 def _index_bits(layer: Mapping[str, Any], entry: Mapping[str, Any]) -> int:
     nnz, params = int(entry["nnz"]), int(layer["params"])
+    if entry.get("channels"):  # shrunk for real: a smaller dense matrix, no index
+        return 0
     if entry.get("pattern"):
         m = int(str(entry["pattern"]).split(":")[1])
         return nnz * math.ceil(math.log2(m))

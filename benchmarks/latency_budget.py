@@ -1,0 +1,93 @@
+"""A measured-latency budget on a zoo model: channel levels chosen by the DP, shrunk for real.
+
+    python benchmarks/latency_budget.py --model fashion-cnn --targets latency=0.6 latency=0.5
+
+For every target (and with / without batch-norm re-estimation, ``--bn``): ``run_zoo_budget``
+with the structured grid (``structured_levels()``, the default of a latency target), the
+latency table measured on this machine (``optbrain.budget.latency``, cached), model-level
+errors, then ``optbrain.shrink``. The dense and the shrunk model are then timed in the same
+process, alternating (``--rounds`` rounds of ``latency_ms`` each, torch eager, one thread by
+default), so that load from other jobs hits both alike; the speedup is the median of the
+per-round ratios. Prints markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/app/cli.py
+
+import torch  # noqa: E402
+
+from optbrain.app import zoo  # noqa: E402
+from optbrain.app.runs import example_input, run_zoo_budget  # noqa: E402
+from optbrain.pipeline.cost import batch_of, latency_ms  # noqa: E402
+
+
+def alternating_speedup(dense, comp, x, rounds: int, repeats: int) -> tuple[float, float, float]:
+    """``(dense ms, compressed ms, median ratio)`` over ``rounds`` alternating timings."""
+    d, c, r = [], [], []
+    for _ in range(rounds):
+        td = latency_ms(dense, x, repeats=repeats, warmup=2)
+        tc = latency_ms(comp, x, repeats=repeats, warmup=2)
+        d.append(td), c.append(tc), r.append(td / tc)
+    return statistics.median(d), statistics.median(c), statistics.median(r)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", default="fashion-cnn", help="zoo model name")
+    ap.add_argument("--targets", nargs="+", default=["latency=0.6", "latency=0.5"])
+    ap.add_argument("--bn", choices=["off", "on", "both"], default="both",
+                    help="batch-norm re-estimation after the levels are written")  # fmt: skip
+    ap.add_argument("--samples", type=int, default=128, help="calibration samples")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads (timing and table)")
+    ap.add_argument("--rounds", type=int, default=15, help="alternating timing rounds")
+    ap.add_argument("--repeats", type=int, default=10, help="calls per timing round")
+    ap.add_argument("--batch", type=int, default=32, help="the throughput batch also timed")
+    ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    entry = zoo.get(args.model)
+    dense = entry.load().eval()
+    dm = entry.evaluate(dense, limit=args.limit)
+    x1 = batch_of(example_input(entry.calibration(1, 0)[0], entry.inputs), 1)
+    xb = batch_of(x1, args.batch)
+    bns = {"off": [False], "on": [True], "both": [False, True]}[args.bn]
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="optbrain-latency-db-") as db:
+        for target in args.targets:
+            for bn in bns:
+                model, rep = run_zoo_budget(
+                    args.model, target, None, db_dir=db, samples=args.samples, quiet=True,
+                    limit=args.limit, dense=dense, dense_metrics=dm, bn_recalibration=bn,
+                )  # fmt: skip
+                a = rep.metadata["allocation"]
+                t1 = alternating_speedup(dense, model, x1, args.rounds, args.repeats)
+                tb = alternating_speedup(dense, model, xb, max(3, args.rounds // 3), 3)
+                met = rep.metrics
+                rows.append((target, bn, met, a, t1, tb, rep.metadata.get("shrink", {})))
+                chosen = {k: v for k, v in a["levels"].items() if v != "dense"}
+                print(target, bn, {k: v["compressed"] for k, v in met.items()}, chosen, t1, tb,
+                      flush=True)  # fmt: skip
+    q = entry.primary
+    print(f"\n{args.model}, {torch.get_num_threads()} thread(s); dense {q} {dm[q]:.2f}\n")
+    head = ["target", "BN re-est.", q, "drop (pt)", "params", "MACs", "predicted layer latency",
+            "batch-1 speedup", f"batch-{args.batch} speedup", "levels"]  # fmt: skip
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
+    for target, bn, met, a, t1, tb, _sh in rows:
+        acc = met[q]["compressed"]
+        p = met["params"]["compressed"] / met["params"]["dense"]
+        f = met["macs"]["compressed"] / met["macs"]["dense"]
+        lv = ", ".join(f"{k} {v}" for k, v in a["levels"].items() if v != "dense")
+        s1 = f"{t1[2]:.2f}× ({t1[0]:.3f} → {t1[1]:.3f} ms)"
+        sb = f"{tb[2]:.2f}× ({tb[0]:.2f} → {tb[1]:.2f} ms)"
+        print(f"| {target} | {'yes' if bn else 'no'} | {acc:.2f} | {dm[q] - acc:+.2f} | {p:.3f} | "
+              f"{f:.3f} | {a['predicted_fraction']:.3f} | {s1} | {sb} | {lv} |")  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
