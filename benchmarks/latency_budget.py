@@ -6,9 +6,9 @@ For every target (and with / without batch-norm re-estimation, ``--bn``): ``run_
 with the structured grid (``structured_levels()``, the default of a latency target), the
 latency table measured on this machine (``optbrain.budget.latency``, cached), model-level
 errors, then ``optbrain.shrink``. The dense and the shrunk model are then timed in the same
-process, alternating (``--rounds`` rounds of ``latency_ms`` each, torch eager, one thread by
-default), so that load from other jobs hits both alike; the speedup is the median of the
-per-round ratios. Prints markdown.
+process, call by call in turn (``--calls`` calls each, torch eager, one thread by
+default), so that load from other jobs hits both alike: the speedup as the ratio of the
+median call times and as the ratio of the fastest calls. Prints markdown.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import argparse
 import os
 import statistics
 import tempfile
+import time
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/app/cli.py
 
@@ -24,17 +25,26 @@ import torch  # noqa: E402
 
 from optbrain.app import zoo  # noqa: E402
 from optbrain.app.runs import example_input, run_zoo_budget  # noqa: E402
-from optbrain.pipeline.cost import batch_of, latency_ms  # noqa: E402
+from optbrain.pipeline.cost import batch_of  # noqa: E402
 
 
-def alternating_speedup(dense, comp, x, rounds: int, repeats: int) -> tuple[float, float, float]:
-    """``(dense ms, compressed ms, median ratio)`` over ``rounds`` alternating timings."""
-    d, c, r = [], [], []
-    for _ in range(rounds):
-        td = latency_ms(dense, x, repeats=repeats, warmup=2)
-        tc = latency_ms(comp, x, repeats=repeats, warmup=2)
-        d.append(td), c.append(tc), r.append(td / tc)
-    return statistics.median(d), statistics.median(c), statistics.median(r)
+def alternating_speedup(dense, comp, x, calls: int) -> tuple[float, float, float, float]:
+    """``(dense ms, compressed ms, median ratio, min ratio)``: the two models called in turn,
+    ``calls`` times each after a warm-up (medians of the call times, and the ratio of the
+    fastest calls: on a loaded machine the minimum is the least disturbed estimate)."""
+    d, c = [], []
+    with torch.inference_mode():
+        for _ in range(3):
+            dense(x), comp(x)
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            dense(x)
+            t1 = time.perf_counter()
+            comp(x)
+            t2 = time.perf_counter()
+            d.append(1e3 * (t1 - t0)), c.append(1e3 * (t2 - t1))
+    md, mc = statistics.median(d), statistics.median(c)
+    return md, mc, md / mc, min(d) / min(c)
 
 
 def main() -> None:
@@ -45,8 +55,7 @@ def main() -> None:
                     help="batch-norm re-estimation after the levels are written")  # fmt: skip
     ap.add_argument("--samples", type=int, default=128, help="calibration samples")
     ap.add_argument("--threads", type=int, default=1, help="torch threads (timing and table)")
-    ap.add_argument("--rounds", type=int, default=15, help="alternating timing rounds")
-    ap.add_argument("--repeats", type=int, default=10, help="calls per timing round")
+    ap.add_argument("--calls", type=int, default=300, help="alternating timed calls (batch 1)")
     ap.add_argument("--batch", type=int, default=32, help="the throughput batch also timed")
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     args = ap.parse_args()
@@ -66,8 +75,8 @@ def main() -> None:
                     limit=args.limit, dense=dense, dense_metrics=dm, bn_recalibration=bn,
                 )  # fmt: skip
                 a = rep.metadata["allocation"]
-                t1 = alternating_speedup(dense, model, x1, args.rounds, args.repeats)
-                tb = alternating_speedup(dense, model, xb, max(3, args.rounds // 3), 3)
+                t1 = alternating_speedup(dense, model, x1, args.calls)
+                tb = alternating_speedup(dense, model, xb, max(10, args.calls // 10))
                 met = rep.metrics
                 rows.append((target, bn, met, a, t1, tb, rep.metadata.get("shrink", {})))
                 chosen = {k: v for k, v in a["levels"].items() if v != "dense"}
@@ -76,15 +85,16 @@ def main() -> None:
     q = entry.primary
     print(f"\n{args.model}, {torch.get_num_threads()} thread(s); dense {q} {dm[q]:.2f}\n")
     head = ["target", "BN re-est.", q, "drop (pt)", "params", "MACs", "predicted layer latency",
-            "batch-1 speedup", f"batch-{args.batch} speedup", "levels"]  # fmt: skip
+            "batch-1 speedup (median / min)", f"batch-{args.batch} speedup (median / min)",
+            "levels"]  # fmt: skip
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     for target, bn, met, a, t1, tb, _sh in rows:
         acc = met[q]["compressed"]
         p = met["params"]["compressed"] / met["params"]["dense"]
         f = met["macs"]["compressed"] / met["macs"]["dense"]
         lv = ", ".join(f"{k} {v}" for k, v in a["levels"].items() if v != "dense")
-        s1 = f"{t1[2]:.2f}× ({t1[0]:.3f} → {t1[1]:.3f} ms)"
-        sb = f"{tb[2]:.2f}× ({tb[0]:.2f} → {tb[1]:.2f} ms)"
+        s1 = f"{t1[2]:.2f}× / {t1[3]:.2f}× ({t1[0]:.3f} → {t1[1]:.3f} ms)"
+        sb = f"{tb[2]:.2f}× / {tb[3]:.2f}× ({tb[0]:.2f} → {tb[1]:.2f} ms)"
         print(f"| {target} | {'yes' if bn else 'no'} | {acc:.2f} | {dm[q] - acc:+.2f} | {p:.3f} | "
               f"{f:.3f} | {a['predicted_fraction']:.3f} | {s1} | {sb} | {lv} |")  # fmt: skip
 
