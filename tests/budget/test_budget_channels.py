@@ -216,3 +216,24 @@ def test_compress_to_budget_channels_then_shrink(target, tmp_path):
     again = optbrain.load(copy.deepcopy(dense), tmp_path / "run")
     with torch.no_grad():
         torch.testing.assert_close(again(x), out)
+
+
+def test_channel_compound_with_bits_shrinks_saves_and_rejects_groups(tmp_path):
+    model, batches = make_cnn(), calib()
+    dense = copy.deepcopy(model)
+    with pytest.raises(ValueError, match="per-row grids"):
+        build_database(model, batches, tmp_path / "g", ["c0.5+b8"],
+                       settings=DbSettings(group_size=8))  # fmt: skip
+    assert not (tmp_path / "g" / "layers").exists() or not any((tmp_path / "g").rglob("*.json"))
+    rep = compress_to_budget(model, batches, "bops=0.5", ["c0.5+b8"], quiet=True)
+    levels = rep.metadata["allocation"]["levels"]
+    assert levels["c2"] == "c0.5+b8" or levels["out"] == "c0.5+b8", levels
+    x = batches[0][:4]
+    with torch.no_grad():
+        masked = model(x)
+    optbrain.shrink(model, batches[0][:1])
+    optbrain.save(model, tmp_path / "run")
+    again = optbrain.load(copy.deepcopy(dense), tmp_path / "run")
+    with torch.no_grad():
+        assert float((model(x) - masked).norm() / masked.norm()) < 1e-5
+        torch.testing.assert_close(again(x), model(x))

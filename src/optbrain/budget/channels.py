@@ -134,11 +134,8 @@ def _gptq_kept(
     damp: float,
 ) -> tuple[torch.Tensor, Any, float]:
     """GPTQ of the kept columns ``cols (C,)`` of ``weight`` with ``H[cols][:, cols]``."""
-    if group_size is not None:
-        raise ValueError(
-            "channel levels with bits on the fast solver need per-row grids (group_size=None); "
-            "use solver='obc'"
-        )
+    if group_size is not None:  # build_database refuses it first
+        raise ValueError("channel levels with bits need per-row grids (group_size=None)")
     F = cols.nonzero().squeeze(1)
     res = compress_layer(
         weight.index_select(1, F), H[F][:, F], bits=bits, sym=sym, damp=damp, method="gptq"

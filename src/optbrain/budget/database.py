@@ -263,6 +263,11 @@ def build_database(
         grid = normalize_levels(old["levels"])
     else:
         grid = normalize_levels(levels)
+    if st.group_size is not None and any(lv.channels and lv.quantizes for lv in grid):
+        raise ValueError(
+            "channel levels with bits need per-row grids (group_size=None): once shrink removes "
+            f"columns, quantization groups of {st.group_size} columns would no longer line up"
+        )
     fp = fingerprint(model, batches, grid, st, seed=seed, inputs=inputs)
     layers, _ = find_layers(model)
     if not layers:
