@@ -339,7 +339,8 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--target",
         help="global budget instead of one setting for all layers, e.g. flops=0.25, "
-        "bops=1/12, size=0.3: a level per layer chosen by dynamic programming",
+        "bops=1/12, size=0.3, latency=0.6 (torch latency timed on this machine, channel "
+        "levels, shrunk for real): a level per layer chosen by dynamic programming",
     )
     c.add_argument("--db", help="per-layer database directory for --target (default: OUT/db)")
     c.add_argument(

@@ -27,6 +27,7 @@ from .database import (
     build_database,
     fingerprint,
 )
+from .latency import LatencyCache, latency_table
 from .levels import Level, default_levels, normalize_levels, structured_levels
 from .solver import BudgetError, Solution, brute_force, solve_dp
 
@@ -40,6 +41,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseMismatchError",
     "DbSettings",
+    "LatencyCache",
     "Level",
     "Solution",
     "Target",
@@ -50,6 +52,7 @@ __all__ = [
     "compress_to_budget",
     "default_levels",
     "fingerprint",
+    "latency_table",
     "level_cost",
     "normalize_levels",
     "parse_target",
