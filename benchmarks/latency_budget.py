@@ -25,6 +25,7 @@ import torch  # noqa: E402
 
 from optbrain.app import zoo  # noqa: E402
 from optbrain.app.runs import example_input, run_zoo_budget  # noqa: E402
+from optbrain.budget import BudgetError  # noqa: E402
 from optbrain.pipeline.cost import batch_of  # noqa: E402
 
 
@@ -70,10 +71,14 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="optbrain-latency-db-") as db:
         for target in args.targets:
             for bn in bns:
-                model, rep = run_zoo_budget(
-                    args.model, target, None, db_dir=db, samples=args.samples, quiet=True,
-                    limit=args.limit, dense=dense, dense_metrics=dm, bn_recalibration=bn,
-                )  # fmt: skip
+                try:
+                    model, rep = run_zoo_budget(
+                        args.model, target, None, db_dir=db, samples=args.samples, quiet=True,
+                        limit=args.limit, dense=dense, dense_metrics=dm, bn_recalibration=bn,
+                    )  # fmt: skip
+                except BudgetError as e:
+                    print(target, bn, "infeasible:", e, flush=True)
+                    continue
                 a = rep.metadata["allocation"]
                 t1 = alternating_speedup(dense, model, x1, args.calls)
                 tb = alternating_speedup(dense, model, xb, max(10, args.calls // 10))
