@@ -48,6 +48,45 @@ def alternating_speedup(dense, comp, x, calls: int) -> tuple[float, float, float
     return md, mc, md / mc, min(d) / min(c)
 
 
+def profile(model, x, calls: int) -> None:
+    """The fastest batch-1 call of the model and of each Linear / Conv on its own input: how
+    much of the latency the layers are (the rest: batch norms, activations, adds, pooling)."""
+    from torch import nn
+
+    def fastest(f) -> float:
+        with torch.inference_mode():
+            for _ in range(5):
+                f()
+            ts = []
+            for _ in range(calls):
+                t0 = time.perf_counter()
+                f()
+                ts.append(time.perf_counter() - t0)
+        return 1e3 * min(ts)
+
+    seen: dict = {}
+
+    def keep(name: str):
+        def hook(_m, args, _out) -> None:  # returns None: the output is left alone
+            seen.setdefault(name, args[0])
+
+        return hook
+
+    hooks = [m.register_forward_hook(keep(n)) for n, m in model.named_modules()
+             if isinstance(m, nn.Linear | nn.Conv2d)]  # fmt: skip
+    with torch.inference_mode():
+        model(x)
+    for h in hooks:
+        h.remove()
+    total = fastest(lambda: model(x))
+    layers = {n: fastest(lambda n=n: model.get_submodule(n)(seen[n])) for n in seen}
+    print(f"model, batch 1, fastest of {calls}: {total:.3f} ms; its Linear / Conv layers alone: "
+          f"{sum(layers.values()):.3f} ms")  # fmt: skip
+    print("| layer | ms |\n|---|---:|")
+    for n, t in layers.items():
+        print(f"| {n} | {t:.4f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="fashion-cnn", help="zoo model name")
@@ -59,6 +98,7 @@ def main() -> None:
     ap.add_argument("--calls", type=int, default=300, help="alternating timed calls (batch 1)")
     ap.add_argument("--batch", type=int, default=32, help="the throughput batch also timed")
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
+    ap.add_argument("--profile", action="store_true", help="only time the dense model's layers")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     entry = zoo.get(args.model)
@@ -66,6 +106,8 @@ def main() -> None:
     dm = entry.evaluate(dense, limit=args.limit)
     x1 = batch_of(example_input(entry.calibration(1, 0)[0], entry.inputs), 1)
     xb = batch_of(x1, args.batch)
+    if args.profile:
+        return profile(dense, x1, args.calls)
     bns = {"off": [False], "on": [True], "both": [False, True]}[args.bn]
     rows = []
     with tempfile.TemporaryDirectory(prefix="optbrain-latency-db-") as db:
