@@ -25,7 +25,7 @@ from optbrain.budget import latency as lat
 from optbrain.core.hessian import row_losses
 from optbrain.core.structured import solve_structured
 from optbrain.pipeline import collect_hessians
-from optbrain.pipeline.shrink import channel_sites
+from optbrain.pipeline.shrink_sites import channel_sites
 
 
 class CNN(nn.Module):

@@ -8,7 +8,7 @@ unstructured path does it (OBQ of the kept weights under the same mask, exact so
 the kept columns, fast solver).
 
 Where: only layers whose input channels ``optbrain.shrink`` removes on their own
-(``pipeline.shrink.channel_sites``: one consumer, per-channel ops between it and its
+(``pipeline.shrink_sites.channel_sites``: one consumer, per-channel ops between it and its
 producers, one producer channel per input channel). Others (grouped / depthwise convs, inputs
 tied by a residual add or read by another layer, the model's input, a flatten in between) get
 no channel level; the database record says why (``channel_reason``).
@@ -37,7 +37,7 @@ from ..core.methods.obc import exact_quantize
 from ..core.spec import make_spec
 from ..core.structured import group_columns, removed_count, structured_obs
 from ..pipeline.data import take_samples
-from ..pipeline.shrink import channel_sites
+from ..pipeline.shrink_sites import channel_sites
 from .levels import Level
 
 __all__ = ["channel_size", "layer_sites", "producer_savings", "solve_channel_levels"]
