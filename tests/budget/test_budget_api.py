@@ -14,6 +14,7 @@ from optbrain.budget import (
     parse_target,
     plan_allocation,
 )
+from optbrain.budget.latency import LatencyCache
 from optbrain.io import load, save
 from optbrain.report.charts import allocation_svg
 from optbrain.report.html import insert_into_html
@@ -112,8 +113,13 @@ def test_uniform_and_latency_targets(tiny_db):
     a = r.metadata["allocation"]
     assert a["metric"] == "latency" and a["predicted_cost"] <= a["budget"]
     assert a["objective"] == "model"  # the default with model-level errors
-    with pytest.raises(ValueError, match="timing"):
-        compress_to_budget(copy.deepcopy(model0), calib, "latency=0.6", db_dir=db.root)
+    # no table: measured here; this database has no channel level, and zeros or low-bit
+    # weights run at the dense speed in torch eager, so no allocation meets the target
+    with pytest.raises(BudgetError, match="no allocation meets"):
+        compress_to_budget(
+            copy.deepcopy(model0), calib, "latency=0.6", db_dir=db.root, seed=1, solver="obc",
+            model_level=True, latency_cache=LatencyCache(None), quiet=True,
+        )  # fmt: skip
     model = copy.deepcopy(model0)
     r = compress_to_budget(
         model, calib, "flops=0.25", db_dir=db.root, seed=1, solver="obc", model_level=True,

@@ -30,3 +30,18 @@ def test_cli_target_rejects_per_layer_settings(capsys):
     argv = ["compress", "--model", "digits-mlp", "--target", "flops=0.3", "--sparsity", "0.5"]
     assert main(argv) == 2
     assert "--target" in capsys.readouterr().err
+
+
+def test_cli_levels_flag(capsys):
+    from optbrain.app.cli import _levels_from_args
+
+    got = [lv.id for lv in _levels_from_args(["c0.25,c0.5+b8", "b4"])]
+    assert got == ["c0.25", "c0.5+b8", "b4"]
+    assert any(lv.channels for lv in _levels_from_args(["structured"]))
+    assert _levels_from_args(None) is None
+    argv = ["compress", "--model", "digits-mlp", "--sparsity", "0.5", "--levels", "c0.5"]
+    assert main(argv) == 2
+    assert "--target" in capsys.readouterr().err
+    argv = ["compress", "--model", "digits-mlp", "--target", "flops=0.5", "--levels", "c0.5+s0.5"]
+    assert main(argv) == 2
+    assert "not both" in capsys.readouterr().err

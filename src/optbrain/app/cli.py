@@ -35,6 +35,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         }
         if args.asym:
             flags["asym"] = True
+        if getattr(args, "bn_recalibration", False):
+            flags["bn_recalibration"] = True
         if flags:
             raise ValueError(
                 f"--recipe cannot be combined with {sorted(flags)}; put them in the recipe file"
@@ -65,6 +67,8 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         d["ignore"] = args.ignore
     if getattr(args, "allocation", None):
         d["allocation"] = args.allocation
+    if getattr(args, "bn_recalibration", False):
+        d["bn_recalibration"] = True
     return Recipe.from_dict(d)
 
 
@@ -75,6 +79,8 @@ def cmd_compress(args: argparse.Namespace) -> int:
 
     if getattr(args, "target", None):  # a global budget: non-uniform levels (optbrain.budget)
         return cmd_compress_budget(args)
+    if getattr(args, "levels", None):
+        raise ValueError("--levels is the level grid of a --target budget; give --target too")
     from .sources import is_own_model
 
     if is_own_model(args.model):
@@ -161,11 +167,30 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
         limit=args.limit,
         damp=0.01 if getattr(args, "damp", None) is None else args.damp,
         sym=not getattr(args, "asym", False),
+        levels=_levels_from_args(getattr(args, "levels", None)),
+        bn_recalibration=bool(getattr(args, "bn_recalibration", False)),
     )
     print(allocation_table(report))
     print_metrics(report)
     print(f"\nrun written to {out}/ (report: {out / 'report.html'})")
     return _nothing_compressed(report)
+
+
+def _levels_from_args(levels: list[str] | None) -> list[Any] | None:
+    """``--levels``: None, ``structured`` / ``default`` (the grids) or level ids (validated)."""
+    from ..budget.levels import Level, default_levels, structured_levels
+
+    if not levels:
+        return None
+    grids = {"structured": structured_levels, "default": default_levels}
+    out: list[Any] = []
+    for item in levels:
+        for part in item.split(","):
+            if part.strip().lower() in grids:
+                out += grids[part.strip().lower()]()
+            elif part.strip():
+                out.append(Level.parse(part))
+    return out
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -314,9 +339,23 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument(
         "--target",
         help="global budget instead of one setting for all layers, e.g. flops=0.25, "
-        "bops=1/12, size=0.3: a level per layer chosen by dynamic programming",
+        "bops=1/12, size=0.3, latency=0.6 (torch latency timed on this machine, channel "
+        "levels, shrunk for real): a level per layer chosen by dynamic programming",
     )
     c.add_argument("--db", help="per-layer database directory for --target (default: OUT/db)")
+    c.add_argument(
+        "--levels",
+        nargs="+",
+        help="the level grid for --target: ids (s0.5, 2:4, b4, c0.25 = 25%% of the input "
+        "channels removed, c0.25+b8, ...), or 'structured' (the channel grid) / 'default'; "
+        "default: the default grid, the channel grid for latency=... (measured here)",
+    )
+    c.add_argument(
+        "--bn-recalibration",
+        action="store_true",
+        dest="bn_recalibration",
+        help="re-estimate the batch norms' running statistics on the calibration afterwards",
+    )
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser("eval", help="print a zoo model's metrics, dense and compressed")

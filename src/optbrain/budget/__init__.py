@@ -5,7 +5,10 @@ program choosing one level per layer under the budget.
     from optbrain.budget import compress_to_budget
     report = compress_to_budget(model, calibration, target="flops=0.25", db_dir="db/")
 
-* ``levels``   — ``Level(sparsity, pattern, bits)`` with stable ids (``"s0.5+b4"``), grids
+* ``levels``   — ``Level(sparsity, pattern, bits, channels)`` with stable ids (``"s0.5+b4"``,
+  ``"c0.25"``), grids (``default_levels``, ``structured_levels``)
+* ``channels`` — channel levels: where they apply (what ``shrink`` honours), their solve
+* ``latency``  — the measured per-machine latency table (cached)
 * ``database`` — build / resume / reuse the on-disk database, fingerprint checks
 * ``costs``    — cost models per layer and level, ``parse_target("bops=1/12")``
 * ``solver``   — the DP (``solve_dp``) and a brute force for tests
@@ -24,7 +27,8 @@ from .database import (
     build_database,
     fingerprint,
 )
-from .levels import Level, default_levels, normalize_levels
+from .latency import LatencyCache, latency_table
+from .levels import Level, default_levels, normalize_levels, structured_levels
 from .solver import BudgetError, Solution, brute_force, solve_dp
 
 __all__ = [
@@ -37,6 +41,7 @@ __all__ = [
     "DatabaseError",
     "DatabaseMismatchError",
     "DbSettings",
+    "LatencyCache",
     "Level",
     "Solution",
     "Target",
@@ -47,9 +52,11 @@ __all__ = [
     "compress_to_budget",
     "default_levels",
     "fingerprint",
+    "latency_table",
     "level_cost",
     "normalize_levels",
     "parse_target",
     "plan_allocation",
     "solve_dp",
+    "structured_levels",
 ]

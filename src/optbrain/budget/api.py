@@ -29,14 +29,17 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for, find_layers
+from ..pipeline.batchnorm import recalibrate_batchnorm
 from ..pipeline.compress import WeightBackup, sort_records
 from ..pipeline.data import Forward, iter_batches, take_samples
 from ..pipeline.state import GroupState, LayerState, ModelState
 from ..report import LayerRecord, Report
 from .costs import METRICS, Target, level_cost, parse_target
 from .database import Database, DbSettings, build_database
-from .levels import Level
+from .latency import LatencyCache, latency_table
+from .levels import Level, structured_levels
 from .solver import DEFAULT_RESOLUTION, BudgetError, Solution, solve_dp
+from .store import FINGERPRINT
 
 OBJECTIVES = ("relative", "loss", "model")
 UNIFORM_SLACK = 0.005
@@ -230,8 +233,8 @@ def _level_plan(rec: dict[str, Any], lid: str, entry: dict[str, Any], damp: floa
     return {
         "method": rec["solver"],
         "level": lid,
-        "sparsity": lv.sparsity or None,
-        "pattern": lv.pattern or "unstructured",
+        "sparsity": lv.sparsity or lv.channels or None,
+        "pattern": "channels" if lv.channels else lv.pattern or "unstructured",
         "bits": lv.bits,
         "sym": entry["sym"] if entry["sym"] is not None else True,
         "group_size": entry["group_size"],
@@ -239,6 +242,12 @@ def _level_plan(rec: dict[str, Any], lid: str, entry: dict[str, Any], damp: floa
         "dtype": "float32",
         "options": {},
     }
+
+
+def _record_pattern(lv: Level) -> str | None:
+    if lv.channels:
+        return "channels"
+    return lv.pattern or ("unstructured" if lv.sparsity else None)
 
 
 def achieved_entry(model: nn.Module, name: str, entry: dict[str, Any], lid: str) -> dict:
@@ -280,6 +289,9 @@ def compress_to_budget(
     samples: int | None = None,
     seed: int | None = None,
     timing: Mapping[str, Mapping[str, float]] | str | Path | None = None,
+    latency_batch: int = 1,
+    latency_cache: LatencyCache | None = None,
+    bn_recalibration: bool = False,
     resolution: int = DEFAULT_RESOLUTION,
     uniform: bool = False,
     quiet: bool = False,
@@ -290,14 +302,22 @@ def compress_to_budget(
     calibration / inputs / forward: as ``optbrain.compress`` (``samples``: use only the first
       ``samples`` samples; ``seed``: recorded in the database fingerprint).
     target: ``"flops=0.25"``, ``"bops=1/12"``, ``"size=0.3"``, ``"params=4x"``,
-      ``"latency=0.5"`` (needs ``timing``: ``{layer: {level: ms}}`` or a JSON path), an absolute
-      ``"flops=1.2e9"`` (see ``optbrain.budget.costs``).
-    levels: the level grid (ids like ``"s0.5+b4"``; None: an existing database's grid, else
-      ``default_levels()``). db_dir: the database directory (built, resumed or reused; None: a
-      temporary one). objective: "relative" | "loss" | "model" (see the module docstring).
+      ``"latency=0.5"``, an absolute ``"flops=1.2e9"`` (see ``optbrain.budget.costs``).
+    timing: the latency table ``{layer: {level: ms}}`` (or a JSON path); None with a latency
+      target: measured on this machine at batch ``latency_batch`` (``budget/latency.py``,
+      cached per machine in ``latency_cache``, default ``~/.cache/optbrain/latency``).
+    levels: the level grid (ids like ``"s0.5+b4"``, ``"c0.25"``; None: an existing database's
+      grid, else ``default_levels()``, or ``structured_levels()`` for a latency target —
+      in torch eager only removed channels run faster). db_dir: the database directory
+      (built, resumed or reused; None: a temporary one). objective: "relative" | "loss" |
+      "model" (see the module docstring).
     model_level / model_level_samples / solver / damp / sym / group_size / time_budget:
       database settings (``DbSettings``). resolution: DP units. uniform: one level for all
-      layers (the baseline).
+      layers (the baseline). bn_recalibration: re-estimate the batch norms' running statistics
+      on the calibration batches after the levels are written (``recalibrate_batchnorm``).
+
+    Channel levels leave the model masked (whole input columns zero); ``optbrain.shrink``
+    then removes them for real (the CLI and ``app.runs.run_zoo_budget`` do).
 
     Returns a ``Report`` (one record per layer, the layers kept dense as "skipped" with their
     reason; ``metadata["allocation"]``: target, budget, chosen levels, predicted and achieved
@@ -305,8 +325,13 @@ def compress_to_budget(
     """
     t0 = time.perf_counter()
     tgt = parse_target(target)
-    if tgt.metric == "latency" and timing is None:
-        raise ValueError("a latency target needs timing= (a table layer -> level -> ms)")
+    measure = tgt.metric == "latency" and timing is None
+    if (
+        measure
+        and levels is None
+        and not (db_dir is not None and (Path(db_dir) / FINGERPRINT).is_file())
+    ):
+        levels = structured_levels()
     if objective is None:
         objective = "model" if model_level else "relative"
     if objective == "model" and not model_level:
@@ -336,11 +361,18 @@ def compress_to_budget(
             quiet=quiet,
         )
         t_db = time.perf_counter() - t0
+        if measure:
+            timing = latency_table(model, db, batch=latency_batch, cache=latency_cache)
         alloc = plan_allocation(
             db, tgt, objective, timing=timing, resolution=resolution, uniform=uniform
         )
         state = apply_allocation(model, db, alloc)
+        if bn_recalibration:
+            recalibrate_batchnorm(model, batches, forward, inputs=inputs)
         report = _report(model, db, alloc, name, timing)
+        if measure:
+            report.metadata["allocation"]["latency_batch"] = latency_batch
+        report.metadata["bn_recalibration"] = bn_recalibration
         report.metadata["database"] = None if tmp is not None else str(root)
         report.metadata["database_seconds"] = t_db
         report.metadata["calibration_batches"] = len(batches)
@@ -403,7 +435,9 @@ def _report(
                 method=method,
                 sparsity=entry["sparsity"],
                 bits=entry["bits"],
-                pattern=lv.pattern or ("unstructured" if lv.sparsity else None),
+                pattern="channels"
+                if lv.channels
+                else lv.pattern or ("unstructured" if lv.sparsity else None),
                 group_size=entry["group_size"],
                 predicted_loss=entry["predicted"],
                 measured_loss=entry["loss"],

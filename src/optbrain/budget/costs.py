@@ -22,10 +22,16 @@ and ``b`` the weight bits
         index (unstructured): min(params, nnz · ⌈log2 cols⌉) bits — a bitmask, or a column
                index per kept weight, whichever is smaller; (N:M) nnz · ⌈log2 M⌉ bits (the
                position of each kept weight in its group of M, 2 bits for 2:4 as in sparse
-               tensor cores); dense: none
+               tensor cores); dense and channel levels (shrunk): none
         scales (quantized): one fp16 scale per row and quantization group (16 bits each) plus
                a b-bit zero point each when asymmetric
-    latency  = timing[layer][level]                        from a user table (JSON, ms)
+    latency  = timing[layer][level]                        ms: a user table (JSON), or measured
+               on this machine for channel levels (``budget/latency.py``)
+
+A channel level (``"c0.25"``) also removes its producers' matching output rows: the entry's
+``producer_params`` / ``producer_flops`` (``budget/channels.py``) are subtracted from its
+params / flops, and ``producer_flops · DENSE_BITS`` from its bops (the producer counted at
+full precision); size counts the consumer only (conservative).
 
 Worked example: ``Conv2d(4, 8, 3, padding=1)`` on 6×6 inputs has ``params = 8·4·3·3 = 288``,
 ``positions = 36``, dense ``flops = 2·36·288 = 20736``; at ``s0.75`` (72 kept) ``flops = 5184``,
@@ -54,6 +60,8 @@ __all__ = ["DENSE_BITS", "METRICS", "Target", "level_cost", "parse_target"]
 
 def _index_bits(layer: Mapping[str, Any], entry: Mapping[str, Any]) -> int:
     nnz, params = int(entry["nnz"]), int(layer["params"])
+    if entry.get("channels"):  # shrunk for real: a smaller dense matrix, no index
+        return 0
     if entry.get("pattern"):
         m = int(str(entry["pattern"]).split(":")[1])
         return nnz * math.ceil(math.log2(m))
@@ -76,12 +84,13 @@ def level_cost(
     """
     nnz = int(entry["nnz"])
     bits = DENSE_BITS if entry.get("bits") is None else int(entry["bits"])
+    p_params, p_flops = int(entry.get("producer_params", 0)), int(entry.get("producer_flops", 0))
     if metric == "params":
-        return Fraction(nnz)
+        return Fraction(nnz - p_params)
     if metric == "flops":
-        return Fraction(2 * int(layer["positions"]) * nnz)
+        return Fraction(2 * int(layer["positions"]) * nnz - p_flops)
     if metric == "bops":
-        return Fraction(2 * int(layer["positions"]) * nnz * bits)
+        return Fraction(2 * int(layer["positions"]) * nnz * bits - p_flops * DENSE_BITS)
     if metric == "size":
         total = nnz * bits + _index_bits(layer, entry)
         if entry.get("bits") is not None:

@@ -17,6 +17,10 @@ Errors of a level (all summed over the groups of a layer):
   this layer is swapped in — the mean squared difference of all floating-point model outputs
   from the dense model's on the calibration batches (as in the OBC paper's database).
 
+Channel levels (``"c0.25"``, ``"c0.25+b8"``; ``budget/channels.py``): one structured-OBS trace
+per layer gives every channel level; only layers ``optbrain.shrink`` can shrink on their own get
+them (the record's ``channel_producers``, else ``channel_reason``).
+
 Grouped convolutions are one unit: all groups of a layer take the same level (each group is
 solved as its own problem, and the layer's numbers are the sums over groups).
 
@@ -52,6 +56,7 @@ from ..core.methods.obc import solve_obc_levels
 from ..pipeline import collect_hessians, trace_input_shapes
 from ..pipeline.data import Forward, take_samples
 from ..pipeline.progress import Progress
+from .channels import channel_size, layer_sites, producer_savings, solve_channel_levels
 from .fingerprint import DbSettings, check_fingerprint, fingerprint
 from .levels import Level, normalize_levels
 from .model_loss import ModelLoss, model_level_errors
@@ -126,12 +131,22 @@ def _build_layer(
     st: DbSettings,
     input_shape: tuple[int, ...] | None,
     model_loss: ModelLoss | None,
+    site: list[dict[str, Any]] | str | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    fit = [lv for lv in levels if lv.fits(adapter.cols)]
+    csize = channel_size(adapter)
+    producers = site if isinstance(site, list) else None
+    fit = [
+        lv
+        for lv in levels
+        if (
+            lv.fits(adapter.cols) if not lv.channels else producers and lv.fits(adapter.cols, csize)
+        )
+    ]
     solver = st.solver
     if solver == "auto":
         solver = "obc" if exact_seconds(adapter, fit) <= st.time_budget else "fast"
     solve = _solve_exact if solver == "obc" else _solve_fast
+    plain = [lv for lv in fit if not lv.channels]
     G = adapter.groups
     per_group = []
     tensors: dict[str, torch.Tensor] = {}
@@ -140,7 +155,13 @@ def _build_layer(
         W = adapter.weight(g)
         H = hessians[g].hessian().to(W.device)
         energy += float(0.5 * ((W.double() @ H) * W.double()).sum())
-        res = solve(W, H, fit, st)
+        res = solve(W, H, plain, st)
+        res.update(
+            solve_channel_levels(
+                W, H, fit, csize, damp=st.damp, sym=st.sym, group_size=st.group_size,
+                exact=solver == "obc",
+            )
+        )  # fmt: skip
         stats = {}
         for lid, (w, keep, grid, predicted) in res.items():
             w = w.to(torch.float32)
@@ -162,6 +183,7 @@ def _build_layer(
     for lv in fit:
         e: dict[str, Any] = {
             "sparsity": 0.0,
+            "channels": lv.channels,
             "pattern": lv.pattern,
             "bits": lv.bits,
             "sym": st.sym if lv.quantizes else None,
@@ -173,6 +195,9 @@ def _build_layer(
             for k in ("nnz", "loss", "predicted", "scales"):
                 e[k] = sum(s[lv.id][k] for s in per_group)
         e["sparsity"] = 1.0 - e["nnz"] / adapter.params
+        if lv.channels:
+            k = int(round(lv.channels * (adapter.cols // csize)))
+            e.update(removed_channels=k, **producer_savings(k, producers or []))
         entries[lv.id] = e
     if model_loss is not None:
         model_level_errors(adapter, entries, tensors, model_loss)
@@ -192,8 +217,11 @@ def _build_layer(
         "tokens": int(hessians[0].tokens),
         "dense_energy": energy,
         "solver": solver,
+        "channel_size": csize,
         "levels": entries,
     }
+    if site is not None:
+        record["channel_producers" if producers is not None else "channel_reason"] = site
     return record, tensors
 
 
@@ -235,6 +263,11 @@ def build_database(
         grid = normalize_levels(old["levels"])
     else:
         grid = normalize_levels(levels)
+    if st.group_size is not None and any(lv.channels and lv.quantizes for lv in grid):
+        raise ValueError(
+            "channel levels with bits need per-row grids (group_size=None): once shrink removes "
+            f"columns, quantization groups of {st.group_size} columns would no longer line up"
+        )
     fp = fingerprint(model, batches, grid, st, seed=seed, inputs=inputs)
     layers, _ = find_layers(model)
     if not layers:
@@ -311,6 +344,26 @@ def _add_model_level(
         progress.close()
 
 
+def _producer_records(
+    sites: dict[str, list[str] | str], adapters: dict[str, LayerAdapter], shapes: dict
+) -> dict[str, list[dict[str, Any]] | str]:
+    """Channel sites with each producer as ``{"name", "cols", "positions"}`` (a producer that
+    is not a compressible layer, e.g. an Embedding, saves no counted cost: cols 0)."""
+    out: dict[str, list[dict[str, Any]] | str] = {}
+    for name, site in sites.items():
+        if isinstance(site, str):
+            out[name] = site
+            continue
+        recs = []
+        for p in site:
+            a = adapters.get(p)
+            shape = shapes.get(p)
+            pos = int(a.positions(shape)) if a is not None and shape is not None else 0
+            recs.append({"name": p, "cols": a.cols if a is not None else 0, "positions": pos})
+        out[name] = recs
+    return out
+
+
 def _build_pending(
     model: nn.Module,
     batches: Sequence[Any],
@@ -325,7 +378,13 @@ def _build_pending(
     on_layer: Callable[[str], None] | None,
 ) -> None:
     adapters = {n: adapter_for(layers[n]) for n in pending}
-    shapes = trace_input_shapes(model, adapters, batches[0], forward, inputs=inputs)
+    sites: dict[str, Any] = {}
+    if any(lv.channels for lv in db.levels):
+        every = {n: adapter_for(m) for n, m in layers.items()}
+        shapes = trace_input_shapes(model, every, batches[0], forward, inputs=inputs)
+        sites = _producer_records(layer_sites(model, batches[0], inputs, forward), every, shapes)
+    else:
+        shapes = trace_input_shapes(model, adapters, batches[0], forward, inputs=inputs)
     hessians = collect_hessians(model, adapters, batches, forward, inputs=inputs)
     progress = Progress(len(pending), "database", enabled=not quiet)
     try:
@@ -343,6 +402,7 @@ def _build_pending(
                     st,
                     shapes.get(name),
                     mloss,
+                    sites.get(name),
                 )
             stem = db.stem(name)
             rec["tensors_sha256"] = atomic_tensors(stem.with_suffix(".safetensors"), tensors)

@@ -1,8 +1,12 @@
-"""Compression levels of the per-layer database: ``Level(sparsity, pattern, bits)`` and grids.
+"""Compression levels of the per-layer database: ``Level(sparsity, pattern, bits, channels)``.
 
 A level is one way to compress a layer: unstructured sparsity (the pruned fraction), an N:M
-pattern (exclusive with unstructured sparsity), a weight bit width, or a compound of pruning
-and bits. Every level has a stable string id, used as a key on disk and in reports::
+pattern, a structured fraction of whole input channels removed (``channels``: a conv input
+channel is its ``kh·kw`` columns, a Linear input feature one column; structured OBS,
+``core/structured.py``; the model is then shrunk for real, ``optbrain.shrink``), a weight bit
+width, or a compound of one pruning kind and bits. The three pruning kinds exclude each other
+(a channel level with unstructured zeros inside would not shrink further and is not offered).
+Every level has a stable string id, used as a key on disk and in reports::
 
     Level()                         "dense"      (always in the database, error 0)
     Level(sparsity=0.75)            "s0.75"
@@ -10,8 +14,12 @@ and bits. Every level has a stable string id, used as a key on disk and in repor
     Level(bits=4)                   "b4"
     Level(sparsity=0.5, bits=8)     "s0.5+b8"
     Level(pattern="2:4", bits=4)    "2:4+b4"
+    Level(channels=0.25)            "c0.25"      (25% of the input channels removed)
+    Level(channels=0.25, bits=8)    "c0.25+b8"
 
-``Level.parse(id)`` inverts ``id``. ``default_levels()`` is the grid used when none is given.
+``Level.parse(id)`` inverts ``id``. ``default_levels()`` is the grid used when none is given
+(unstructured, N:M, bits); ``structured_levels()`` the channel grid (the default of a latency
+target: in torch eager only removed channels run faster, zeros and low-bit weights do not).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ DEFAULT_SPARSITIES = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.9, 0
 DEFAULT_PATTERNS = ("2:4", "4:8")
 DEFAULT_BITS = (8, 6, 4, 3, 2)
 DEFAULT_COMPOUND = ("s0.5+b8", "s0.75+b8", "s0.5+b4", "s0.75+b4", "2:4+b8", "2:4+b4")
+DEFAULT_CHANNELS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
 @dataclass(frozen=True)
@@ -34,17 +43,29 @@ class Level:
 
     sparsity: unstructured pruned fraction in [0, 1) (0 when ``pattern`` is set).
     pattern: ``"N:M"`` or None. bits: weight bit width (2..8) or None (not quantized).
+    channels: fraction of whole input channels removed, in [0, 1) (0: none); excludes
+    ``sparsity`` and ``pattern``.
     """
 
     sparsity: float = 0.0
     pattern: str | None = None
     bits: int | None = None
+    channels: float = 0.0
 
     def __post_init__(self) -> None:
-        s = float(self.sparsity)
-        if not 0.0 <= s < 1.0:
-            raise ValueError(f"level sparsity must be in [0, 1), got {self.sparsity!r}")
-        object.__setattr__(self, "sparsity", round(s, 4))
+        for what in ("sparsity", "channels"):
+            raw = getattr(self, what)
+            if isinstance(raw, bool) or not isinstance(raw, int | float):
+                raise ValueError(f"level {what} must be a number in [0, 1), got {raw!r}")
+            if not 0.0 <= float(raw) < 1.0:
+                raise ValueError(f"level {what} must be in [0, 1), got {raw!r}")
+            object.__setattr__(self, what, round(float(raw), 4))
+        if self.channels and (self.sparsity or self.pattern is not None):
+            raise ValueError(
+                "a level removes whole channels or prunes single weights (sparsity / N:M), not "
+                f"both: channels={self.channels} with "
+                + (f"sparsity={self.sparsity}" if self.sparsity else f"pattern={self.pattern!r}")
+            )
         if self.pattern is not None:
             pat = parse_pattern(self.pattern)
             if pat.kind != "nm":
@@ -62,6 +83,8 @@ class Level:
     @property
     def id(self) -> str:
         parts = []
+        if self.channels:
+            parts.append(f"c{self.channels:g}")
         if self.sparsity:
             parts.append(f"s{self.sparsity:g}")
         if self.pattern:
@@ -79,7 +102,12 @@ class Level:
 
     @property
     def prunes(self) -> bool:
-        return bool(self.sparsity) or self.pattern is not None
+        return bool(self.sparsity) or self.pattern is not None or bool(self.channels)
+
+    @property
+    def structured(self) -> bool:
+        """Whole input channels removed (the layer shrinks)."""
+        return bool(self.channels)
 
     @property
     def quantizes(self) -> bool:
@@ -108,15 +136,19 @@ class Level:
         if self.pattern is not None:
             n, m = self.nm  # type: ignore[misc]
             return n / m
-        return 1.0 - self.sparsity
+        return 1.0 - self.sparsity - self.channels
 
-    def fits(self, cols: int) -> bool:
-        """Whether the level applies to a weight with ``cols`` columns (N:M needs M | cols)."""
+    def fits(self, cols: int, channel_size: int = 1) -> bool:
+        """Whether the level applies to a weight with ``cols`` columns (N:M needs M | cols; a
+        channel level, with ``channel_size`` columns per input channel, must leave one)."""
+        if self.channels:
+            n = cols // channel_size
+            return cols % channel_size == 0 and int(round(self.channels * n)) < n
         return self.nm is None or cols % self.nm[1] == 0
 
     @classmethod
     def parse(cls, text: str | Level) -> Level:
-        """``Level`` from its id (``"s0.5+b4"``, ``"2:4"``, ``"b8"``, ``"dense"``)."""
+        """``Level`` from its id (``"s0.5+b4"``, ``"2:4"``, ``"b8"``, ``"c0.25"``, ``"dense"``)."""
         if isinstance(text, Level):
             return text
         if not isinstance(text, str):
@@ -124,11 +156,13 @@ class Level:
         t = text.strip().lower()
         if t == "dense":
             return cls()
-        sparsity, pattern, bits = 0.0, None, None
+        sparsity, pattern, bits, channels = 0.0, None, None, 0.0
         for part in t.split("+"):
             part = part.strip()
             if re.fullmatch(r"s(0?\.\d+|0)", part):
                 sparsity = float(part[1:])
+            elif re.fullmatch(r"c(0?\.\d+|0)", part):
+                channels = float(part[1:])
             elif re.fullmatch(r"\d+:\d+", part):
                 pattern = part
             elif re.fullmatch(r"b\d+", part):
@@ -136,9 +170,9 @@ class Level:
             else:
                 raise ValueError(
                     f"level {text!r}: cannot read {part!r} (use sS e.g. s0.5, N:M e.g. 2:4, "
-                    "bB e.g. b4, joined by '+', or 'dense')"
+                    "cC e.g. c0.25 (channels), bB e.g. b4, joined by '+', or 'dense')"
                 )
-        return cls(sparsity, pattern, bits)
+        return cls(sparsity, pattern, bits, channels)
 
 
 def sort_key(level: Level) -> tuple:
@@ -159,6 +193,21 @@ def default_levels(
     out += [Level(pattern=p) for p in patterns]
     out += [Level(bits=b) for b in bits]
     out += [Level.parse(c) for c in compound]
+    return normalize_levels(out)
+
+
+def structured_levels(
+    channels: Iterable[float] = DEFAULT_CHANNELS, bits: Iterable[int] = ()
+) -> list[Level]:
+    """The channel grid: dense, each fraction of input channels removed, and (with ``bits``)
+    every fraction compounded with every bit width (``"c0.25+b8"``) and the bits alone.
+
+    Bits are off by default: in torch eager a quantized weight is stored dequantized and runs
+    as fast as float32, so for a latency target they only add error."""
+    bits = list(bits)
+    out = [Level()] + [Level(channels=c) for c in channels]
+    out += [Level(bits=b) for b in bits]
+    out += [Level(channels=c, bits=b) for c in channels for b in bits]
     return normalize_levels(out)
 
 

@@ -1,0 +1,79 @@
+"""Where ``shrink`` can remove a layer's input channels on its own (the budget's channel levels).
+
+``channel_sites(model, example_inputs)`` asks torch-pruning's dependency graph (the one
+``shrink`` uses, ``pipeline/shrink.py``) for the pruning group of each Linear / Conv layer's
+input channel and accepts the layer only when removing ANY subset of its input channels
+touches no other layer's input: one consumer, only per-channel operations between it and its
+producers (``shrink``'s own rule, ``_item_problem``), one producer channel per input channel.
+HF ``Conv1D`` layers (GPT-2, shrunk by hand in ``shrink_conv1d``) are not offered.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import nn
+
+from .shrink import _graph, _in_fn, _is_linear_matmul, _item_problem
+
+__all__ = ["PRODUCERS", "channel_sites"]
+
+
+def channel_sites(model: nn.Module, example_inputs: Any) -> dict[str, list[str] | str]:
+    """Which Linear / Conv layers can have input channels removed ON THEIR OWN by ``shrink``.
+
+    Per layer: the names of the producers (Linear / Conv / Embedding modules whose output
+    channels go with its input channels, one for one) when removing any subset of its input
+    channels is honoured by ``shrink`` without touching another layer's weights, else the
+    reason why not (a str): a grouped convolution, another consumer of the same tensor (a
+    residual add or a shared input tie them), an operation that mixes channels (as
+    ``plan_channels``), no producer (the model's input), or channels that do not map one to
+    one onto the producers' (a flatten / reshape between them). The budget's channel levels
+    are offered only to the layers with producers.
+    """
+    names = {id(m): n for n, m in model.named_modules()}
+    was_training = model.training
+    model.eval()
+    try:
+        dg = _graph(model, example_inputs)
+    except Exception as e:  # noqa: BLE001 - torch-pruning cannot trace this model
+        why = f"the dependency graph could not be traced ({type(e).__name__}: {e})"
+        return {n: why for n, m in model.named_modules() if _in_fn(m) is not None}
+    finally:
+        model.train(was_training)
+    out: dict[str, list[str] | str] = {}
+    for name, module in model.named_modules():
+        fn = _in_fn(module)
+        if fn is None:
+            continue
+        out[name] = _site(dg, module, fn, names)
+    return out
+
+
+#: modules whose output channels (rows) go with a consumer's removed input channels
+PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+def _site(dg: Any, module: nn.Module, fn: Any, names: dict[int, str]) -> list[str] | str:
+    if getattr(module, "groups", 1) > 1:
+        return f"grouped convolution (groups={module.groups})"
+    producers: list[str] = []
+    for item in dg.get_pruning_group(module, fn, idxs=[0]).items:
+        target = item.dep.target.module
+        handler = getattr(item.dep.handler, "__name__", "")
+        problem = _item_problem(target, handler)
+        if problem is not None and not _is_linear_matmul(item.dep):
+            return problem
+        if isinstance(target, nn.Conv1d | nn.Conv2d) and target.groups > 1:
+            return "a depthwise convolution in the tied group"
+        if handler == "prune_in_channels" and isinstance(target, nn.Linear | nn.Conv1d | nn.Conv2d):
+            if target is not module:
+                return f"its input is also read by {names.get(id(target), '?')} (tied channels)"
+            continue
+        if len(item.idxs) != 1:
+            return "its input channels do not map one to one onto the producer's (a reshape)"
+        if handler == "prune_out_channels" and isinstance(target, PRODUCERS):
+            producers.append(names.get(id(target), "?"))
+    if not producers:
+        return "no producer layer: its input channels are the model's input"
+    return producers
