@@ -6,7 +6,7 @@
 Exports the dense model (``optbrain.io.onnx.export_dense_onnx``), quantizes it statically
 with ONNX Runtime's own tool (``onnxruntime.quantization.quantize_static``: QDQ, int8 weights
 per channel, uint8 activations with scales from the model's calibration set), and times both
-graphs alternated call by call in one process (``optbrain.app.deploy.time_pair``); prints
+graphs alternated call by call in one process (``optbrain.pipeline.cost.time_pair``); prints
 latency, speedup, file sizes and the top-1 agreement of the int8 graph with the fp32 one on
 held-out calibration-style inputs (another seed). ``--reduce-range``: 7-bit weights, which
 avoids the int16 saturation of ONNX Runtime's u8×s8 kernels on AVX2 CPUs without VNNI (what
@@ -29,6 +29,7 @@ import torch  # noqa: E402
 
 from optbrain.app import deploy, zoo  # noqa: E402
 from optbrain.io.onnx import export_dense_onnx  # noqa: E402
+from optbrain.pipeline.cost import time_pair  # noqa: E402
 
 
 def main() -> None:
@@ -88,7 +89,7 @@ def main() -> None:
     print("| batch | threads | fp32 ms | int8 ms | speedup |\n|---:|---:|---:|---:|---:|")
     for b in args.batches:
         x = deploy.example_batch(entry, b).numpy()
-        td, tq = deploy.time_pair(
+        td, tq = time_pair(
             lambda x=x: sd.run(None, {"input": x}),
             lambda x=x: sq.run(None, {"input": x}),
             args.repeats,

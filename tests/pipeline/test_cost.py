@@ -1,16 +1,21 @@
 """pipeline.cost: parameter and MAC counts, batches for timing, latency arguments."""
 
+import statistics
+import time
+
 import pytest
 import torch
 from torch import nn
 
 from optbrain.pipeline.cost import (
     batch_of,
+    compare_costs,
     count_macs,
     count_params,
     latency_ms,
     model_costs,
     throughput_batch_for,
+    time_pair,
 )
 
 
@@ -36,3 +41,25 @@ def test_throughput_batch_and_costs():
     assert "latency_b32_ms" in c
     with pytest.raises(ValueError, match="repeats"):
         latency_ms(model, torch.randn(1, 8), repeats=0)
+
+
+def test_time_pair_measures_each_side():
+    td, tc = time_pair(lambda: time.sleep(0.004), lambda: time.sleep(0.001), 5, 1)
+    assert len(td) == len(tc) == 5
+    speedup = statistics.median(td) / statistics.median(tc)
+    assert 1.8 < speedup < 4.5
+
+
+def test_compare_costs_times_both_alike():
+    """A model doing 4× the work of another is timed slower, and the keys match model_costs."""
+    small = nn.Sequential(nn.Linear(256, 256))
+    big = nn.Sequential(*[nn.Linear(256, 256) for _ in range(4)])
+    x = torch.randn(8, 256)
+    d, c = compare_costs(big, small, x, throughput_batch=4, repeats=9)
+    assert set(d) == set(c) == set(model_costs(small, x, throughput_batch=4, repeats=3))
+    assert d["macs"] == 4 * c["macs"] == 4 * 256 * 256
+    assert d["latency_b4_ms"] > c["latency_b4_ms"]
+    big.train()
+    small.eval()
+    compare_costs(big, small, x, repeats=1)
+    assert big.training and not small.training

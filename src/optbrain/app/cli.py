@@ -211,14 +211,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
         model = load(copy.deepcopy(dense), args.compressed)
         metrics["compressed"] = entry.evaluate(model, dense=dense, limit=args.limit)
     if args.compressed or args.costs:
-        from ..pipeline.cost import model_costs, throughput_batch_for
+        from ..pipeline.cost import compare_costs, model_costs
         from .runs import example_input
 
         example = example_input(entry.calibration(1, 0)[0], entry.inputs)
-        metrics["dense"].update(model_costs(dense, example))
-        if args.compressed:
-            n = throughput_batch_for(metrics["dense"]["macs"])
-            metrics["compressed"].update(model_costs(model, example, throughput_batch=n))
+        if args.compressed:  # dense and compressed calls alternated
+            dc, cc = compare_costs(dense, model, example)
+            metrics["dense"].update(dc)
+            metrics["compressed"].update(cc)
+        else:
+            metrics["dense"].update(model_costs(dense, example))
     if args.json:
         print(json.dumps(metrics, indent=1))
     else:

@@ -22,7 +22,6 @@ import json
 import statistics
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -167,24 +166,6 @@ def calibration_args(entry: Any, model: Any, samples: int, seed: int = 0) -> lis
 
 
 # ------------------------------------------------------------------------------ bench
-def time_pair(
-    dense: Callable[[], Any], compressed: Callable[[], Any], repeats: int, warmup: int
-) -> tuple[list[float], list[float]]:
-    """Seconds per call of ``dense`` and ``compressed``, alternated call by call (so load on
-    the machine falls on both alike), after ``warmup`` untimed calls of each."""
-    for _ in range(warmup):
-        dense()
-        compressed()
-    td: list[float] = []
-    tc: list[float] = []
-    for _ in range(repeats):
-        for fn, acc in ((dense, td), (compressed, tc)):
-            t0 = time.perf_counter()
-            fn()
-            acc.append(time.perf_counter() - t0)
-    return td, tc
-
-
 def _stats(times: list[float], batch: int) -> dict[str, float]:
     med = statistics.median(times)
     return {"median_ms": med * 1e3, "throughput": batch / med}
@@ -234,6 +215,7 @@ def bench(
     import torch
 
     from ..io.onnx_int8 import check_activations
+    from ..pipeline.cost import time_pair
 
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {list(RUNTIMES)}")

@@ -2,9 +2,9 @@
 
 Dense metrics, compress (``optbrain.compress`` with a recipe, or ``compress_to_budget`` with a
 target; a ``channels`` / ``heads`` run is then shrunk for real, ``optbrain.shrink``), compressed
-metrics, parameters, MACs and measured latency of both (``pipeline.cost.model_costs``), run
-directory. Used by the CLI (``optbrain compress --model``
-with or without ``--target``, ``optbrain demo``) and the benchmarks; the library API stays in
+metrics, parameters, MACs and measured latency of both (``pipeline.cost.compare_costs``, the
+calls alternated), run directory. Used by the CLI (``optbrain compress --model`` with or
+without ``--target``, ``optbrain demo``) and the benchmarks; the library API stays in
 ``optbrain.api`` and ``optbrain.budget``.
 """
 
@@ -22,7 +22,7 @@ from torch import nn
 from .._files import atomic_write
 from ..api import compress, shrink
 from ..io import save
-from ..pipeline.cost import model_costs, throughput_batch_for
+from ..pipeline.cost import compare_costs
 from ..pipeline.shrink import structured_layers
 from ..recipe import Recipe
 from ..report import Report
@@ -72,9 +72,8 @@ def _run(
         report.metadata["shrink"] = shrink(model, example).to_dict()
     seconds = time.perf_counter() - t0
     comp = entry.evaluate(model, dense=dense, limit=limit)
-    dense_costs = model_costs(dense, example)
-    n = throughput_batch_for(dense_costs["macs"])  # the same batch for both
-    comp.update(model_costs(model, example, throughput_batch=n))
+    dense_costs, comp_costs = compare_costs(dense, model, example)  # calls alternated
+    comp.update(comp_costs)
     dense_metrics = {**dense_metrics, **dense_costs}
     report.metrics = {
         k: {"dense": dense_metrics.get(k), "compressed": comp.get(k)}

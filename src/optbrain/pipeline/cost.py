@@ -3,14 +3,16 @@
 ``count_params`` / ``count_macs`` count (MACs of every Linear / Conv through its adapter, on
 one forward); ``latency_ms`` times ``model(inputs)`` in torch eager (warm-up runs excluded,
 the median of the repeats); ``model_costs`` gives all of them at batch 1 and at a throughput
-batch, for ``optbrain eval`` / ``compress`` to put dense and compressed side by side.
+batch; ``compare_costs`` does it for a dense and a compressed model together, their calls
+alternated one by one (``time_pair``, the one timing loop of a comparison), so that load on a
+shared machine falls on both alike — as ``optbrain eval`` / ``compress`` put them side by side.
 """
 
 from __future__ import annotations
 
 import statistics
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -91,6 +93,26 @@ def latency_ms(model: nn.Module, inputs: Any, *, repeats: int = 20, warmup: int 
     return 1000.0 * statistics.median(times)
 
 
+def time_pair(
+    a: Callable[[], Any], b: Callable[[], Any], repeats: int, warmup: int
+) -> tuple[list[float], list[float]]:
+    """Seconds per call of ``a`` and ``b``, alternated call by call (so load on the machine
+    falls on both alike), after ``warmup`` untimed calls of each."""
+    if repeats < 1 or warmup < 0:
+        raise ValueError(f"repeats must be >= 1 and warmup >= 0, got {repeats}, {warmup}")
+    for _ in range(warmup):
+        a()
+        b()
+    ta: list[float] = []
+    tb: list[float] = []
+    for _ in range(repeats):
+        for fn, acc in ((a, ta), (b, tb)):
+            t0 = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t0)
+    return ta, tb
+
+
 #: Multiply-accumulates one timed throughput forward may take (bounds the automatic batch).
 THROUGHPUT_MACS = 4e9
 
@@ -125,3 +147,41 @@ def model_costs(
             model, batch_of(example, n), repeats=max(3, r // 4), warmup=1
         ),
     }
+
+
+def compare_costs(
+    dense: nn.Module,
+    model: nn.Module,
+    example: Any,
+    *,
+    throughput_batch: int | None = None,
+    repeats: int | None = None,
+) -> tuple[dict[str, float], dict[str, float]]:
+    """``model_costs`` of ``dense`` and of ``model`` (the same keys, the throughput batch of
+    the dense model), their latencies timed alternated call by call (``time_pair``)."""
+    one = batch_of(example, 1)
+    out = []
+    for m in (dense, model):
+        out.append({"params": float(count_params(m)), "macs": float(count_macs(m, one))})
+    macs = out[0]["macs"]
+    n = throughput_batch or throughput_batch_for(macs)
+    r = repeats or (20 if macs < 1e9 else 5)
+    big = batch_of(example, n)
+    modes = [(m, m.training) for m in (dense, model)]
+    try:
+        for m, _ in modes:
+            m.eval()
+        with torch.inference_mode():
+            for key, x, reps, warm in (
+                ("latency_b1_ms", one, r, 3 if macs < 1e9 else 1),
+                (f"latency_b{n}_ms", big, max(3, r // 4), 1),
+            ):
+                td, tc = time_pair(
+                    lambda x=x: call(dense, x), lambda x=x: call(model, x), reps, warm
+                )
+                out[0][key] = 1000.0 * statistics.median(td)
+                out[1][key] = 1000.0 * statistics.median(tc)
+    finally:
+        for m, was in modes:
+            m.train(was)
+    return out[0], out[1]
