@@ -9,15 +9,27 @@ back in place, and returns a ``Report``. What was done is kept on the model
 (``model._optbrain``, a ``ModelState``) so that ``save`` can write it and ``load`` can apply it
 to a fresh copy without recompressing. The traversal lives in ``optbrain.pipeline.compress``
 (planning, calibration and solving, finishing), the state in ``optbrain.pipeline.state``.
-``shrink(model, example_inputs)`` then removes for real the channels / heads that a
-``channels`` / ``heads`` pattern zeroed (``optbrain.pipeline.shrink``).
+``compress(..., executor="ray")`` runs the per-layer solves as Ray tasks
+(``optbrain.pipeline.executor``). ``shrink(model, example_inputs)`` then removes for real the
+channels / heads that a ``channels`` / ``heads`` pattern zeroed (``optbrain.pipeline.shrink``).
 """
 
 from __future__ import annotations
 
 from .pipeline.compress import compress
 from .pipeline.data import take_samples
+from .pipeline.executor import Executor, LocalExecutor, RayExecutor
 from .pipeline.shrink import ShrinkReport, shrink
 from .pipeline.state import STATE_ATTR, compressed_state
 
-__all__ = ["STATE_ATTR", "ShrinkReport", "compress", "compressed_state", "shrink", "take_samples"]
+__all__ = [
+    "STATE_ATTR",
+    "Executor",
+    "LocalExecutor",
+    "RayExecutor",
+    "ShrinkReport",
+    "compress",
+    "compressed_state",
+    "shrink",
+    "take_samples",
+]
