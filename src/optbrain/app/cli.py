@@ -81,6 +81,9 @@ def cmd_compress(args: argparse.Namespace) -> int:
     if getattr(args, "offload", None):
         from .offload_cmd import cmd_compress_offload
 
+        if args.mode is None and not args.recipe:
+            args.mode = "sequential"  # block by block is what offload does
+
         return cmd_compress_offload(args, _recipe_from_args(args))
     if getattr(args, "target", None):  # a global budget: non-uniform levels (optbrain.budget)
         return cmd_compress_budget(args)
