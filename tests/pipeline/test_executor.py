@@ -189,3 +189,30 @@ def test_map_yields_every_unit_once(ray_cluster):
     with using_executor(ray_cluster) as ex:  # an executor passed in is not closed
         assert ex is ray_cluster
     assert ray_cluster.ray.is_initialized()
+
+
+def test_interrupted_ray_build_resumes_from_the_finished_layers(ray_cluster, tmp_path):
+    from optbrain.budget import DbSettings, build_database
+
+    model, calib = _small()
+    levels, st = ["s0.5", "b4"], DbSettings(solver="obc")
+    ref = tmp_path / "local"
+    build_database(model, calib, ref, levels, settings=st)
+    written = []
+
+    def stop_after_two(name):
+        written.append(name)
+        if len(written) == 2:
+            raise KeyboardInterrupt("interrupted")
+
+    root = tmp_path / "ray"
+    with pytest.raises(KeyboardInterrupt):
+        build_database(
+            model, calib, root, levels, settings=st, executor=ray_cluster, on_layer=stop_after_two
+        )
+    again = []
+    build_database(
+        model, calib, root, levels, settings=st, executor=ray_cluster, on_layer=again.append
+    )
+    assert sorted(again) == sorted({"c1", "c2", "fc", "out"} - set(written))
+    assert _db_files(ref) == _db_files(root)

@@ -73,11 +73,19 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    args.executor_obj = _executor_from_args(args)  # validated before any work
+    try:
+        return _cmd_compress(args)
+    finally:
+        if args.executor_obj is not None:
+            args.executor_obj.close()  # a Ray started for the run is stopped
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
     from ..report import render_table
     from .runs import run_zoo
     from .text import print_metrics
 
-    args.executor_obj = _executor_from_args(args)  # validated before any work
     if getattr(args, "offload", None):
         from .offload_cmd import cmd_compress_offload
 

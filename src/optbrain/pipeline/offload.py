@@ -31,6 +31,8 @@ the previous block's output, as in decoder-only LMs).
 
 from __future__ import annotations
 
+import ctypes
+import gc
 import hashlib
 import json
 import os
@@ -48,7 +50,7 @@ from .._files import atomic_json, atomic_write, clean_stale, read_json, sha256_f
 from ..adapters import planning_on_meta
 from ..recipe import Recipe
 from ..report import LayerRecord, Report, peak_memory_tracker
-from .compress import LayerCompressor, plan_layers, skip_record
+from .compress import LayerCompressor, WeightBackup, plan_layers, skip_record, solve_layer
 from .data import calibration_mode, take_samples
 from .hessians import HessianHooks, as_adapter
 from .progress import Progress, level, reporting
@@ -222,6 +224,7 @@ def compress_offloaded(
             del plans[n]
         progress = Progress(len(plans), "compress (offload)", enabled=not quiet)
         comp = LayerCompressor(plans, adapters, progress, model)
+        comp.backup = _NoBackup()  # the dense weights stay in the source files
         try:
             with reporting("quiet" if quiet else level() or "normal"):
                 _run_blocks(model, blocks, batches, comp, Tensors(model), index, source, root)
@@ -294,6 +297,14 @@ def _run_blocks(
             if k + 1 < len(blocks):
                 _advance(block, bname, cur, torch.device("cpu"), None)
             tensors.release(names)
+            trim_heap()
+
+
+class _NoBackup(WeightBackup):
+    """No in-memory copy of the dense weights: offload never writes into ``source``."""
+
+    def keep(self, weight: torch.Tensor) -> None:
+        pass
 
 
 def _planned(comp: LayerCompressor, bname: str) -> int:
@@ -314,9 +325,31 @@ def _compress_block(block: nn.Module, bname: str, cur: list, comp: LayerCompress
         stop, sub = (group[-1] if once else None), {n: adapters[n] for n in group}
         hooks = HessianHooks(sub, dtype=torch.float64, stop_after=stop)
         _block_pass(block, bname, cur, dev, hooks)
-        for n in group:
-            comp(f"{bname}.{n}", adapters[n].module, hooks.hessians[n])
-    comp.backup.originals.clear()  # written to disk: nothing in memory to put back
+        for n in group:  # as ``comp(name, module, hessians)``, holding H without its sum
+            accs = hooks.hessians.pop(n)
+            tokens, job = accs[0].tokens, comp.job(f"{bname}.{n}", accs)
+            del accs
+            comp.apply(f"{bname}.{n}", adapters[n].module, tokens, solve_layer(*job))
+            del job
+            trim_heap()
+
+
+def trim_heap() -> None:
+    """Hand the C heap's free pages back to the system (glibc ``malloc_trim``; elsewhere a
+    no-op): the solver's many mid-sized temporaries otherwise stay resident after use."""
+    global _LIBC
+    if _LIBC is None:
+        try:
+            _LIBC = ctypes.CDLL("libc.so.6")
+            _LIBC.malloc_trim  # noqa: B018 (an AttributeError without glibc)
+        except (OSError, AttributeError):
+            _LIBC = False
+    gc.collect()
+    if _LIBC:
+        _LIBC.malloc_trim(0)
+
+
+_LIBC: Any = None
 
 
 def _write_block(stem: Path, tensors: dict, records: list[LayerRecord]) -> None:
