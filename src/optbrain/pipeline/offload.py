@@ -122,14 +122,17 @@ class Tensors:
             else:
                 m._buffers[attr] = t
 
-    def load(self, files: dict[str, list[str]], root: Path) -> None:
-        """Read ``{shard file: [tensor names]}`` from ``root`` into the model."""
+    def load(self, files: dict[str, list[str]], root: Path, copy: bool = False) -> None:
+        """Read ``{shard file: [tensor names]}`` from ``root`` into the model. ``copy``: into
+        memory of their own (weights that will be overwritten); else the tensors map the file
+        (only the pages read are resident: an embedding's looked-up rows)."""
         from safetensors import safe_open
 
         for fname, names in files.items():
             with safe_open(str(root / fname), "pt", device="cpu") as f:
                 for n in names:
-                    self._set(n, f.get_tensor(n))
+                    t = f.get_tensor(n)
+                    self._set(n, t.clone() if copy else t)
 
     def release(self, names: list[str]) -> None:
         """Put tensors ``names`` back on ``meta``."""
@@ -289,11 +292,12 @@ def _run_blocks(
                 comp.progress.update(f"{bname} (done before)", step=_planned(comp, bname))
                 tensors.load({stem.with_suffix(".safetensors").name: names}, root / "blocks")
             else:
-                tensors.load(_by_file(names, index), source)
+                tensors.load(_by_file(names, index), source, copy=True)
                 start = len(comp.records)
                 _compress_block(block, bname, cur, comp)
-                params = dict(model.named_parameters(remove_duplicate=False))
-                _write_block(stem, {n: params[n].data for n in names}, comp.records[start:])
+                held = dict(model.named_buffers())
+                held.update(model.named_parameters(remove_duplicate=False))
+                _write_block(stem, {n: held[n].data for n in names}, comp.records[start:])
             if k + 1 < len(blocks):
                 _advance(block, bname, cur, torch.device("cpu"), None)
             tensors.release(names)
