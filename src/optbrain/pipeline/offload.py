@@ -201,6 +201,11 @@ def compress_offloaded(
             f"'sequential' with targets 'compressed' (got {rec.calibration.mode!r}, "
             f"{rec.calibration.targets!r})"
         )
+    if rec.allocation.method != "uniform":
+        raise ValueError(
+            f"offload takes the recipe's own per-layer settings; allocation "
+            f"{rec.allocation.method!r} needs the whole dense model (run it in memory)"
+        )
     if not (source / "config.json").is_file():
         raise ValueError(f"offload needs a local Hugging Face directory; {source} has no config")
     index = shard_index(source)
