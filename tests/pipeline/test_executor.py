@@ -164,8 +164,8 @@ class KillingRay(RayExecutor):
         self._owned = False
         self.marker = str(marker)
 
-    def map(self, fn, jobs):
-        return super().map(partial(_die_once, self.marker, fn), jobs)
+    def map(self, fn, jobs, around=None):
+        return super().map(partial(_die_once, self.marker, fn), jobs, around)
 
 
 def test_worker_killed_mid_build_is_retried(ray_cluster, tmp_path):
