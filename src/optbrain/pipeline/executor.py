@@ -168,6 +168,9 @@ class RayExecutor(Executor):
                 log_to_driver=False,
                 object_store_memory=self.object_store_memory,
                 runtime_env={"env_vars": {k: v for k, v in env.items() if v}},
+                # Ray runs its workers at nice 15 by default: on a busy machine they would get
+                # a fraction of the CPU the local executor gets; same priority as the driver
+                _system_config={"worker_niceness": 0},
             )
         self._owned = True
         return self

@@ -335,11 +335,16 @@ def _compress_block(block: nn.Module, bname: str, cur: list, comp: LayerCompress
         hooks = HessianHooks(sub, dtype=torch.float64, stop_after=stop)
         _block_pass(block, bname, cur, dev, hooks)
         for n in group:  # as ``comp(name, module, hessians)``, holding H without its sum
+            full = f"{bname}.{n}"
             accs = hooks.hessians.pop(n)
-            tokens, job = accs[0].tokens, comp.job(f"{bname}.{n}", accs)
+            tokens, job = accs[0].tokens, comp.job(full, accs)
             del accs
-            comp.apply(f"{bname}.{n}", adapters[n].module, tokens, solve_layer(*job))
+            t0 = time.perf_counter()
+            with comp.progress.within(full, comp.predicted.get(full)):
+                solved = solve_layer(*job)
             del job
+            comp.apply(full, adapters[n].module, tokens, solved, time.perf_counter() - t0)
+            del solved
             trim_heap()
 
 
