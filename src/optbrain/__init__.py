@@ -13,6 +13,9 @@ from typing import TYPE_CHECKING, Any
 #: public name -> the module that defines it
 _EXPORTS: dict[str, str] = {
     "compress": ".api",
+    "Executor": ".api",
+    "LocalExecutor": ".api",
+    "RayExecutor": ".api",
     "calibration_from": ".pipeline.calibration",
     "shrink": ".api",
     "ShrinkReport": ".api",
@@ -37,7 +40,7 @@ _EXPORTS: dict[str, str] = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imports lazily
-    from .api import ShrinkReport, compress, shrink
+    from .api import Executor, LocalExecutor, RayExecutor, ShrinkReport, compress, shrink
     from .core.grid import QuantGrid, fit_grid
     from .core.hessian import HessianAccumulator, hessian_from_inputs, layer_loss, prepare_hessian
     from .core.layer import compress_layer, prune_layer, quantize_layer
@@ -67,10 +70,13 @@ def __dir__() -> list[str]:
 __all__ = [
     "METHODS",
     "CompressSpec",
+    "Executor",
     "HessianAccumulator",
     "LayerResult",
     "LayerRecord",
+    "LocalExecutor",
     "QuantGrid",
+    "RayExecutor",
     "Recipe",
     "Report",
     "calibration_from",

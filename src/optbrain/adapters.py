@@ -43,7 +43,9 @@ the layers that own a weight but are skipped, each with a reason.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 
 import torch
 import torch.nn.functional as F
@@ -390,13 +392,27 @@ def skip_reason(module: nn.Module) -> str | None:
         return f"no layer adapter for {type(module).__name__}"
     if isinstance(w, UninitializedParameter):
         return "weight is an uninitialised lazy parameter; run one forward first"
-    if w.device.type == "meta":
+    if w.device.type == "meta" and not _PLAN_ON_META.get():
         return "weight is on the meta device (not materialised)"
     if not w.is_floating_point():
         return f"weight has dtype {w.dtype}, not floating point (already quantized?)"
     if w.dim() < 2 or w.numel() == 0:
         return f"weight has shape {tuple(w.shape)}"
     return None
+
+
+_PLAN_ON_META: ContextVar[bool] = ContextVar("optbrain_plan_on_meta", default=False)
+
+
+@contextmanager
+def planning_on_meta() -> Iterator[None]:
+    """Inside, layers whose weight is on the ``meta`` device count as compressible: a model
+    planned before its weights are read (``pipeline.offload``), solved once they are."""
+    token = _PLAN_ON_META.set(True)
+    try:
+        yield
+    finally:
+        _PLAN_ON_META.reset(token)
 
 
 def adapter_for(module: nn.Module) -> LayerAdapter | None:

@@ -73,10 +73,26 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
+    args.executor_obj = _executor_from_args(args)  # validated before any work
+    try:
+        return _cmd_compress(args)
+    finally:
+        if args.executor_obj is not None:
+            args.executor_obj.close()  # a Ray started for the run is stopped
+
+
+def _cmd_compress(args: argparse.Namespace) -> int:
     from ..report import render_table
     from .runs import run_zoo
     from .text import print_metrics
 
+    if getattr(args, "offload", None):
+        from .offload_cmd import cmd_compress_offload
+
+        if args.mode is None and not args.recipe:
+            args.mode = "sequential"  # block by block is what offload does
+
+        return cmd_compress_offload(args, _recipe_from_args(args))
     if getattr(args, "target", None):  # a global budget: non-uniform levels (optbrain.budget)
         return cmd_compress_budget(args)
     if getattr(args, "levels", None):
@@ -92,11 +108,27 @@ def cmd_compress(args: argparse.Namespace) -> int:
     recipe = _recipe_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / args.model
     _check_out(out)
-    _, report = run_zoo(args.model, recipe, out, quiet=args.quiet, limit=args.limit)
+    _, report = run_zoo(
+        args.model, recipe, out, quiet=args.quiet, limit=args.limit, executor=args.executor_obj
+    )
     print(render_table(report))
     print_metrics(report)
     print(f"\nrun written to {out}/ (report: {out / 'report.html'})")
     return _nothing_compressed(report)
+
+
+def _executor_from_args(args: argparse.Namespace) -> Any:
+    """``--executor`` / ``--ray-address`` / ``--ray-workers`` as an executor (None: local);
+    an unknown combination or Ray not installed is an error now, before any work."""
+    name = getattr(args, "executor", None) or "local"
+    address, workers = getattr(args, "ray_address", None), getattr(args, "ray_workers", None)
+    if name == "local" and (address is not None or workers is not None):
+        raise ValueError("--ray-address / --ray-workers need --executor ray")
+    if name == "local":
+        return None
+    from ..pipeline.executor import make_executor
+
+    return make_executor(name, address=address, workers=workers)
 
 
 def _check_out(out: Path, db: Path | None = None) -> None:
@@ -169,6 +201,7 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
         sym=not getattr(args, "asym", False),
         levels=_levels_from_args(getattr(args, "levels", None)),
         bn_recalibration=bool(getattr(args, "bn_recalibration", False)),
+        executor=getattr(args, "executor_obj", None),
     )
     print(allocation_table(report))
     print_metrics(report)
@@ -357,6 +390,26 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         dest="bn_recalibration",
         help="re-estimate the batch norms' running statistics on the calibration afterwards",
+    )
+    c.add_argument(
+        "--executor",
+        choices=["local", "ray"],
+        help="where the per-layer solves run: local (default) or ray (pip install optbrain[ray]; "
+        "a local Ray for the run, or the cluster at --ray-address / RAY_ADDRESS)",
+    )
+    c.add_argument("--ray-address", dest="ray_address", help="Ray cluster HOST:PORT")
+    c.add_argument(
+        "--ray-workers",
+        dest="ray_workers",
+        type=_positive_int,
+        help="CPUs of the local Ray started for the run (default: all cores)",
+    )
+    c.add_argument(
+        "--offload",
+        metavar="DIR",
+        help="a local HF causal LM larger than memory: read block by block from its safetensors "
+        "shards, each compressed block written to DIR (resumable), the model assembled in "
+        "DIR/model (sequential mode)",
     )
     c.set_defaults(func=cmd_compress)
 

@@ -83,7 +83,13 @@ def obc_warnings(model: nn.Module, recipe: Any) -> list[str]:
 
 
 def compress_own(
-    loaded: LoadedModel, batches: list[Any], recipe: Any, out: Path, *, quiet: bool = False
+    loaded: LoadedModel,
+    batches: list[Any],
+    recipe: Any,
+    out: Path,
+    *,
+    quiet: bool = False,
+    executor: Any = None,
 ) -> Any:
     """Compress ``loaded.model`` in place on ``batches``; write the run directory ``out``
     (checkpoint, ``report.html``, ``recipe.yaml``, ``source.json``). Returns the report."""
@@ -92,7 +98,9 @@ def compress_own(
     from .runs import RUN_FILES
 
     t0 = time.perf_counter()
-    report = compress(loaded.model, batches, recipe, quiet=quiet, name=loaded.name)
+    report = compress(
+        loaded.model, batches, recipe, quiet=quiet, name=loaded.name, executor=executor
+    )
     report.metadata["compress_seconds"] = time.perf_counter() - t0
     loaded.model.__dict__["_optbrain"]["report"] = report.to_dict()
     save(loaded.model, out)

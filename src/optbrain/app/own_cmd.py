@@ -106,7 +106,9 @@ def _compress_own(args: argparse.Namespace, recipe: Any) -> int:
     for line in obc_warnings(loaded.model, recipe):  # printed even with --quiet
         print(line, file=sys.stderr)
     out = Path(args.out) if args.out else Path("runs") / loaded.name
-    report = compress_own(loaded, batches, recipe, out, quiet=args.quiet)
+    report = compress_own(
+        loaded, batches, recipe, out, quiet=args.quiet, executor=getattr(args, "executor_obj", None)
+    )
     print(render_table(report))
     print(f"\nrun written to {out}/ (report: {out / 'report.html'})")
     return 0

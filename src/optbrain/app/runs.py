@@ -104,8 +104,10 @@ def run_zoo(
     limit: int | None = None,
     dense: nn.Module | None = None,
     dense_metrics: dict[str, float] | None = None,
+    executor: Any = None,
 ) -> tuple[nn.Module, Report]:
-    """Compress zoo model ``name`` with ``recipe``; metrics of dense and compressed go into the
+    """Compress zoo model ``name`` with ``recipe`` (``executor``: where the layers are solved,
+    ``optbrain.pipeline.executor``); metrics of dense and compressed go into the
     report (``metrics[k] = {"dense": x, "compressed": y}``). Writes ``out`` when given:
     the saved run, ``report.html`` and ``recipe.yaml``."""
     from . import zoo
@@ -116,7 +118,9 @@ def run_zoo(
         rec.calibration.samples = samples
 
     def run(model: nn.Module, batches: list[Any]) -> Report:
-        return compress(model, batches, rec, inputs=entry.inputs, quiet=quiet, name=name)
+        return compress(
+            model, batches, rec, inputs=entry.inputs, quiet=quiet, name=name, executor=executor
+        )
 
     def files(report: Report) -> dict[str, str]:
         return {"report.html": report.to_html(), "recipe.yaml": rec.to_yaml()}
@@ -145,7 +149,7 @@ def run_zoo_budget(
     **options: Any,
 ) -> tuple[nn.Module, Report]:
     """Compress zoo model ``name`` to ``target`` (``options``: ``compress_to_budget`` keywords
-    such as ``objective``, ``solver``, ``uniform``).
+    such as ``objective``, ``solver``, ``uniform``, ``executor``).
 
     By default the DP sums model-level errors (``model_level=True``, measured on the first
     ``model_level_samples`` calibration samples), as in the OBC paper: on MiniLM the layer-wise

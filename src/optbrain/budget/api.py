@@ -32,6 +32,7 @@ from ..adapters import adapter_for, find_layers
 from ..pipeline.batchnorm import recalibrate_batchnorm
 from ..pipeline.compress import WeightBackup, sort_records
 from ..pipeline.data import Forward, iter_batches, take_samples
+from ..pipeline.executor import Executor, make_executor
 from ..pipeline.state import GroupState, LayerState, ModelState
 from ..report import LayerRecord, Report
 from .costs import METRICS, Target, level_cost, parse_target
@@ -296,6 +297,7 @@ def compress_to_budget(
     uniform: bool = False,
     quiet: bool = False,
     name: str | None = None,
+    executor: str | Executor | None = None,
 ) -> Report:
     """Compress ``model`` in place to meet ``target`` with a per-layer level allocation.
 
@@ -315,6 +317,8 @@ def compress_to_budget(
       database settings (``DbSettings``). resolution: DP units. uniform: one level for all
       layers (the baseline). bn_recalibration: re-estimate the batch norms' running statistics
       on the calibration batches after the levels are written (``recalibrate_batchnorm``).
+      executor: where the database's layers are solved (``"local"``, ``"ray"`` or an
+      ``Executor``, ``optbrain.pipeline.executor``); the same database either way.
 
     Channel levels leave the model masked (whole input columns zero); ``optbrain.shrink``
     then removes them for real (the CLI and ``app.runs.run_zoo_budget`` do).
@@ -324,6 +328,7 @@ def compress_to_budget(
     cost). The model must be the dense model the database was built from.
     """
     t0 = time.perf_counter()
+    make_executor(executor)  # an unknown executor, Ray not installed: the error, now
     tgt = parse_target(target)
     measure = tgt.metric == "latency" and timing is None
     if (
@@ -359,6 +364,7 @@ def compress_to_budget(
             inputs=inputs,
             seed=seed,
             quiet=quiet,
+            executor=executor,
         )
         t_db = time.perf_counter() - t0
         if measure:
@@ -375,6 +381,7 @@ def compress_to_budget(
         report.metadata["bn_recalibration"] = bn_recalibration
         report.metadata["database"] = None if tmp is not None else str(root)
         report.metadata["database_seconds"] = t_db
+        report.metadata["database_layer_seconds"] = dict(db.seconds)  # the layers built now
         report.metadata["calibration_batches"] = len(batches)
         report.metadata["seconds"] = time.perf_counter() - t0
     finally:

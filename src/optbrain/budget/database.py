@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,7 @@ from ..core.methods.auto import estimate_levels_seconds
 from ..core.methods.obc import solve_obc_levels
 from ..pipeline import collect_hessians, trace_input_shapes
 from ..pipeline.data import Forward, take_samples
+from ..pipeline.executor import Executor, make_executor, using_executor
 from ..pipeline.progress import Progress
 from .channels import channel_size, layer_sites, producer_savings, solve_channel_levels
 from .fingerprint import DbSettings, check_fingerprint, fingerprint
@@ -122,38 +124,28 @@ def _solve_fast(
     return out
 
 
-def _build_layer(
-    name: str,
-    index: int,
-    adapter: LayerAdapter,
-    hessians: list,
-    levels: Sequence[Level],
+def solve_levels(
+    Ws: list[torch.Tensor],
+    Hs: list[torch.Tensor],
+    fit: Sequence[Level],
     st: DbSettings,
-    input_shape: tuple[int, ...] | None,
-    model_loss: ModelLoss | None,
-    site: list[dict[str, Any]] | str | None = None,
-) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    csize = channel_size(adapter)
-    producers = site if isinstance(site, list) else None
-    fit = [
-        lv
-        for lv in levels
-        if (
-            lv.fits(adapter.cols) if not lv.channels else producers and lv.fits(adapter.cols, csize)
-        )
-    ]
-    solver = st.solver
-    if solver == "auto":
-        solver = "obc" if exact_seconds(adapter, fit) <= st.time_budget else "fast"
+    solver: str,
+    csize: int,
+) -> tuple[list[dict[str, dict[str, Any]]], dict[str, torch.Tensor], float, float]:
+    """One layer's unit of work (any executor, ``pipeline.executor``): every level of ``fit``
+    for each group ``W_g (rows, cols)``, ``H_g (cols, cols)`` (channel levels with channels of
+    ``csize`` columns). Returns the per-group stats ``{level: {nnz, loss, predicted,
+    scales}}``, the tensors to store, the dense output energy ``Σ_g ½ Σ_r W_r H W_rᵀ`` and the
+    seconds it took."""
+    t0 = time.perf_counter()
     solve = _solve_exact if solver == "obc" else _solve_fast
     plain = [lv for lv in fit if not lv.channels]
-    G = adapter.groups
     per_group = []
     tensors: dict[str, torch.Tensor] = {}
     energy = 0.0
-    for g in range(G):
-        W = adapter.weight(g)
-        H = hessians[g].hessian().to(W.device)
+    for g, (W, H) in enumerate(zip(Ws, Hs, strict=True)):
+        H = H.to(W.device)
+        rows, cols = W.shape
         energy += float(0.5 * ((W.double() @ H) * W.double()).sum())
         res = solve(W, H, plain, st)
         res.update(
@@ -172,13 +164,58 @@ def _build_layer(
                 tensors[f"{lid}/{g}/scale"] = grid.scale.cpu().to(torch.float32)
                 tensors[f"{lid}/{g}/zero"] = grid.zero.cpu().to(torch.float32)
             stats[lid] = {
-                "nnz": int(keep.sum()) if keep is not None else adapter.rows * adapter.cols,
+                "nnz": int(keep.sum()) if keep is not None else rows * cols,
                 "loss": float(row_losses(W, w, H).sum()),
                 "predicted": float(predicted),
                 "scales": int(grid.scale.numel()) if grid is not None else 0,
             }
         per_group.append(stats)
         del H
+    return per_group, tensors, energy, time.perf_counter() - t0
+
+
+def _layer_job(
+    adapter: LayerAdapter,
+    hessians: list,
+    levels: Sequence[Level],
+    st: DbSettings,
+    site: list[dict[str, Any]] | str | None,
+) -> tuple:
+    """The arguments of ``solve_levels`` for one layer (the levels that fit it, ``"auto"``
+    resolved here)."""
+    csize = channel_size(adapter)
+    producers = site if isinstance(site, list) else None
+    fit = [
+        lv
+        for lv in levels
+        if (
+            lv.fits(adapter.cols) if not lv.channels else producers and lv.fits(adapter.cols, csize)
+        )
+    ]
+    solver = st.solver
+    if solver == "auto":
+        solver = "obc" if exact_seconds(adapter, fit) <= st.time_budget else "fast"
+    Ws = [adapter.weight(g) for g in range(adapter.groups)]
+    return Ws, [acc.hessian() for acc in hessians], fit, st, solver, csize
+
+
+def _layer_record(
+    name: str,
+    index: int,
+    adapter: LayerAdapter,
+    tokens: int,
+    job: tuple,
+    solved: tuple,
+    input_shape: tuple[int, ...] | None,
+    model_loss: ModelLoss | None,
+    site: list[dict[str, Any]] | str | None = None,
+) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """A solved layer's record and tensors (model-level errors measured here, in the driver,
+    which holds the model)."""
+    _, _, fit, st, solver, csize = job
+    per_group, tensors, energy, _ = solved
+    producers = site if isinstance(site, list) else None
+    G = adapter.groups
     entries: dict[str, Any] = {}
     for lv in fit:
         e: dict[str, Any] = {
@@ -214,7 +251,7 @@ def _build_layer(
         "params": adapter.params,
         "input_shape": list(input_shape) if input_shape is not None else None,
         "positions": int(positions),
-        "tokens": int(hessians[0].tokens),
+        "tokens": int(tokens),
         "dense_energy": energy,
         "solver": solver,
         "channel_size": csize,
@@ -237,6 +274,7 @@ def build_database(
     seed: int | None = None,
     quiet: bool = True,
     on_layer: Callable[[str], None] | None = None,
+    executor: str | Executor | None = None,
 ) -> Database:
     """Build (or resume, or reuse) the database of ``model`` in directory ``root``.
 
@@ -248,9 +286,13 @@ def build_database(
     asking ``model_level=True`` of one built without adds the model-level errors (from the
     stored weights, no re-solving).
     on_layer(name): called after each layer is written (progress hooks, tests).
+    executor: where the layers' levels are solved (``optbrain.pipeline.executor``: ``"local"``,
+      default; ``"ray"``; an ``Executor``): the driver writes each finished layer as it
+      arrives, so an interrupted distributed build resumes from the layers written.
     The model is left unchanged (weights swapped for model-level errors are restored).
     """
     st = settings or DbSettings()
+    make_executor(executor)  # an unknown executor, Ray not installed: the error, now
     root = Path(root)
     check_database_dir(root)
     batches = list(batches)
@@ -292,10 +334,12 @@ def build_database(
             else take_samples(batches, st.model_level_samples)
         )
         mloss = ModelLoss(model, few, forward, inputs)
+    seconds: dict[str, float] = {}
     if pending:
-        _build_pending(
-            model, batches, db, pending, layers, st, forward, inputs, mloss, quiet, on_layer
-        )
+        seconds = _build_pending(
+            model, batches, db, pending, layers, st, forward, inputs, mloss, quiet, on_layer,
+            executor,
+        )  # fmt: skip
     if upgrade:  # model-level errors for the layers built without them, then the fingerprint
         _add_model_level(db, layers, mloss, quiet)  # type: ignore[arg-type]
         fp = dict(db.fingerprint)
@@ -305,7 +349,9 @@ def build_database(
             "model_level_samples": st.model_level_samples,
         }
         atomic_json(root / FINGERPRINT, fp)
-    return Database(root)
+    out = Database(root)
+    out.seconds = seconds
+    return out
 
 
 def check_database_dir(root: Path) -> None:
@@ -376,7 +422,8 @@ def _build_pending(
     mloss: ModelLoss | None,
     quiet: bool,
     on_layer: Callable[[str], None] | None,
-) -> None:
+    executor: str | Executor | None = None,
+) -> dict[str, float]:
     adapters = {n: adapter_for(layers[n]) for n in pending}
     sites: dict[str, Any] = {}
     if any(lv.channels for lv in db.levels):
@@ -386,29 +433,38 @@ def _build_pending(
     else:
         shapes = trace_input_shapes(model, adapters, batches[0], forward, inputs=inputs)
     hessians = collect_hessians(model, adapters, batches, forward, inputs=inputs)
+    tokens = {n: hessians[n][0].tokens for n in pending}
+    seconds: dict[str, float] = {}
+    jobs = [_layer_job(adapters[n], hessians.pop(n), db.levels, st, sites.get(n)) for n in pending]
     progress = Progress(len(pending), "database", enabled=not quiet)
+
+    def within(i: int) -> Any:  # the cost model's seconds, for layers solved exactly
+        secs = exact_seconds(adapters[pending[i]], jobs[i][2])
+        return progress.within(pending[i], secs if jobs[i][4] == "obc" else None)
+
     try:
-        for name in pending:
-            fit = [lv for lv in db.levels if lv.fits(adapters[name].cols)]
-            secs = exact_seconds(adapters[name], fit)
-            exact = st.solver == "obc" or (st.solver == "auto" and secs <= st.time_budget)
-            with progress.within(name, secs if exact else None):
-                rec, tensors = _build_layer(
+        with using_executor(executor) as ex:
+            for i, solved in ex.map(solve_levels, jobs, around=within):
+                name = pending[i]
+                rec, tensors = _layer_record(
                     name,
                     db.layers.index(name),
                     adapters[name],
-                    hessians.pop(name),
-                    db.levels,
-                    st,
+                    tokens[name],
+                    jobs[i],
+                    solved,
                     shapes.get(name),
                     mloss,
                     sites.get(name),
                 )
-            stem = db.stem(name)
-            rec["tensors_sha256"] = atomic_tensors(stem.with_suffix(".safetensors"), tensors)
-            atomic_json(stem.with_suffix(".json"), rec)
-            progress.update(name)
-            if on_layer is not None:
-                on_layer(name)
+                jobs[i] = ()  # the layer's W and H are no longer needed
+                stem = db.stem(name)
+                rec["tensors_sha256"] = atomic_tensors(stem.with_suffix(".safetensors"), tensors)
+                atomic_json(stem.with_suffix(".json"), rec)
+                seconds[name] = solved[3]
+                progress.update(name)
+                if on_layer is not None:
+                    on_layer(name)
     finally:
         progress.close()
+    return seconds

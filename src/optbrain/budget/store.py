@@ -88,10 +88,13 @@ def read_record(path: Path) -> dict[str, Any]:
 
 class Database:
     """A built (or partly built) database directory. ``layers``: names in model order;
-    ``record(name)``: the layer's JSON; ``level_weights(name, level)``: per-group tensors."""
+    ``record(name)``: the layer's JSON; ``level_weights(name, level)``: per-group tensors.
+    ``seconds``: solve seconds of the layers the build that returned it computed (not stored:
+    the files stay reproducible byte for byte)."""
 
     def __init__(self, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        self.seconds: dict[str, float] = {}
         fp = self.root / FINGERPRINT
         if not fp.is_file():
             raise DatabaseError(f"{self.root} is not a budget database (no {FINGERPRINT})")

@@ -104,6 +104,14 @@ class PreparedHessian:
     fallback: str | None
 
 
+def _damped(H: torch.Tensor, lam: float) -> torch.Tensor:
+    """``H + λ I`` as a new tensor without forming ``I`` or ``λ I``: one ``(C, C)`` buffer
+    instead of three (the same values: ``H_ij + λ·0`` is ``H_ij``)."""
+    Hd = H.clone()
+    Hd.diagonal().add_(lam)
+    return Hd
+
+
 def _chol_inverse(H: torch.Tensor) -> torch.Tensor | None:
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
@@ -136,7 +144,7 @@ def prepare_hessian(
     """
     damp = check_damp(damp)
     check_on_singular(on_singular)
-    H = H.to(dtype).clone()
+    H = H.to(dtype, copy=True)
     if not bool(torch.isfinite(H).all()):
         raise ValueError(
             f"H overflows {dtype} (max |H| = {float(H.double().abs().max()):.3g} before the "
@@ -151,9 +159,8 @@ def prepare_hessian(
     live = ~dead
     mean_diag = float(diag[live].mean()) if bool(live.any()) else 1.0
     lam = damp * mean_diag
-    eye = torch.eye(H.shape[0], dtype=dtype, device=H.device)
     fallback = None
-    Hd = H + lam * eye
+    Hd = _damped(H, lam)
     Hinv = _chol_inverse(Hd)
     if Hinv is None and on_singular == "raise":
         raise ValueError(
@@ -164,14 +171,14 @@ def prepare_hessian(
         lam_try = max(lam, 1e-8 * mean_diag)
         for k in range(1, max_tries + 1):
             lam_try *= 10.0
-            Hd = H + lam_try * eye
+            Hd = _damped(H, lam_try)
             Hinv = _chol_inverse(Hd)
             if Hinv is not None:
                 lam = lam_try
                 fallback = f"damping x10^{k}"
                 break
     if Hinv is None:
-        Hd = H + lam * eye
+        Hd = _damped(H, lam)
         evals, evecs = torch.linalg.eigh(Hd.double())
         floor = 1e-6 * float(evals.abs().max().clamp_min(1e-30))
         evals = evals.clamp_min(floor)

@@ -34,6 +34,7 @@ from ..core.hessian import HessianAccumulator, row_losses
 from ..core.layer import compress_layer
 from ..core.methods.auto import predicted_seconds
 from ..core.patterns import parse_pattern
+from ..core.result import LayerResult
 from ..core.spec import make_spec
 from ..core.targets import CrossAccumulator, compress_to_dense, target_loss
 from ..recipe import LayerPlan, Recipe
@@ -41,6 +42,7 @@ from ..recipe_rules import class_names
 from ..report import LayerRecord, Report, peak_memory_tracker
 from .batchnorm import recalibrate_batchnorm
 from .data import Forward, take_samples
+from .executor import Executor, make_executor, using_executor
 from .hessians import collect_hessians
 from .owl import apply_owl, check_owl_plans
 from .progress import Progress, level, reporting, seconds_text
@@ -161,8 +163,37 @@ def plan_layers(model: nn.Module, rec: Recipe) -> tuple[Plans, Adapters, list[La
 
 
 # ------------------------------------------------------------------------ solving a layer ----
+def solve_layer(
+    Ws: list[torch.Tensor], mats: list[tuple[torch.Tensor, ...]], method: str, kwargs: dict
+) -> list[tuple[LayerResult, float, float | None]]:
+    """One layer's unit of work (any executor, ``pipeline.executor``): per group ``g`` the
+    solver's result for ``W_g (rows, cols)`` under ``mats[g]`` — ``(H,)``, or ``(H̃, C, H)``
+    for dense targets (``core.targets``) — with its measured loss (``½ Σ_r δ_r H δ_rᵀ``, or
+    ``‖X̃ Ŵᵀ − X Wᵀ‖² / N`` against the dense outputs) and peak memory (MB). The trace of other
+    levels is dropped (not kept by a run, and large to ship)."""
+    out = []
+    G = len(Ws)
+    for g, (W, m) in enumerate(zip(Ws, mats, strict=True)):
+        with peak_memory_tracker(W.device) as mem, ticks.part(g / G, (g + 1) / G):
+            if len(m) == 3:
+                res = compress_to_dense(W, *m, method=method, **kwargs)
+            else:
+                res = compress_layer(W, m[0].to(W.device), method=method, **kwargs)
+        if len(m) == 3:
+            measured = float(target_loss(W, res.weight, *m).sum())
+        else:
+            measured = float(row_losses(W, res.weight, m[0].to(W.device)).sum())
+        res.trace = None
+        out.append((res, measured, mem.mb))
+    return out
+
+
 class LayerCompressor:
-    """Compresses one layer from its per-group Hessians and keeps its records and state."""
+    """Compresses one layer from its per-group Hessians and keeps its records and state.
+
+    Called (``comp(name, module, hessians)``) it solves the layer here; ``run`` solves many
+    independent layers on an executor and applies each result in the driver as it arrives.
+    """
 
     def __init__(
         self, plans: Plans, adapters: Adapters, progress: Progress, model: nn.Module | None = None
@@ -195,50 +226,83 @@ class LayerCompressor:
         ratio = sum(a for a, _ in done) / sum(p for _, p in done) if done else 1.0
         return sum(left) * ratio
 
-    def __call__(self, name: str, module: nn.Module, hessians: list[HessianAccumulator]) -> None:
+    def job(self, name: str, hessians: list[HessianAccumulator]) -> tuple:
+        """The arguments of ``solve_layer`` for layer ``name``."""
         plan = self.plans[name]
         adapter = self.adapters[name]
-        entry = LayerState(plan=plan.to_dict())
         kwargs = layer_kwargs(self.model, adapter, plan) if self.model else plan.spec_kwargs()
+        Ws = [adapter.weight(g) for g in range(len(hessians))]
+        mats = [
+            (acc.hessian(), acc.cross(), acc.dense_hessian())
+            if isinstance(acc, CrossAccumulator)  # dense targets (core.targets)
+            else (acc.hessian(),)
+            for acc in hessians
+        ]
+        return Ws, mats, plan.method, kwargs
+
+    def apply(
+        self,
+        name: str,
+        module: nn.Module,
+        tokens: int,
+        solved: list[tuple[LayerResult, float, float | None]],
+        seconds: float | None = None,
+    ) -> None:
+        """Write a solved layer into ``module``; keep its records and state; progress
+        (``seconds``: the wall time of its solve here; default the solver's own times)."""
+        adapter = self.adapters[name]
+        entry = LayerState(plan=self.plans[name].to_dict())
         self.backup.keep(module.weight)
-        t0 = time.perf_counter()
-        G = len(hessians)
-        for g, acc in enumerate(hessians):
-            W = adapter.weight(g)
-            H = acc.hessian()
-            dense = isinstance(acc, CrossAccumulator)  # dense targets (core.targets)
-            with (
-                peak_memory_tracker(W.device) as mem,
-                self.progress.within(name, self.predicted.get(name)),
-                ticks.part(g / G, (g + 1) / G),
-            ):
-                if dense:
-                    mats = (H, acc.cross(), acc.dense_hessian())
-                    res = compress_to_dense(W, *mats, method=plan.method, **kwargs)
-                else:
-                    res = compress_layer(W, H.to(W.device), method=plan.method, **kwargs)
-            adapter.set_weight(g, res.weight)
-            if dense:  # ‖X̃ Ŵᵀ − X Wᵀ‖² / N against the dense outputs
-                measured = float(target_loss(W, res.weight, *mats).sum())
-            else:
-                measured = float(row_losses(W, res.weight, H.to(W.device)).sum())
+        for g, (res, measured, mb) in enumerate(solved):
+            adapter.set_weight(g, res.weight.to(adapter.weight(g).device))
             rec = LayerRecord.from_result(
                 res,
                 name=name,
                 type=type(module).__name__,
-                tokens=acc.tokens,
+                tokens=tokens,
                 group=g if adapter.groups > 1 else None,
                 measured_loss=measured,
-                peak_memory_mb=mem.mb,
+                peak_memory_mb=mb,
             )
             self.records.append(rec)
             entry.groups.append(GroupState.from_result(res))
         self.state[name] = entry
-        secs = sum(r.seconds for r in self.records[-len(hessians) :])
-        self.actual[name] = time.perf_counter() - t0
+        secs = sum(r.seconds for r in self.records[-len(solved) :])
+        self.actual[name] = secs if seconds is None else seconds
         eta = self.eta()
         rest = f"; solving left ~{seconds_text(eta)} by the cost model" if eta else ""
         self.progress.update(f"{name} ({self.records[-1].method}, {secs:.1f} s{rest})")
+
+    def __call__(self, name: str, module: nn.Module, hessians: list[HessianAccumulator]) -> None:
+        job = self.job(name, hessians)
+        t0 = time.perf_counter()
+        with self.progress.within(name, self.predicted.get(name)):
+            solved = solve_layer(*job)
+        self.apply(name, module, hessians[0].tokens, solved, time.perf_counter() - t0)
+
+    def run(
+        self, hessians: dict[str, list[HessianAccumulator]], executor: Executor | None = None
+    ) -> None:
+        """Solve the independent layers ``hessians`` (name -> per-group accumulators) on
+        ``executor`` (None: here); records and state end in ``hessians``' order whatever
+        order the units finish in."""
+        if executor is None or executor.local:
+            for n, hs in hessians.items():
+                self(n, self.adapters[n].module, hs)
+            return
+        names = list(hessians)
+        jobs = [self.job(n, hessians[n]) for n in names]
+        for i, solved in executor.map(solve_layer, jobs):
+            n = names[i]
+            self.apply(n, self.adapters[n].module, hessians[n][0].tokens, solved)
+        order = {n: k for k, n in enumerate(names)}
+        new = [r for r in self.records if r.name in order]
+        old = [r for r in self.records if r.name not in order]
+        self.records = old + sorted(new, key=lambda r: (order[r.name], r.group or 0))
+        self.state = {
+            **{k: v for k, v in self.state.items() if k not in order},
+            **{n: self.state[n] for n in names},
+        }
 
 
 # ---------------------------------------------------------------------- calibrate + solve ----
@@ -302,10 +366,11 @@ def solve(
     comp: LayerCompressor,
     forward: Forward | None = None,
     inputs: str = "all",
+    executor: Executor | None = None,
 ) -> None:
-    """Calibrate and solve every planned layer of ``comp`` following ``rec.calibration.mode``,
-    then re-estimate batch norms if ``rec.bn_recalibration``. The model is left as it was if
-    anything fails."""
+    """Calibrate and solve every planned layer of ``comp`` following ``rec.calibration.mode``
+    (the independent layers' units on ``executor``, default here), then re-estimate batch
+    norms if ``rec.bn_recalibration``. The model is left as it was if anything fails."""
     with comp.backup.restoring():
         if rec.calibration.mode == "sequential":
             targets = rec.calibration.targets
@@ -316,10 +381,23 @@ def solve(
             hess = collect_hessians(
                 model, {n: comp.adapters[n] for n in rest}, batches, forward, inputs=inputs
             )
-            for n in rest:
-                comp(n, comp.adapters[n].module, hess[n])
+            comp.run(hess, executor)
         if rec.bn_recalibration:
             recalibrate_batchnorm(model, batches, forward, inputs=inputs)
+
+
+def check_executor_mode(executor: str | Executor | None, mode: str) -> None:
+    """Validate ``executor`` (``make_executor``'s checks, nothing started) and refuse a
+    distributed one in sequential mode, before any work."""
+    local = executor in (None, "local") or (isinstance(executor, Executor) and executor.local)
+    if not local and not isinstance(executor, Executor):
+        make_executor(executor).close()  # unknown name, Ray not installed: the error, now
+    if not local and mode == "sequential":
+        raise ValueError(
+            "executor 'ray' runs the independent per-layer solves; sequential calibration "
+            "solves each layer on inputs from the layers compressed before it: use "
+            "calibration mode 'independent' with Ray, or the local executor"
+        )
 
 
 # ----------------------------------------------------------------------------- finishing ----
@@ -362,6 +440,7 @@ def compress(
     inputs: str = "all",
     quiet: bool = False,
     name: str | None = None,
+    executor: str | Executor | None = None,
 ) -> Report:
     """Compress ``model`` in place following ``recipe``; returns the per-layer ``Report``.
 
@@ -372,10 +451,16 @@ def compress(
     recipe: a ``Recipe``, a dict (shortest form ``{"method": "obc", "sparsity": 0.5}``) or a
       YAML path.
     quiet: no progress line.
+    executor: where the per-layer solves run (``optbrain.pipeline.executor``): ``"local"``
+      (default), ``"ray"`` (a local Ray for the run, or ``RAY_ADDRESS``) or an ``Executor``
+      such as ``RayExecutor(address="head:6379")``; the same weights and report either way.
+      Independent mode only: in sequential mode a layer's Hessian depends on the layers
+      compressed before it, so Ray is refused there.
     If anything fails (a calibration forward, a solver), no hook is left behind and the
     weights written so far are put back: the model is left as it was.
     """
     rec = Recipe.coerce(recipe)
+    check_executor_mode(executor, rec.calibration.mode)
     torch.manual_seed(rec.seed)
     t0 = time.perf_counter()
     plans, adapters, records = plan_layers(model, rec)
@@ -396,8 +481,8 @@ def compress(
             "(cost model, optbrain.core.methods.auto)"
         )
     try:
-        with reporting("quiet" if quiet else level() or "normal"):
-            solve(model, batches, rec, comp, forward, inputs)
+        with reporting("quiet" if quiet else level() or "normal"), using_executor(executor) as ex:
+            solve(model, batches, rec, comp, forward, inputs, ex)
     finally:
         progress.close()
     records.extend(comp.records)
