@@ -17,7 +17,6 @@ swapping in only that layer.
 from __future__ import annotations
 
 import json
-import tempfile
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -40,7 +39,7 @@ from .database import Database, DbSettings, build_database
 from .latency import LatencyCache, latency_table
 from .levels import Level, structured_levels
 from .solver import DEFAULT_RESOLUTION, BudgetError, Solution, solve_dp
-from .store import FINGERPRINT
+from .store import FINGERPRINT, database_root
 
 OBJECTIVES = ("relative", "loss", "model")
 UNIFORM_SLACK = 0.005
@@ -351,9 +350,7 @@ def compress_to_budget(
         model_level=model_level,
         model_level_samples=model_level_samples,
     )
-    tmp = tempfile.TemporaryDirectory(prefix="optbrain-db-") if db_dir is None else None
-    root = Path(tmp.name if tmp is not None else db_dir)  # type: ignore[arg-type]
-    try:
+    with database_root(db_dir) as root:
         db = build_database(
             model,
             batches,
@@ -379,14 +376,11 @@ def compress_to_budget(
         if measure:
             report.metadata["allocation"]["latency_batch"] = latency_batch
         report.metadata["bn_recalibration"] = bn_recalibration
-        report.metadata["database"] = None if tmp is not None else str(root)
+        report.metadata["database"] = None if db_dir is None else str(root)
         report.metadata["database_seconds"] = t_db
         report.metadata["database_layer_seconds"] = dict(db.seconds)  # the layers built now
         report.metadata["calibration_batches"] = len(batches)
         report.metadata["seconds"] = time.perf_counter() - t0
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     ModelState(recipe=report.recipe, layers=state, report=report.to_dict()).attach(model)
     return report
 

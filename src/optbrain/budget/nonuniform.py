@@ -21,7 +21,6 @@ rule per layer to a recipe (its method, bits and calibration stay).
 from __future__ import annotations
 
 import re
-import tempfile
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +32,7 @@ from ..recipe import Recipe
 from .api import Allocation, plan_allocation
 from .database import DbSettings, build_database
 from .levels import Level
+from .store import database_root
 
 #: the database levels around a target sparsity ``s``: ``s + k·step`` for these ``k``
 GRID_STEPS = (-2, -1, 0, 1, 2)
@@ -106,9 +106,7 @@ def dp_sparsities(
         model_level=model_level,
         model_level_samples=model_level_samples if model_level else None,
     )
-    tmp = tempfile.TemporaryDirectory(prefix="optbrain-db-") if db_dir is None else None
-    root = Path(tmp.name if tmp is not None else db_dir)  # type: ignore[arg-type]
-    try:
+    with database_root(db_dir) as root:
         db = build_database(
             model,
             batches,
@@ -121,7 +119,4 @@ def dp_sparsities(
         )
         objective = "model" if model_level else "relative"
         alloc = plan_allocation(db, f"params={1.0 - float(sparsity):.6g}", objective)
-    finally:
-        if tmp is not None:
-            tmp.cleanup()
     return allocation_sparsities(alloc)

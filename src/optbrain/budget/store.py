@@ -23,7 +23,10 @@ deleted by the next build.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -174,3 +177,14 @@ class Database:
             {p: t.get(f"{level}/{g}/{p}") for p in ("weight", "mask", "scale", "zero")}
             for g in range(rec["groups"])
         ]
+
+
+@contextlib.contextmanager
+def database_root(db_dir: str | os.PathLike | None) -> Iterator[Path]:
+    """The database directory of a budget run: ``db_dir`` itself, or (None) a temporary
+    directory deleted when the body ends."""
+    if db_dir is not None:
+        yield Path(db_dir)
+        return
+    with tempfile.TemporaryDirectory(prefix="optbrain-db-") as tmp:
+        yield Path(tmp)
