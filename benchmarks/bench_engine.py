@@ -3,13 +3,15 @@
     python benchmarks/bench_engine.py                           # every shape and kind
     python benchmarks/bench_engine.py --shapes 256x512 --kinds trace,obq4 --repeats 3
     python benchmarks/bench_engine.py --busy 3                  # + the slowdown under 3 spinners
-    python benchmarks/bench_engine.py --lazy 32,64              # A/B of an engine knob, alternated
+    python benchmarks/bench_engine.py --engine "lazy=32 lazy=64,step_threads=1"   # A/B, alternated
+    python benchmarks/bench_engine.py --shapes 256x512 --kinds trace --profile  # where time goes
 
 The machine this project runs on is shared, so every figure is a ratio measured in the same run:
 each engine timing sits between two timings of a ``2048 × 2048`` float32 GEMM (``2·2048³``
 FLOP) and is reported against their mean; ``--busy K`` runs each case quiet and then with ``K``
 competing busy processes (pure-Python spin loops, killed at exit, also on Ctrl-C) and reports the
-slowdown; several ``--lazy`` values are alternated case by case (A B A B ...).
+slowdown; several ``--engine`` settings (``EngineConfig`` fields) are alternated case by case
+(A B A B ...).
 
 Useful FLOP per kind (``R × C`` layer; one greedy step on a working set of ``n`` coordinates
 costs the ``2n²`` of its exact ``H⁻¹`` downdate)::
@@ -58,6 +60,16 @@ def useful_flop(kind: str, rows: int, cols: int) -> float:
     c3 = float(cols) ** 3
     per_row = {"nm24": 7 * c3 / 12}.get(kind, 2 * c3 / 3)
     return rows * per_row
+
+
+def parse_engine(text: str) -> tuple[str, EngineConfig]:
+    """``"lazy=64,step_threads=1"`` → ``(text, EngineConfig(lazy=64, step_threads=1))``;
+    ``"default"``: ``EngineConfig()``."""
+    kw = {}
+    for item in [] if text == "default" else text.split(","):
+        key, _, val = item.partition("=")
+        kw[key] = float(val) if key == "shrink" else int(val)
+    return text, EngineConfig(**kw)
 
 
 def make_problem(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -133,6 +145,34 @@ def measure(kind, W, H, engine, A, B, repeats):
     return best, sum(gemms) / len(gemms)
 
 
+def profile_case(kind: str, W, H, engine: EngineConfig, title: str) -> None:
+    """Operators by self CPU time (with call counts) of one run, and the share of ``fold``."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from optbrain.core import obs
+
+    spent = [0.0]
+    fold = obs.fold
+
+    def timed_fold(*a):
+        t0 = time.perf_counter()
+        r = fold(*a)
+        spent[0] += time.perf_counter() - t0
+        return r
+
+    obs.fold = timed_fold
+    try:
+        t0 = time.perf_counter()
+        run_case(kind, W, H, engine)
+        total = time.perf_counter() - t0
+    finally:
+        obs.fold = fold
+    print(f"{title}: {total:.3f} s, fold {spent[0]:.3f} s ({spent[0] / total:.0%})", flush=True)
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run_case(kind, W, H, engine)
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=15), flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shapes", default=",".join(SHAPES), help="comma list of ROWSxCOLS")
@@ -140,7 +180,16 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: torch default)")
     ap.add_argument("--repeats", type=int, default=1, help="engine runs per case (best taken)")
     ap.add_argument("--busy", type=int, default=0, help="K competing busy processes (0: none)")
-    ap.add_argument("--lazy", default="", help="comma list of EngineConfig.lazy values to A/B")
+    ap.add_argument(
+        "--engine",
+        default="",
+        help='space-separated EngineConfig settings to A/B, e.g. "lazy=32 lazy=64,step_threads=1"',
+    )
+    ap.add_argument(
+        "--profile",
+        action="store_true",
+        help="print a torch.profiler table (operators by self time, calls) of each case instead",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the JSON lines here")
     args = ap.parse_args()
@@ -152,7 +201,10 @@ def main() -> None:
         shapes = [tuple(int(v) for v in s.lower().split("x")) for s in args.shapes.split(",") if s]
     except ValueError:
         ap.error(f"--shapes must be ROWSxCOLS[,...], got {args.shapes!r}")
-    lazies = [int(v) for v in args.lazy.split(",") if v] or [EngineConfig().lazy]
+    try:
+        engines = [parse_engine(v) for v in args.engine.split()] or [("default", EngineConfig())]
+    except (TypeError, ValueError) as e:
+        ap.error(f"--engine: {e}")
     if args.threads:
         torch.set_num_threads(args.threads)
     atexit.register(stop_busy)
@@ -168,9 +220,11 @@ def main() -> None:
             W, H = make_problem(rows, cols, args.seed)
             for kind in kinds:
                 flop = useful_flop(kind, rows, cols)
-                for lazy in lazies:
-                    engine = EngineConfig(lazy=lazy)
-                    rec = {"shape": f"{rows}x{cols}", "kind": kind, "lazy": lazy}
+                for name, engine in engines:
+                    if args.profile:
+                        profile_case(kind, W, H, engine, f"{rows}x{cols} {kind} {name}")
+                        continue
+                    rec = {"shape": f"{rows}x{cols}", "kind": kind, "engine": name}
                     sec, gsec = measure(kind, W, H, engine, A, B, args.repeats)
                     rec.update(
                         seconds=sec,
@@ -204,12 +258,13 @@ def main() -> None:
         f"GEMM {GEMM_N}² fp32\n"
     )
     busy_h = f" | busy {args.busy}: s | slowdown" if args.busy else ""
-    print("| shape | kind | lazy | seconds | useful GFLOP/s | GEMM GFLOP/s | ratio" + busy_h + " |")
+    head = "| shape | kind | engine | seconds | useful GFLOP/s | GEMM GFLOP/s | ratio"
+    print(head + busy_h + " |")
     print("|---|---|---:|---:|---:|---:|---:" + ("|---:|---:" if args.busy else "") + "|")
     for r in results:
         extra = f" | {r['busy_seconds']:.3f} | {r['slowdown']:.2f}×" if args.busy else ""
         print(
-            f"| {r['shape']} | {r['kind']} | {r['lazy']} | {r['seconds']:.3f} | "
+            f"| {r['shape']} | {r['kind']} | {r['engine']} | {r['seconds']:.3f} | "
             f"{r['gflops']:.2f} | {r['gemm_gflops']:.1f} | {r['ratio']:.1%}{extra} |"
         )
 

@@ -39,11 +39,15 @@ class EngineConfig:
     lazy: rank-1 downdates kept as a low-rank term before folding into the per-row H⁻¹.
     shrink: compact the working set once it has shrunk to this fraction (0 = never).
     memory: bytes of per-row H⁻¹ state processed at once (rows are chunked to fit).
+    step_threads: torch threads for the small per-step operations (``(R, C)`` vectors: each is
+    one parallel region, and on a busy machine every region waits for its slowest thread); the
+    folds and gathers keep the caller's thread count. 0: the caller's count everywhere.
     """
 
     lazy: int = 32
     shrink: float = 0.5
     memory: int = DEFAULT_MEMORY
+    step_threads: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.lazy, int) or self.lazy < 1:
@@ -52,6 +56,8 @@ class EngineConfig:
             raise ValueError(f"shrink must be in [0, 1), got {self.shrink!r}")
         if not isinstance(self.memory, int) or self.memory < 1:
             raise ValueError(f"memory must be a positive number of bytes, got {self.memory!r}")
+        if not isinstance(self.step_threads, int) or self.step_threads < 0:
+            raise ValueError(f"step_threads must be an integer >= 0, got {self.step_threads!r}")
 
 
 DEFAULT_ENGINE = EngineConfig()
@@ -156,7 +162,6 @@ def greedy_single(
     R, C = W.shape
     dev, dt = W.device, W.dtype
     out = W.clone()
-    ar = torch.arange(R, device=dev)
     shared = Hinv.dim() == 2
     if pos is None:
         pos = torch.arange(C, device=dev).expand(R, C)
@@ -174,8 +179,35 @@ def greedy_single(
     U = torch.zeros(R, lazy, Cw, dtype=dt, device=dev)
     order = torch.zeros(R, steps, dtype=torch.long, device=dev)
     step_loss = torch.zeros(R, steps, dtype=torch.float64, device=dev)
-    tiny = torch.finfo(dt).tiny
     scorer.gather(pos)
+    big = torch.get_num_threads()
+    small = engine.step_threads or big
+    try:
+        _set_threads(small)
+        w, pos, alive = _steps(
+            out, w, B, d, pos, alive, U, order, step_loss, scorer, steps, lazy, engine, big, small
+        )
+    finally:
+        _set_threads(big)
+    vals = torch.where(alive, w, out.gather(1, pos))
+    out.scatter_(1, pos, vals)
+    return GreedyOut(weight=out, order=order, step_loss=step_loss)
+
+
+def _set_threads(n: int) -> None:
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _steps(out, w, B, d, pos, alive, U, order, step_loss, scorer, steps, lazy, engine, big, small):
+    """The step loop of ``greedy_single`` (its state, updated in place) → ``(w, pos, alive)``;
+    per-step work runs with ``small`` threads, folds and gathers with ``big``."""
+    R = w.shape[0]
+    dev, dt = w.device, w.dtype
+    ar = torch.arange(R, device=dev)
+    shared = B.dim() == 2
+    tiny = torch.finfo(dt).tiny
+    Cw = alive.shape[1]
     k = 0
     for s in range(steps):
         score, target = scorer(w, d, alive, s)
@@ -199,6 +231,7 @@ def greedy_single(
         scorer.removed(p_orig)
         k += 1
         if k == lazy or s == steps - 1:
+            _set_threads(big)
             B = fold(B, U[:, :k], shared)
             shared = False
             n = alive.shape[1] - int((~alive[0]).sum())
@@ -206,6 +239,7 @@ def greedy_single(
             ticks.tick(ticks.cubic_done(s + 1, steps, Cw))
             if s == steps - 1 or n > engine.shrink * alive.shape[1]:
                 d = torch.diagonal(B, 0, 1, 2).clone()
+                _set_threads(small)
                 continue
             # drop fixed coordinates: every row has the same number left
             keep = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :n]
@@ -216,9 +250,8 @@ def greedy_single(
             d = torch.diagonal(B, 0, 1, 2).clone()
             U = torch.zeros(R, lazy, n, dtype=dt, device=dev)
             scorer.gather(pos)
-    vals = torch.where(alive, w, out.gather(1, pos))
-    out.scatter_(1, pos, vals)
-    return GreedyOut(weight=out, order=order, step_loss=step_loss)
+            _set_threads(small)
+    return w, pos, alive
 
 
 def _diag_blocks(B: torch.Tensor, g: int) -> torch.Tensor:
