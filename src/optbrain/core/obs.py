@@ -206,27 +206,36 @@ def _steps(out, w, B, d, pos, alive, U, order, step_loss, scorer, steps, lazy, e
     dev, dt = w.device, w.dtype
     ar = torch.arange(R, device=dev)
     shared = B.dim() == 2
+    B = B if shared else B.contiguous()
     tiny = torch.finfo(dt).tiny
     Cw = alive.shape[1]
     k = 0
+    # per-row picks are read with gather / index_select on flat rows (row copies) rather than
+    # advanced indexing ``B[ar, p]`` (an element-wise index kernel): same values, fewer cycles
     for s in range(steps):
         score, target = scorer(w, d, alive, s)
-        p = score.argmin(1)
-        col = B.index_select(0, p) if shared else B[ar, p]
+        p1 = score.argmin(1, keepdim=True)  # (R, 1)
+        p = p1.squeeze(1)
+        if shared:
+            col = B.index_select(0, p)
+        else:
+            n_w = B.shape[1]
+            col = B.view(R * n_w, n_w).index_select(0, ar * n_w + p)
         if k:
-            up = U[ar, :k, p]  # (R, k)
-            col.unsqueeze(1).baddbmm_(up.unsqueeze(1), U[:, :k], alpha=-1)
-        dp = col[ar, p].clamp_min(tiny)
-        wp = w[ar, p]
-        t = target[ar, p] if target is not None else torch.zeros_like(wp)
+            up = U[:, :k].gather(2, p1.unsqueeze(1).expand(R, k, 1))  # (R, k, 1)
+            col.unsqueeze(1).baddbmm_(up.transpose(1, 2), U[:, :k], alpha=-1)
+        dp = col.gather(1, p1).clamp_min_(tiny)  # (R, 1)
+        wp = w.gather(1, p1)
+        t = target.gather(1, p1) if target is not None else torch.zeros_like(wp)
         val = wp - t
-        step_loss[:, s] = 0.5 * val.double() ** 2 / dp.double()
-        w.addcmul_(col, (val / dp).unsqueeze(1), value=-1)
-        p_orig = pos[ar, p]
-        out[ar, p_orig] = t
-        torch.mul(col, dp.rsqrt().unsqueeze(1), out=U[:, k])
+        step_loss[:, s] = (0.5 * val.double() ** 2 / dp.double()).squeeze(1)
+        w.addcmul_(col, val / dp, value=-1)
+        p_orig = pos.gather(1, p1)
+        out.scatter_(1, p_orig, t)
+        torch.mul(col, dp.rsqrt(), out=U[:, k])
         d.addcmul_(U[:, k], U[:, k], value=-1)
-        alive[ar, p] = False
+        alive.scatter_(1, p1, False)
+        p_orig = p_orig.squeeze(1)
         order[:, s] = p_orig
         scorer.removed(p_orig)
         k += 1
