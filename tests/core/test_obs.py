@@ -232,3 +232,38 @@ def test_partial_trace_gives_the_same_levels_as_a_full_trace():
             assert torch.equal(mp, mf)
             torch.testing.assert_close(wp, wf)
             torch.testing.assert_close(lp, lf)
+
+
+@pytest.mark.parametrize("kind", ["unstructured", "2:4", "obq"])
+def test_step_threads_give_identical_results_and_restore_the_thread_count(kind):
+    """Per-step thread count (``EngineConfig.step_threads``) changes only speed: bitwise the
+    same trace / N:M / OBQ result, and the caller's thread count is back afterwards."""
+    from optbrain.core.grid import fit_grid
+    from optbrain.core.obq import obq
+    from optbrain.core.obs import EngineConfig
+    from optbrain.core.trace import prune_nm
+
+    W, X, H = make_problem(42, 128, 256)  # (R, C) ops above torch's parallel grain size
+    prep = prepare_hessian(H, 0.01, dtype=torch.float32)
+    W = W.float()
+    grid = fit_grid(W, 4, weight=torch.diagonal(prep.H))
+
+    def run(engine):
+        if kind == "unstructured":
+            out = obs_trace(W, prep, Pattern("unstructured"), engine=engine)
+            return out.order, out.step_loss
+        if kind == "2:4":
+            out = prune_nm(W, prep, 2, 4, engine)
+        else:
+            out = obq(W, prep, grid, engine=engine)
+        return out.order, out.step_loss, out.weight
+
+    before = torch.get_num_threads()
+    ref = run(EngineConfig(lazy=8))
+    for st in (1, 2):
+        got = run(EngineConfig(lazy=8, step_threads=st))
+        assert torch.get_num_threads() == before
+        for a, b in zip(got, ref, strict=True):
+            assert torch.equal(a, b), (kind, st)
+    with pytest.raises(ValueError, match="step_threads"):
+        EngineConfig(step_threads=-1)

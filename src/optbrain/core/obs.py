@@ -39,11 +39,18 @@ class EngineConfig:
     lazy: rank-1 downdates kept as a low-rank term before folding into the per-row H⁻¹.
     shrink: compact the working set once it has shrunk to this fraction (0 = never).
     memory: bytes of per-row H⁻¹ state processed at once (rows are chunked to fit).
+    step_threads: torch threads for the small per-step operations (``(R, C)`` vectors: each is
+    one parallel region, and on a busy machine every region waits for its slowest thread); the
+    folds and gathers keep the caller's thread count. 0 (default): the caller's count everywhere.
+    Measured (``benchmarks/bench_engine.py --engine "default step_threads=1" --busy 3``, 256×512
+    full trace, 2-core machine shared with other jobs): step_threads=1 was ~10% faster quiet but
+    1.3–1.5× slower with 3 competing busy processes, hence not the default.
     """
 
     lazy: int = 32
     shrink: float = 0.5
     memory: int = DEFAULT_MEMORY
+    step_threads: int = 0
 
     def __post_init__(self) -> None:
         if not isinstance(self.lazy, int) or self.lazy < 1:
@@ -52,6 +59,8 @@ class EngineConfig:
             raise ValueError(f"shrink must be in [0, 1), got {self.shrink!r}")
         if not isinstance(self.memory, int) or self.memory < 1:
             raise ValueError(f"memory must be a positive number of bytes, got {self.memory!r}")
+        if not isinstance(self.step_threads, int) or self.step_threads < 0:
+            raise ValueError(f"step_threads must be an integer >= 0, got {self.step_threads!r}")
 
 
 DEFAULT_ENGINE = EngineConfig()
@@ -156,7 +165,6 @@ def greedy_single(
     R, C = W.shape
     dev, dt = W.device, W.dtype
     out = W.clone()
-    ar = torch.arange(R, device=dev)
     shared = Hinv.dim() == 2
     if pos is None:
         pos = torch.arange(C, device=dev).expand(R, C)
@@ -174,31 +182,68 @@ def greedy_single(
     U = torch.zeros(R, lazy, Cw, dtype=dt, device=dev)
     order = torch.zeros(R, steps, dtype=torch.long, device=dev)
     step_loss = torch.zeros(R, steps, dtype=torch.float64, device=dev)
-    tiny = torch.finfo(dt).tiny
     scorer.gather(pos)
+    big = torch.get_num_threads()
+    small = engine.step_threads or big
+    try:
+        _set_threads(small)
+        w, pos, alive = _steps(
+            out, w, B, d, pos, alive, U, order, step_loss, scorer, steps, lazy, engine, big, small
+        )
+    finally:
+        _set_threads(big)
+    vals = torch.where(alive, w, out.gather(1, pos))
+    out.scatter_(1, pos, vals)
+    return GreedyOut(weight=out, order=order, step_loss=step_loss)
+
+
+def _set_threads(n: int) -> None:
+    if torch.get_num_threads() != n:
+        torch.set_num_threads(n)
+
+
+def _steps(out, w, B, d, pos, alive, U, order, step_loss, scorer, steps, lazy, engine, big, small):
+    """The step loop of ``greedy_single`` (its state, updated in place) → ``(w, pos, alive)``;
+    per-step work runs with ``small`` threads, folds and gathers with ``big``."""
+    R = w.shape[0]
+    dev, dt = w.device, w.dtype
+    ar = torch.arange(R, device=dev)
+    shared = B.dim() == 2
+    B = B if shared else B.contiguous()
+    tiny = torch.finfo(dt).tiny
+    Cw = alive.shape[1]
     k = 0
+    # per-row picks are read with gather / index_select on flat rows (row copies) rather than
+    # advanced indexing ``B[ar, p]`` (an element-wise index kernel): same values, fewer cycles
     for s in range(steps):
         score, target = scorer(w, d, alive, s)
-        p = score.argmin(1)
-        col = B.index_select(0, p) if shared else B[ar, p]
+        p1 = score.argmin(1, keepdim=True)  # (R, 1)
+        p = p1.squeeze(1)
+        if shared:
+            col = B.index_select(0, p)
+        else:
+            n_w = B.shape[1]
+            col = B.view(R * n_w, n_w).index_select(0, ar * n_w + p)
         if k:
-            up = U[ar, :k, p]  # (R, k)
-            col.unsqueeze(1).baddbmm_(up.unsqueeze(1), U[:, :k], alpha=-1)
-        dp = col[ar, p].clamp_min(tiny)
-        wp = w[ar, p]
-        t = target[ar, p] if target is not None else torch.zeros_like(wp)
+            up = U[:, :k].gather(2, p1.unsqueeze(1).expand(R, k, 1))  # (R, k, 1)
+            col.unsqueeze(1).baddbmm_(up.transpose(1, 2), U[:, :k], alpha=-1)
+        dp = col.gather(1, p1).clamp_min_(tiny)  # (R, 1)
+        wp = w.gather(1, p1)
+        t = target.gather(1, p1) if target is not None else torch.zeros_like(wp)
         val = wp - t
-        step_loss[:, s] = 0.5 * val.double() ** 2 / dp.double()
-        w.addcmul_(col, (val / dp).unsqueeze(1), value=-1)
-        p_orig = pos[ar, p]
-        out[ar, p_orig] = t
-        torch.mul(col, dp.rsqrt().unsqueeze(1), out=U[:, k])
+        step_loss[:, s] = (0.5 * val.double() ** 2 / dp.double()).squeeze(1)
+        w.addcmul_(col, val / dp, value=-1)
+        p_orig = pos.gather(1, p1)
+        out.scatter_(1, p_orig, t)
+        torch.mul(col, dp.rsqrt(), out=U[:, k])
         d.addcmul_(U[:, k], U[:, k], value=-1)
-        alive[ar, p] = False
+        alive.scatter_(1, p1, False)
+        p_orig = p_orig.squeeze(1)
         order[:, s] = p_orig
         scorer.removed(p_orig)
         k += 1
         if k == lazy or s == steps - 1:
+            _set_threads(big)
             B = fold(B, U[:, :k], shared)
             shared = False
             n = alive.shape[1] - int((~alive[0]).sum())
@@ -206,6 +251,7 @@ def greedy_single(
             ticks.tick(ticks.cubic_done(s + 1, steps, Cw))
             if s == steps - 1 or n > engine.shrink * alive.shape[1]:
                 d = torch.diagonal(B, 0, 1, 2).clone()
+                _set_threads(small)
                 continue
             # drop fixed coordinates: every row has the same number left
             keep = torch.argsort((~alive).to(torch.int8), dim=1, stable=True)[:, :n]
@@ -216,9 +262,8 @@ def greedy_single(
             d = torch.diagonal(B, 0, 1, 2).clone()
             U = torch.zeros(R, lazy, n, dtype=dt, device=dev)
             scorer.gather(pos)
-    vals = torch.where(alive, w, out.gather(1, pos))
-    out.scatter_(1, pos, vals)
-    return GreedyOut(weight=out, order=order, step_loss=step_loss)
+            _set_threads(small)
+    return w, pos, alive
 
 
 def _diag_blocks(B: torch.Tensor, g: int) -> torch.Tensor:
