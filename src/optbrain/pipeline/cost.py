@@ -123,6 +123,20 @@ def throughput_batch_for(macs_per_sample: float, most: int = 32) -> int:
     return max(1, min(most, int(THROUGHPUT_MACS // max(macs_per_sample, 1.0))))
 
 
+def _timed_inputs(
+    example: Any, macs: float, throughput_batch: int | None, repeats: int | None
+) -> list[tuple[str, Any, int, int]]:
+    """What a cost table times: ``(key, inputs, repeats, warmup)`` at batch 1 and at the
+    throughput batch N (default ``throughput_batch_for(macs)``); ``repeats`` defaults to 20 for
+    a forward under 1 GMAC, 5 above, and the big batch is timed a quarter as often (at least 3)."""
+    n = throughput_batch or throughput_batch_for(macs)
+    r = repeats or (20 if macs < 1e9 else 5)
+    return [
+        ("latency_b1_ms", batch_of(example, 1), r, 3 if macs < 1e9 else 1),
+        (f"latency_b{n}_ms", batch_of(example, n), max(3, r // 4), 1),
+    ]
+
+
 def model_costs(
     model: nn.Module,
     example: Any,
@@ -131,22 +145,13 @@ def model_costs(
     repeats: int | None = None,
 ) -> dict[str, float]:
     """``params``, ``macs`` (per sample), ``latency_b1_ms`` and ``latency_b{N}_ms`` (median of
-    ``repeats``, warm-up excluded) of ``model`` on the first sample of ``example``.
-
-    ``throughput_batch`` N defaults to ``throughput_batch_for(macs)``; ``repeats`` to 20 for a
-    forward under 1 GMAC, 5 above (the big batch is timed a quarter as often, at least 3)."""
-    one = batch_of(example, 1)
-    macs = float(count_macs(model, one))
-    n = throughput_batch or throughput_batch_for(macs)
-    r = repeats or (20 if macs < 1e9 else 5)
-    return {
-        "params": float(count_params(model)),
-        "macs": macs,
-        "latency_b1_ms": latency_ms(model, one, repeats=r, warmup=3 if macs < 1e9 else 1),
-        f"latency_b{n}_ms": latency_ms(
-            model, batch_of(example, n), repeats=max(3, r // 4), warmup=1
-        ),
-    }
+    the repeats, warm-up excluded; ``_timed_inputs``) of ``model`` on the first sample of
+    ``example``."""
+    macs = float(count_macs(model, batch_of(example, 1)))
+    out = {"params": float(count_params(model)), "macs": macs}
+    for key, x, reps, warm in _timed_inputs(example, macs, throughput_batch, repeats):
+        out[key] = latency_ms(model, x, repeats=reps, warmup=warm)
+    return out
 
 
 def compare_costs(
@@ -163,19 +168,13 @@ def compare_costs(
     out = []
     for m in (dense, model):
         out.append({"params": float(count_params(m)), "macs": float(count_macs(m, one))})
-    macs = out[0]["macs"]
-    n = throughput_batch or throughput_batch_for(macs)
-    r = repeats or (20 if macs < 1e9 else 5)
-    big = batch_of(example, n)
+    timed = _timed_inputs(example, out[0]["macs"], throughput_batch, repeats)
     modes = [(m, m.training) for m in (dense, model)]
     try:
         for m, _ in modes:
             m.eval()
         with torch.inference_mode():
-            for key, x, reps, warm in (
-                ("latency_b1_ms", one, r, 3 if macs < 1e9 else 1),
-                (f"latency_b{n}_ms", big, max(3, r // 4), 1),
-            ):
+            for key, x, reps, warm in timed:
                 td, tc = time_pair(
                     lambda x=x: call(dense, x), lambda x=x: call(model, x), reps, warm
                 )
