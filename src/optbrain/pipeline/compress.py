@@ -209,10 +209,16 @@ class LayerCompressor:
         self.predicted = {n: self._predict(n) for n in plans}
         self.actual: dict[str, float] = {}
 
+    def _kwargs(self, name: str) -> dict[str, Any]:
+        """The solver's keyword arguments for layer ``name`` (``layer_kwargs``)."""
+        plan = self.plans[name]
+        if self.model is None:
+            return plan.spec_kwargs()
+        return layer_kwargs(self.model, self.adapters[name], plan)
+
     def _predict(self, name: str) -> float | None:
         adapter, plan = self.adapters[name], self.plans[name]
-        kwargs = layer_kwargs(self.model, adapter, plan) if self.model else plan.spec_kwargs()
-        spec = make_spec(adapter.cols, **kwargs)
+        spec = make_spec(adapter.cols, **self._kwargs(name))
         secs = predicted_seconds(plan.method, adapter.rows, adapter.cols, spec)
         return None if secs is None else secs * adapter.groups
 
@@ -228,9 +234,7 @@ class LayerCompressor:
 
     def job(self, name: str, hessians: list[HessianAccumulator]) -> tuple:
         """The arguments of ``solve_layer`` for layer ``name``."""
-        plan = self.plans[name]
         adapter = self.adapters[name]
-        kwargs = layer_kwargs(self.model, adapter, plan) if self.model else plan.spec_kwargs()
         Ws = [adapter.weight(g) for g in range(len(hessians))]
         mats = [
             (acc.hessian(), acc.cross(), acc.dense_hessian())
@@ -238,7 +242,7 @@ class LayerCompressor:
             else (acc.hessian(),)
             for acc in hessians
         ]
-        return Ws, mats, plan.method, kwargs
+        return Ws, mats, self.plans[name].method, self._kwargs(name)
 
     def apply(
         self,
