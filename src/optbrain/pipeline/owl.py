@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from ..adapters import LayerAdapter, adapter_for, find_layers
+from ..core.methods.baselines import wanda_score
 from ..recipe import SparsityAllocation
 from .data import Forward, take_samples
 from .hessians import collect_hessians
@@ -74,9 +75,9 @@ def wanda_scores(adapter: LayerAdapter, hessians: list) -> torch.Tensor:
     """``|W_ij| · √H_jj`` of every weight of a layer (all groups, flattened, float64)."""
     parts = []
     for g, acc in enumerate(hessians):
-        W = adapter.weight(g)
-        norm = torch.diagonal(acc.hessian()).clamp_min(0).sqrt().to(W.device)
-        parts.append((W.abs().double() * norm.double()).reshape(-1).cpu())
+        W = adapter.weight(g).double()
+        h = torch.diagonal(acc.hessian()).double().to(W.device)
+        parts.append(wanda_score(W, h).reshape(-1).cpu())
     return torch.cat(parts)
 
 

@@ -103,10 +103,16 @@ def _magnitude_score(Wc: torch.Tensor, prep: PreparedHessian) -> torch.Tensor:
     return Wc * Wc  # blocks: squared L2
 
 
+def wanda_score(W: torch.Tensor, h_diag: torch.Tensor) -> torch.Tensor:
+    """Wanda's score ``|W_ij| · √H_jj`` of ``W (rows, cols)`` from the undamped ``diag H
+    (cols,)`` (``‖X_j‖ ∝ √H_jj``; negative round-off clamped to 0)."""
+    return W.abs() * h_diag.clamp_min(0).sqrt().unsqueeze(0)
+
+
 def _wanda_score(Wc: torch.Tensor, prep: PreparedHessian) -> torch.Tensor:
     # prep.H is damped (λ on the diagonal) and has dead inputs at 1: undo both, ‖X_j‖² ∝ H_jj
-    raw = (torch.diagonal(prep.H) - prep.damping).clamp_min(0).masked_fill(prep.dead, 0)
-    return Wc.abs() * raw.sqrt().unsqueeze(0)
+    raw = (torch.diagonal(prep.H) - prep.damping).masked_fill(prep.dead, 0)
+    return wanda_score(Wc, raw)
 
 
 def _obd_score(Wc: torch.Tensor, prep: PreparedHessian) -> torch.Tensor:
