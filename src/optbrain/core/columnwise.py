@@ -33,15 +33,15 @@ Tiny example: ``H = [[2, 1], [1, 2]]``, ``w = (1, 1)``, prune column 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
 from .grid import QuantGrid, fit_grid
-from .hessian import PreparedHessian, prepare_layer
+from .hessian import prepare_layer
 from .patterns import Pattern, pruned_count
 from .result import LayerResult, layer_result
-from .spec import CompressSpec
+from .spec import CompressSpec, all_finite
 
 DEFAULT_BLOCK = 128
 MICRO = 16  # inner block width of the two-level lazy updates
@@ -70,19 +70,21 @@ def option_scope(method: str, options: dict) -> str:
 
 
 def upper_inverse_factor(
-    H: torch.Tensor, Hinv: torch.Tensor | None = None
+    H: torch.Tensor, Hinv: torch.Tensor | None = None, *, overwrite: bool = False
 ) -> tuple[torch.Tensor, str | None]:
     """Upper-triangular ``U`` with ``Uᵀ U = H⁻¹`` for positive definite ``H (C, C)``.
 
-    First choice: the upper Cholesky factor of the given ``Hinv`` (one factorization). If that
+    First choice: the upper Cholesky factor of the given ``Hinv`` (one factorization; with
+    ``overwrite`` written over ``Hinv``, no new ``(C, C)`` buffer, and ``Hinv`` is lost). If that
     fails (``H⁻¹`` not numerically positive definite in the compute dtype), ``U`` is computed
     from ``H`` without forming ``H⁻¹``: with ``J`` the reversal permutation, ``J H J = L Lᵀ``
     gives ``H = Ũ Ũᵀ`` with upper ``Ũ = J L J``, so ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹`` and ``U = Ũ⁻¹`` — in
     the compute dtype, then in float64. Returns ``(U, None or the fallback taken)``.
     """
     if Hinv is not None:
-        U, info = torch.linalg.cholesky_ex(Hinv, upper=True)
-        if int(info) == 0 and bool(torch.isfinite(U).all()):
+        out = (Hinv, torch.empty((), dtype=torch.int32, device=Hinv.device)) if overwrite else None
+        U, info = torch.linalg.cholesky_ex(Hinv, upper=True, out=out)
+        if int(info) == 0 and all_finite(U):
             return U, None
     for dt in (H.dtype, torch.float64):
         Hd = H.to(dt)
@@ -91,7 +93,7 @@ def upper_inverse_factor(
             Ut = torch.flip(L, (0, 1))
             eye = torch.eye(H.shape[0], dtype=dt, device=H.device)
             U = torch.linalg.solve_triangular(Ut, eye, upper=True)
-            if bool(torch.isfinite(U).all()):
+            if all_finite(U):
                 return U.to(H.dtype), f"factor of H in {dt}"
     raise ValueError(
         "the damped Hessian is not positive definite even in float64; "
@@ -122,7 +124,8 @@ def _micro(align: int) -> int:
 
 def column_solve(
     W: torch.Tensor,
-    prep: PreparedHessian,
+    diagH: torch.Tensor,
+    U: torch.Tensor,
     *,
     perm: torch.Tensor | None = None,
     block_size: int = DEFAULT_BLOCK,
@@ -150,6 +153,10 @@ def column_solve(
     form ``½ ‖U_BB⁻ᵀ w_B‖²`` (pattern blocks; the exact cost of zeroing the block there); N:M
     masks are chosen when the first column of each group of M is reached, from current values.
 
+    ``diagH (C,)``: the diagonal of the damped H (original column order: the grid's weights);
+    ``U (C, C)``: the upper factor of its inverse in processing order (``upper_inverse_factor``
+    of ``H[perm][:, perm]``). Only these two are read, so the caller may drop ``H⁻¹`` first.
+
     Two levels of lazy updates: inside a micro block (``MICRO`` columns) rank-1 updates touch
     the micro block only; a finished micro block updates the rest of its lazy block with one
     matrix product, and a finished lazy block the rest of the layer.
@@ -159,12 +166,7 @@ def column_solve(
     prunes = pattern is not None and (pattern.kind == "nm" or (sparsity or 0.0) > 0)
     if perm is not None and prunes:
         raise ValueError("a column permutation (act_order) is only supported without pruning")
-    if perm is None:
-        U, chol_fallback = upper_inverse_factor(prep.H, prep.Hinv)
-    else:
-        U, chol_fallback = upper_inverse_factor(prep.H[perm][:, perm], prep.Hinv[perm][:, perm])
     Wt = (W if perm is None else W[:, perm]).t().contiguous()  # (C, R), processing order
-    diagH = torch.diagonal(prep.H)
     inv = None
     if perm is not None:
         inv = torch.empty_like(perm)
@@ -194,8 +196,12 @@ def column_solve(
         s, z = grid.columns(C)
         if perm is not None:
             s, z = s[:, perm], z[:, perm]
-        St, Zt = s.t().to(dt).contiguous(), z.t().to(dt)
-        Lo, Hi = (-Zt).contiguous(), (maxq - Zt).contiguous()
+        if gs is None:  # one grid per row: (C, R) broadcast views of one (R,) row, no copies
+            s0, z0 = s[:, 0].to(dt), z[:, 0].to(dt)
+            St, Lo, Hi = (v.unsqueeze(0).expand(C, R) for v in (s0, -z0, maxq - z0))
+        else:
+            St, Zt = s.t().to(dt).contiguous(), z.t().to(dt)
+            Lo, Hi = (-Zt).contiguous(), (maxq - Zt).contiguous()
     elif dynamic:
         ng = C // gs
         scale = torch.zeros(R, ng, dtype=dt, device=dev)
@@ -258,12 +264,13 @@ def column_solve(
     if inv is not None:
         Q = Q[:, inv]
     keep = None if Pt is None else (~Pt.t()).contiguous()
-    row_loss = 0.5 * (Et.double() ** 2).sum(0).cpu()
+    row_loss = torch.zeros(R, dtype=torch.float64, device=dev)
+    for i in range(0, C, 256):  # ½ Σ_p e_p² per row, 256 columns at a time in float64
+        row_loss += Et[i : i + 256].double().square_().sum(0)
+    row_loss = 0.5 * row_loss.cpu()
     if dynamic:
         grid = QuantGrid(scale=scale, zero=zero, bits=bits, sym=sym, group_size=gs)
     info = {"block_size": B}
-    if chol_fallback:
-        info["cholesky"] = chol_fallback
     return ColumnOut(weight=Q.contiguous(), keep=keep, row_loss=row_loss, grid=grid, info=info)
 
 
@@ -365,10 +372,21 @@ def column_method(
     perm = None
     if act_order:
         perm = torch.argsort(torch.diagonal(prep.H), descending=True, stable=True)
+    # U over H⁻¹'s buffer (this prep is ours); then only diag H and U are read: H is dropped
+    if perm is None:
+        U, chol_fallback = upper_inverse_factor(prep.H, prep.Hinv, overwrite=True)
+    else:
+        Hp, Hip = prep.H[perm][:, perm], prep.Hinv[perm][:, perm]
+        prep = replace(prep, Hinv=None)
+        U, chol_fallback = upper_inverse_factor(Hp, Hip, overwrite=True)
+        del Hp, Hip
+    diagH = torch.diagonal(prep.H).clone()
+    prep = replace(prep, H=None, Hinv=None)
     prune = scope is not None
     out = column_solve(
         Wc,
-        prep,
+        diagH,
+        U,
         perm=perm,
         block_size=block,
         bits=spec.bits,
@@ -381,6 +399,8 @@ def column_method(
         scope=scope or "layer",
     )
     info = {**(info or {}), **out.info}
+    if chol_fallback:
+        info["cholesky"] = chol_fallback
     return layer_result(
         method, spec, out.weight, out.keep, out.row_loss, prep=prep, grid=out.grid, info=info
     )

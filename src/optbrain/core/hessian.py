@@ -21,7 +21,14 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from .spec import DEFAULT_DAMP, DEFAULT_DTYPE, DEFAULT_ON_SINGULAR, check_damp, check_on_singular
+from .spec import (
+    DEFAULT_DAMP,
+    DEFAULT_DTYPE,
+    DEFAULT_ON_SINGULAR,
+    all_finite,
+    check_damp,
+    check_on_singular,
+)
 
 if TYPE_CHECKING:
     from .spec import CompressSpec
@@ -85,39 +92,44 @@ def hessian_from_inputs(X: torch.Tensor) -> torch.Tensor:
     if X.dtype == torch.float64:
         return H
     H32 = H.to(torch.float32)
-    return H32 if bool(torch.isfinite(H32).all()) else H
+    return H32 if all_finite(H32) else H
 
 
 @dataclass(frozen=True)
 class PreparedHessian:
     """A damped, invertible Hessian and its inverse, with what was done to get there.
 
-    H, Hinv: ``(cols, cols)`` in the compute dtype.  dead: ``(cols,)`` bool, inputs with
-    ``H_pp == 0``.  damping: the absolute λ added to the diagonal.  fallback: None, or a short
-    text saying which policy step was needed ("damping x10", "eigenvalue clamp").
+    H, Hinv: ``(cols, cols)`` in the compute dtype (None in a copy made by a solver that has
+    released them to save memory, as the column methods do once they hold ``H⁻¹``'s upper
+    factor: then only the damping and fallback remain to report).  dead: ``(cols,)`` bool,
+    inputs with ``H_pp == 0``.  damping: the absolute λ added to the diagonal.  fallback: None,
+    or a short text saying which policy step was needed ("damping x10", "eigenvalue clamp").
     """
 
-    H: torch.Tensor
-    Hinv: torch.Tensor
+    H: torch.Tensor | None
+    Hinv: torch.Tensor | None
     dead: torch.Tensor
     damping: float
     fallback: str | None
 
 
-def _damped(H: torch.Tensor, lam: float) -> torch.Tensor:
-    """``H + λ I`` as a new tensor without forming ``I`` or ``λ I``: one ``(C, C)`` buffer
-    instead of three (the same values: ``H_ij + λ·0`` is ``H_ij``)."""
-    Hd = H.clone()
-    Hd.diagonal().add_(lam)
-    return Hd
+def _damp_(H: torch.Tensor, diag: torch.Tensor, lam: float) -> torch.Tensor:
+    """``H + λ I`` in place: the diagonal set to ``diag + λ`` (``diag``: the undamped diagonal,
+    kept aside), so that a retry with another λ gives the same values as damping a fresh copy
+    (``H_ij + λ·0`` is ``H_ij`` off the diagonal), with no second ``(C, C)`` buffer."""
+    torch.add(diag, lam, out=H.diagonal())
+    return H
 
 
 def _chol_inverse(H: torch.Tensor) -> torch.Tensor | None:
+    """``H⁻¹`` from the Cholesky factor ``L`` (``H = L Lᵀ``), written over ``L``: one new
+    ``(C, C)`` buffer (bit-identical to ``cholesky_inverse`` into a fresh one); None if ``H``
+    is not positive definite or the inverse is not finite."""
     L, info = torch.linalg.cholesky_ex(H)
     if int(info) != 0:
         return None
-    Hinv = torch.cholesky_inverse(L)
-    if not torch.isfinite(Hinv).all():
+    Hinv = torch.cholesky_inverse(L, out=L)
+    if not all_finite(Hinv):
         return None
     return Hinv
 
@@ -145,22 +157,22 @@ def prepare_hessian(
     damp = check_damp(damp)
     check_on_singular(on_singular)
     H = H.to(dtype, copy=True)
-    if not bool(torch.isfinite(H).all()):
+    if not all_finite(H):
         raise ValueError(
             f"H overflows {dtype} (max |H| = {float(H.double().abs().max()):.3g} before the "
             "cast): the calibration activations are too large; solve with dtype=torch.float64 "
             "or scale the inputs down"
         )
-    diag = torch.diagonal(H)
-    dead = diag <= 0
+    dead = torch.diagonal(H) <= 0
     H[dead, :] = 0
     H[:, dead] = 0
-    diag[dead] = 1.0
+    torch.diagonal(H)[dead] = 1.0
+    diag = torch.diagonal(H).clone()  # undamped, (C,): H itself is damped in place
     live = ~dead
     mean_diag = float(diag[live].mean()) if bool(live.any()) else 1.0
     lam = damp * mean_diag
     fallback = None
-    Hd = _damped(H, lam)
+    Hd = _damp_(H, diag, lam)
     Hinv = _chol_inverse(Hd)
     if Hinv is None and on_singular == "raise":
         raise ValueError(
@@ -171,14 +183,14 @@ def prepare_hessian(
         lam_try = max(lam, 1e-8 * mean_diag)
         for k in range(1, max_tries + 1):
             lam_try *= 10.0
-            Hd = _damped(H, lam_try)
+            Hd = _damp_(H, diag, lam_try)
             Hinv = _chol_inverse(Hd)
             if Hinv is not None:
                 lam = lam_try
                 fallback = f"damping x10^{k}"
                 break
     if Hinv is None:
-        Hd = _damped(H, lam)
+        Hd = _damp_(H, diag, lam)
         evals, evecs = torch.linalg.eigh(Hd.double())
         floor = 1e-6 * float(evals.abs().max().clamp_min(1e-30))
         evals = evals.clamp_min(floor)
@@ -199,10 +211,17 @@ def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
     return float(0.5 * ((D @ H.double()) * D).sum())
 
 
-def row_losses(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
-    """Per-row ``½ δ_r H δ_rᵀ``, shape ``(rows,)``, float64."""
-    D = W.double() - W_hat.double()
-    return 0.5 * ((D @ H.double()) * D).sum(1)
+def row_losses(
+    W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, block: int = 256
+) -> torch.Tensor:
+    """Per-row ``½ δ_r H δ_rᵀ``, shape ``(rows,)``, float64; ``block`` rows of ``δ`` at a time
+    (temporaries ``(block, cols)``, not two ``(rows, cols)`` float64 matrices)."""
+    Hd = H.double()
+    out = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
+    for i in range(0, W.shape[0], block):
+        D = W[i : i + block].double() - W_hat[i : i + block].double()
+        out[i : i + block] = 0.5 * ((D @ Hd) * D).sum(1)
+    return out
 
 
 def prepare_layer(

@@ -73,6 +73,39 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def first_nonfinite(x: torch.Tensor, block: int = 256) -> tuple[int, ...] | None:
+    """The index of the first NaN / Inf of ``x`` (row-major), or None when all are finite.
+
+    Read ``block`` rows (first-dimension slices) at a time: ``torch.isfinite`` of a whole
+    tensor makes temporaries of its full size (``|x|`` and masks), which for a ``(C, C)``
+    Hessian is as much memory as the Hessian itself."""
+    if x.dim() == 0:
+        return None if bool(torch.isfinite(x)) else ()
+    for i in range(0, x.shape[0], block):
+        ok = torch.isfinite(x[i : i + block])
+        if not bool(ok.all()):
+            bad = (~ok).nonzero()[0].tolist()
+            return (i + bad[0], *bad[1:])
+    return None
+
+
+def all_finite(x: torch.Tensor) -> bool:
+    """No NaN / Inf in ``x`` (``first_nonfinite``: without full-size temporaries)."""
+    return first_nonfinite(x) is None
+
+
+def _scale_and_asymmetry(H: torch.Tensor, block: int = 256) -> tuple[float, float]:
+    """``(max |H_ij| (at least 1e-30), max |H_ij − H_ji|)`` in float64, read ``block`` rows
+    at a time: the temporaries are ``(block, C)``, not ``(C, C)`` (a 5504-column Hessian is
+    242 MB in float64)."""
+    scale = asym = 0.0
+    for i in range(0, H.shape[0], block):
+        rows = H[i : i + block].double()
+        scale = max(scale, float(rows.abs().max()))
+        asym = max(asym, float((rows - H[:, i : i + block].double().T).abs().max()))
+    return max(scale, 1e-30), asym
+
+
 def check_weight_hessian(W: torch.Tensor, H: torch.Tensor) -> None:
     """Validate a layer problem: ``W (rows, cols)`` and ``H (cols, cols)``, finite, floating."""
     if not isinstance(W, torch.Tensor):
@@ -93,19 +126,18 @@ def check_weight_hessian(W: torch.Tensor, H: torch.Tensor) -> None:
         raise ValueError(f"W must be a floating-point tensor, got dtype {W.dtype}")
     if not H.is_floating_point():
         raise ValueError(f"H must be a floating-point tensor, got dtype {H.dtype}")
-    if not torch.isfinite(W).all():
-        bad = (~torch.isfinite(W)).nonzero()[0].tolist()
+    bad = first_nonfinite(W)
+    if bad is not None:
         raise ValueError(f"W contains NaN or Inf (first at row {bad[0]}, col {bad[1]})")
-    if not torch.isfinite(H).all():
-        bad = (~torch.isfinite(H)).nonzero()[0].tolist()
+    bad = first_nonfinite(H)
+    if bad is not None:
         raise ValueError(f"H contains NaN or Inf (first at [{bad[0]}, {bad[1]}])")
     if W.device != H.device:
         raise ValueError(f"W is on {W.device} but H is on {H.device}; put both on one device")
-    Hd = H.double()
-    scale = Hd.abs().max().clamp_min(1e-30)
-    if (Hd - Hd.T).abs().max() > 1e-4 * scale:
+    scale, asym = _scale_and_asymmetry(H)
+    if asym > 1e-4 * scale:
         raise ValueError("H must be symmetric (H = 2 X X^T / N); got an asymmetric matrix")
-    if (torch.diagonal(Hd) < -1e-6 * scale).any():
+    if (torch.diagonal(H).double() < -1e-6 * scale).any():
         raise ValueError("H has negative diagonal entries; it is not a valid Hessian 2 X X^T / N")
 
 
