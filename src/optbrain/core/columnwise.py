@@ -70,8 +70,8 @@ def option_scope(method: str, options: dict) -> str:
 
 
 def upper_inverse_factor(
-    H: torch.Tensor, Hinv: torch.Tensor | None = None, *, overwrite: bool = False
-) -> tuple[torch.Tensor, str | None]:
+    H: torch.Tensor | None, Hinv: torch.Tensor | None = None, *, overwrite: bool = False
+) -> tuple[torch.Tensor | None, str | None]:
     """Upper-triangular ``U`` with ``Uᵀ U = H⁻¹`` for positive definite ``H (C, C)``.
 
     First choice: the upper Cholesky factor of the given ``Hinv`` (one factorization; with
@@ -79,13 +79,16 @@ def upper_inverse_factor(
     fails (``H⁻¹`` not numerically positive definite in the compute dtype), ``U`` is computed
     from ``H`` without forming ``H⁻¹``: with ``J`` the reversal permutation, ``J H J = L Lᵀ``
     gives ``H = Ũ Ũᵀ`` with upper ``Ũ = J L J``, so ``H⁻¹ = Ũ⁻ᵀ Ũ⁻¹`` and ``U = Ũ⁻¹`` — in
-    the compute dtype, then in float64. Returns ``(U, None or the fallback taken)``.
+    the compute dtype, then in float64. Returns ``(U, None or the fallback taken)``; with
+    ``H`` None only the first choice is tried, and ``(None, None)`` says that it failed.
     """
     if Hinv is not None:
         out = (Hinv, torch.empty((), dtype=torch.int32, device=Hinv.device)) if overwrite else None
         U, info = torch.linalg.cholesky_ex(Hinv, upper=True, out=out)
         if int(info) == 0 and all_finite(U):
             return U, None
+    if H is None:
+        return None, None
     for dt in (H.dtype, torch.float64):
         Hd = H.to(dt)
         L, info = torch.linalg.cholesky_ex(torch.flip(Hd, (0, 1)))
@@ -166,7 +169,12 @@ def column_solve(
     prunes = pattern is not None and (pattern.kind == "nm" or (sparsity or 0.0) > 0)
     if perm is not None and prunes:
         raise ValueError("a column permutation (act_order) is only supported without pruning")
-    Wt = (W if perm is None else W[:, perm]).t().contiguous()  # (C, R), processing order
+    # (C, R) in processing order: a column-major W is used in place (no copy)
+    Wt = (W if perm is None else W[:, perm]).t().contiguous()
+    if W.is_contiguous():
+        Wg = W
+    else:  # the grid is fitted on a row-major copy (the same bits as for any other W)
+        Wg = W.contiguous() if perm is None else Wt.t()[:, torch.argsort(perm)].contiguous()
     inv = None
     if perm is not None:
         inv = torch.empty_like(perm)
@@ -192,7 +200,7 @@ def column_solve(
     St = Lo = Hi = grid = None
     fit_at: dict[int, int] = {}
     if quant and not dynamic:
-        grid = fit_grid(W, bits, sym=sym, group_size=gs, search=search, weight=diagH)
+        grid = fit_grid(Wg, bits, sym=sym, group_size=gs, search=search, weight=diagH)
         s, z = grid.columns(C)
         if perm is not None:
             s, z = s[:, perm], z[:, perm]
@@ -215,6 +223,7 @@ def column_solve(
         first.scatter_reduce_(0, col_of_pos // gs, torch.arange(C, device=dev), "amin")
         fit_at = {int(p): g for g, p in enumerate(first.tolist())}
 
+    del Wg
     Et = torch.empty_like(Wt)  # e_p = (w_p − t_p) / U_pp, processing order
     Pt = torch.zeros(C, R, dtype=torch.bool, device=dev) if prunes else None
     dl = torch.diagonal(U).tolist()
@@ -260,14 +269,15 @@ def column_solve(
         if i2 < C:
             Wt[i2:].addmm_(U[i1:i2, i2:].t(), Et[i1:i2], alpha=-1)
 
-    Q = Wt.t()
-    if inv is not None:
-        Q = Q[:, inv]
-    keep = None if Pt is None else (~Pt.t()).contiguous()
     row_loss = torch.zeros(R, dtype=torch.float64, device=dev)
     for i in range(0, C, 256):  # ½ Σ_p e_p² per row, 256 columns at a time in float64
         row_loss += Et[i : i + 256].double().square_().sum(0)
     row_loss = 0.5 * row_loss.cpu()
+    del Et
+    Q = Wt.t()
+    if inv is not None:
+        Q = Q[:, inv]
+    keep = None if Pt is None else (~Pt.t()).contiguous()
     if dynamic:
         grid = QuantGrid(scale=scale, zero=zero, bits=bits, sym=sym, group_size=gs)
     info = {"block_size": B}
@@ -368,19 +378,24 @@ def column_method(
     by descending ``diag H``. Reads the ``block_size`` and ``search`` options."""
     block = option_block(method, spec.options)
     search = option_bool(method, spec.options, "search", True)
-    Wc, prep = prepare_layer(W, H, spec)
+    # Memory: only diag H and U (the upper factor of H⁻¹) are read by the solve, so without
+    # act_order H⁻¹ is made over the copy of H and U over H⁻¹ (one (C, C) buffer throughout);
+    # H is kept only where a fallback or the permutation needs it.
+    Wc, prep = prepare_layer(W, H, spec, keep_hessian=act_order, column_major=True)
     perm = None
     if act_order:
-        perm = torch.argsort(torch.diagonal(prep.H), descending=True, stable=True)
-    # U over H⁻¹'s buffer (this prep is ours); then only diag H and U are read: H is dropped
+        perm = torch.argsort(prep.diagonal, descending=True, stable=True)
     if perm is None:
-        U, chol_fallback = upper_inverse_factor(prep.H, prep.Hinv, overwrite=True)
+        U, chol_fallback = upper_inverse_factor(None, prep.Hinv, overwrite=True)
+        if U is None:  # H⁻¹ not positive definite in the compute dtype: U from H instead
+            Wc, prep = prepare_layer(W, H, spec)
+            U, chol_fallback = upper_inverse_factor(prep.H)
     else:
         Hp, Hip = prep.H[perm][:, perm], prep.Hinv[perm][:, perm]
         prep = replace(prep, Hinv=None)
         U, chol_fallback = upper_inverse_factor(Hp, Hip, overwrite=True)
         del Hp, Hip
-    diagH = torch.diagonal(prep.H).clone()
+    diagH = prep.diagonal
     prep = replace(prep, H=None, Hinv=None)
     prune = scope is not None
     out = column_solve(

@@ -16,7 +16,7 @@ Conventions (used everywhere in optbrain):
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -74,9 +74,22 @@ class HessianAccumulator:
 
     def hessian(self) -> torch.Tensor:
         """``H = 2 Xᵀ X / N`` over everything added, ``(cols, cols)`` in the accumulator dtype."""
+        self._check_tokens()
+        return self._sum * (2.0 / self.tokens)
+
+    def _check_tokens(self) -> None:
         if self.tokens == 0:
             raise ValueError("no calibration inputs were added; cannot form a Hessian")
-        return self._sum * (2.0 / self.tokens)
+
+    def take(self) -> torch.Tensor:
+        """``hessian()`` without a second ``(cols, cols)`` buffer: the sum is scaled in place
+        and handed over (the same values: one elementwise product either way), and the
+        accumulator is left empty (``tokens`` 0, so a later ``hessian()`` raises)."""
+        self._check_tokens()
+        H = self._sum.mul_(2.0 / self.tokens)
+        self._sum = torch.zeros(0, 0, dtype=self.dtype, device=H.device)
+        self.tokens = 0
+        return H
 
 
 def hessian_from_inputs(X: torch.Tensor) -> torch.Tensor:
@@ -111,6 +124,7 @@ class PreparedHessian:
     dead: torch.Tensor
     damping: float
     fallback: str | None
+    diagonal: torch.Tensor | None = None  # (cols,): the damped H's diagonal, kept with or without H
 
 
 def _damp_(H: torch.Tensor, diag: torch.Tensor, lam: float) -> torch.Tensor:
@@ -134,6 +148,16 @@ def _chol_inverse(H: torch.Tensor) -> torch.Tensor | None:
     return Hinv
 
 
+def _lean_inverse(Hd: torch.Tensor) -> torch.Tensor | None:
+    """``_chol_inverse`` written over ``Hd`` itself: no new ``(C, C)`` buffer, the same values
+    (``Hd`` is lost either way; None when it is not positive definite)."""
+    _, info = torch.linalg.cholesky_ex(Hd, out=(Hd, torch.empty((), dtype=torch.int32)))
+    if int(info) != 0:
+        return None
+    Hinv = torch.cholesky_inverse(Hd, out=Hd)
+    return Hinv if all_finite(Hinv) else None
+
+
 def prepare_hessian(
     H: torch.Tensor,
     damp: float = DEFAULT_DAMP,
@@ -141,6 +165,7 @@ def prepare_hessian(
     dtype: torch.dtype = DEFAULT_DTYPE,
     on_singular: str = DEFAULT_ON_SINGULAR,
     max_tries: int = 6,
+    keep_hessian: bool = True,
 ) -> PreparedHessian:
     """Damp H, fix dead inputs and invert it, following a stated failure policy.
 
@@ -153,10 +178,20 @@ def prepare_hessian(
     * ``"eig"``: clamp eigenvalues from below at ``1e-6 · max eigenvalue`` and invert.
 
     The λ actually used and the fallback taken are recorded on the result.
+
+    ``keep_hessian=False`` (solvers that read only ``H⁻¹`` and the damped diagonal, kept as
+    ``diagonal``): ``H⁻¹`` is computed over the damped copy of ``H`` and ``H`` is None, so one
+    ``(C, C)`` buffer instead of two — the same ``H⁻¹``; when the first λ fails, the policy
+    above runs on a fresh copy and ``H`` is dropped at the end.
     """
     damp = check_damp(damp)
     check_on_singular(on_singular)
-    H = H.to(dtype, copy=True)
+    H0 = H
+    if keep_hessian:
+        H = H.to(dtype, copy=True)
+    else:  # column-major: LAPACK works in place on it (a row-major one is copied first)
+        H = torch.empty_strided(H.shape, (1, H.shape[0]), dtype=dtype, device=H.device)
+        H.copy_(H0)
     if not all_finite(H):
         raise ValueError(
             f"H overflows {dtype} (max |H| = {float(H.double().abs().max()):.3g} before the "
@@ -173,6 +208,13 @@ def prepare_hessian(
     lam = damp * mean_diag
     fallback = None
     Hd = _damp_(H, diag, lam)
+    if not keep_hessian:
+        Hinv = _lean_inverse(Hd)
+        del H, Hd
+        if Hinv is not None:
+            return PreparedHessian(None, Hinv, dead, lam, None, diagonal=torch.add(diag, lam))
+        prep = prepare_hessian(H0, damp, dtype=dtype, on_singular=on_singular, max_tries=max_tries)
+        return replace(prep, H=None)
     Hinv = _chol_inverse(Hd)
     if Hinv is None and on_singular == "raise":
         raise ValueError(
@@ -199,7 +241,7 @@ def prepare_hessian(
         Hinv = ((evecs / evals) @ evecs.T).to(dtype)
         Hinv = 0.5 * (Hinv + Hinv.T)
         fallback = "eigenvalue clamp"
-    return PreparedHessian(H=Hd, Hinv=Hinv, dead=dead, damping=lam, fallback=fallback)
+    return PreparedHessian(Hd, Hinv, dead, lam, fallback, diagonal=torch.diagonal(Hd).clone())
 
 
 def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
@@ -225,14 +267,27 @@ def row_losses(
 
 
 def prepare_layer(
-    W: torch.Tensor, H: torch.Tensor, spec: CompressSpec
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: CompressSpec,
+    keep_hessian: bool = True,
+    column_major: bool = False,
 ) -> tuple[torch.Tensor, PreparedHessian]:
     """``(W in the compute dtype with dead-input columns zeroed, damped prepared H)``.
 
     A dead input (``H_pp == 0``) never reaches the output, so its weights are set to 0 for free;
     all losses are measured from this ``W`` under ``prepared.H`` (as the exact solver does).
+    ``keep_hessian``: see ``prepare_hessian``. ``column_major``: the copy of ``W`` is laid out
+    by columns (its transpose is a contiguous ``(cols, rows)`` buffer, as column solvers
+    work on), the same values.
     """
-    prep = prepare_hessian(H, spec.damp, dtype=spec.dtype, on_singular=spec.on_singular)
-    Wc = W.to(spec.dtype).clone()
+    prep = prepare_hessian(
+        H, spec.damp, dtype=spec.dtype, on_singular=spec.on_singular, keep_hessian=keep_hessian
+    )
+    if column_major:
+        Wc = torch.empty_strided(W.shape, (1, W.shape[0]), dtype=spec.dtype, device=W.device)
+        Wc.copy_(W)
+    else:
+        Wc = W.to(spec.dtype).clone()
     Wc[:, prep.dead] = 0
     return Wc, prep

@@ -232,14 +232,18 @@ class LayerCompressor:
         ratio = sum(a for a, _ in done) / sum(p for _, p in done) if done else 1.0
         return sum(left) * ratio
 
-    def job(self, name: str, hessians: list[HessianAccumulator]) -> tuple:
-        """The arguments of ``solve_layer`` for layer ``name``."""
+    def job(
+        self, name: str, hessians: list[HessianAccumulator], consume: bool = False
+    ) -> tuple:
+        """The arguments of ``solve_layer`` for layer ``name``; ``consume``: the plain
+        accumulators hand their sums over (``take``: no second ``(cols, cols)`` buffer) and
+        are left empty."""
         adapter = self.adapters[name]
         Ws = [adapter.weight(g) for g in range(len(hessians))]
         mats = [
             (acc.hessian(), acc.cross(), acc.dense_hessian())
             if isinstance(acc, CrossAccumulator)  # dense targets (core.targets)
-            else (acc.hessian(),)
+            else (acc.take() if consume else acc.hessian(),)
             for acc in hessians
         ]
         return Ws, mats, self.plans[name].method, self._kwargs(name)

@@ -303,6 +303,7 @@ def _run_blocks(
                 held = dict(model.named_buffers())
                 held.update(model.named_parameters(remove_duplicate=False))
                 _write_block(stem, {n: held[n].data for n in names}, comp.records[start:])
+                del held  # else it keeps this block's weights alive through the next block
             if k + 1 < len(blocks):
                 _advance(block, bname, cur, torch.device("cpu"), None)
             tensors.release(names)
@@ -334,10 +335,10 @@ def _compress_block(block: nn.Module, bname: str, cur: list, comp: LayerCompress
         stop, sub = (group[-1] if once else None), {n: adapters[n] for n in group}
         hooks = HessianHooks(sub, dtype=torch.float64, stop_after=stop)
         _block_pass(block, bname, cur, dev, hooks)
-        for n in group:  # as ``comp(name, module, hessians)``, holding H without its sum
+        for n in group:  # as ``comp(name, module, hessians)``; H is the sum, scaled in place
             full = f"{bname}.{n}"
             accs = hooks.hessians.pop(n)
-            tokens, job = accs[0].tokens, comp.job(full, accs)
+            tokens, job = accs[0].tokens, comp.job(full, accs, consume=True)
             del accs
             t0 = time.perf_counter()
             with comp.progress.within(full, comp.predicted.get(full)):
