@@ -12,10 +12,17 @@ Per model: compress with the recipe (``--recipe`` YAML path or text, ``--method`
 entry's default), evaluate, then for each format ``optbrain.export`` with its wall time, the
 bytes of the compressed layers against their float32 bytes and the files (compressed-tensors:
 also the bytes of the dense model's own ``save_pretrained`` directory, and the metric of the
-directory loaded back with plain ``transformers``); then ``optbrain.app.deploy.bench`` on ONNX
-Runtime (dense fp32 graph vs the compressed graph, with ``--activations int8`` static int8
-activations, alternated call by call in this one process, median of the repeats after warm-up)
-for each batch size. Prints one JSON object per model and a markdown table.
+directory loaded back with plain ``transformers``; onnx: one file per ``--activations`` value,
+its output's relative error against the torch compressed model and the entry's metrics
+computed from the ONNX Runtime outputs, ``deploy.ort_model``); then ``optbrain.app.deploy.bench``
+on ONNX Runtime (dense fp32 graph vs the compressed graph with those activations, alternated
+call by call in this one process, median of the repeats after warm-up) for each activations
+value and batch size (``--seq-len``: token models timed at that length). Prints one JSON object
+per model and markdown tables.
+
+    python benchmarks/deploy_zoo.py --model minilm \
+        --recipe benchmarks/recipes/minilm_heads_ffn_0.5.yaml --formats onnx \
+        --activations float int8-dynamic --batches 1 8 --seq-len 128
 """
 
 from __future__ import annotations
@@ -37,20 +44,15 @@ from optbrain.io import export  # noqa: E402
 from optbrain.recipe import Recipe  # noqa: E402
 
 
-class OrtModule(torch.nn.Module):
-    """An ONNX file (one tensor input) run by ONNX Runtime, called like the torch model, so
-    that the zoo entry's ``evaluate`` measures the exported graph itself."""
+def rel_error(entry, model, path: Path, act: str) -> float:
+    """Relative L2 error of the ONNX graph's output against the torch model's on 8 inputs."""
+    from optbrain.pipeline.shrink import first_tensor
 
-    def __init__(self, path: Path) -> None:
-        super().__init__()
-        import onnxruntime as ort
-
-        opts = ort.SessionOptions()
-        opts.intra_op_num_threads = 1
-        self.sess = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(self.sess.run(None, {"input": x.numpy()})[0])
+    args = deploy.positional(model, deploy.example_batch(entry, 8, seed=1))
+    with torch.no_grad():
+        ref = first_tensor(model(*args))
+        got = first_tensor(deploy.ort_model(path, model, qdq=act != "float")(*args))
+    return float((got - ref).norm() / ref.norm())
 
 
 def hf_directory(entry, path: Path, total: int, limit: int | None) -> dict:
@@ -78,7 +80,10 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     ap.add_argument("--recipe", help="recipe YAML path or text (instead of --method ...)")
     ap.add_argument("--formats", nargs="+", default=["safetensors", "onnx"])
-    ap.add_argument("--activations", default="float", help="onnx: float or int8")
+    ap.add_argument(
+        "--activations", nargs="+", default=["float"], help="onnx: float, int8, int8-dynamic"
+    )
+    ap.add_argument("--seq-len", type=int, help="token models: sequence length to time")
     ap.add_argument("--dtype", help="compressed-tensors: float16 / bfloat16 for the rest")
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 32])
     ap.add_argument("--threads", type=int, default=2)
@@ -103,19 +108,22 @@ def main() -> None:
         model, report = run_zoo(name, recipe, run, quiet=True, limit=args.limit)
         res: dict = {"model": name, "recipe": recipe, "compress_s": time.perf_counter() - t0}
         res["metrics"] = report.metrics
-        for fmt in args.formats:
+        exports = [(f, "float") for f in args.formats if f != "onnx"]
+        exports += [("onnx", a) for a in args.activations] if "onnx" in args.formats else []
+        for fmt, act in exports:
             kw: dict = {}
             if fmt == "onnx":
                 kw["example_inputs"] = deploy.positional(model, deploy.example_batch(entry, 1))
-                if args.activations == "int8":
-                    kw["activations"] = "int8"
+                if act != "float":
+                    kw["activations"] = act
                     kw["calibration"] = deploy.calibration_args(entry, model, args.samples)
             if fmt == "compressed-tensors" and args.dtype:
                 kw["dtype"] = args.dtype
-            path = root / f"{name}.{fmt}" if fmt != "onnx" else root / f"{name}.onnx"
+            key = fmt if act == "float" else f"{fmt}-{act}"
+            path = root / f"{name}.{fmt}" if fmt != "onnx" else root / f"{name}.{key}.onnx"
             t0 = time.perf_counter()
             e = export(model, path, format=fmt, **kw)
-            res[fmt] = {
+            res[key] = {
                 "seconds": time.perf_counter() - t0,
                 "total_bytes": e.total_bytes,
                 "layer_bytes": e.layer_bytes,
@@ -126,40 +134,48 @@ def main() -> None:
                 "info": e.info,
             }
             if fmt == "compressed-tensors":
-                res[fmt].update(hf_directory(entry, path, e.total_bytes, args.limit))
-            if fmt == "onnx" and "input" in e.info.get("inputs", []):
-                res[fmt]["ort_metrics"] = entry.evaluate(
-                    OrtModule(path), dense=entry.load(), limit=args.limit
-                )
-        for b in args.batches:
-            res[f"ort_b{b}"] = deploy.bench(
-                run, "onnxruntime", b, args.threads, args.repeats, 5, args.activations, args.samples
-            )
+                res[key].update(hf_directory(entry, path, e.total_bytes, args.limit))
+            if fmt == "onnx":  # the metric of what is deployed: the graph run by ONNX Runtime
+                res[key]["rel_error_vs_torch"] = rel_error(entry, model, path, act)
+                ort = deploy.ort_model(path, model, qdq=act != "float")
+                res[key]["ort_metrics"] = entry.evaluate(ort, dense=entry.load(), limit=args.limit)
+        for act in args.activations:
+            for b in args.batches:
+                res[f"ort_b{b}_{act}"] = deploy.bench(
+                    run, "onnxruntime", b, args.threads, args.repeats, 5, act, args.samples,
+                    seq_len=args.seq_len,
+                )  # fmt: skip
         print(json.dumps(res, default=str), flush=True)
         rows.append(res)
+    print("\n| model | export | MB | layer ratio | export s | metric: dense / torch / ONNX Runtime "
+          "| ORT vs torch rel. error |")  # fmt: skip
+    print("|---|---|---:|---:|---:|---|---:|")
     for r in rows:
-        if "ort_metrics" in r.get("onnx", {}):
-            print(f"{r['model']}: the ONNX graph on the test data: {r['onnx']['ort_metrics']}")
-    print("\n| model | metric dense → compressed | format | MB | layer ratio | export s |")
-    print("|---|---|---|---:|---:|---:|")
+        key = zoo.get(r["model"]).primary
+        m = r["metrics"].get(key, {})
+        for name, f in r.items():
+            if isinstance(f, dict) and "total_bytes" in f:
+                ort = f.get("ort_metrics", {}).get(key)
+                err = f.get("rel_error_vs_torch")
+                print(
+                    f"| {r['model']} | {name} | {f['total_bytes'] / 1e6:.2f} | {f['ratio']:.4f} | "
+                    f"{f['seconds']:.1f} | {key} {m.get('dense'):.4f} / {m.get('compressed'):.4f}"
+                    f" / {'—' if ort is None else f'{ort:.4f}'} | "
+                    f"{'—' if err is None else f'{err:.2e}'} |"
+                )
+    print(
+        "\n| model | activations | batch | threads | ORT dense ms | ORT compressed ms | speedup |"
+    )
+    print("|---|---|---:|---:|---:|---:|---:|")
     for r in rows:
-        m = next(iter(r["metrics"].items()), ("?", {}))
-        metric = f"{m[0]} {m[1].get('dense')} → {m[1].get('compressed')}"
-        for fmt in args.formats:
-            f = r[fmt]
-            print(
-                f"| {r['model']} | {metric} | {fmt} | {f['total_bytes'] / 1e6:.2f} | "
-                f"{f['ratio']:.4f} | {f['seconds']:.1f} |"
-            )
-    print("\n| model | batch | threads | ORT dense ms | ORT compressed ms | speedup |")
-    print("|---|---:|---:|---:|---:|---:|")
-    for r in rows:
-        for b in args.batches:
-            x = r[f"ort_b{b}"]
-            print(
-                f"| {r['model']} | {b} | {x['threads']} | {x['dense']['median_ms']:.3f} | "
-                f"{x['compressed']['median_ms']:.3f} | {x['speedup']:.2f}x |"
-            )
+        for act in args.activations:
+            for b in args.batches:
+                x = r[f"ort_b{b}_{act}"]
+                print(
+                    f"| {r['model']} | {act} | {b} | {x['threads']} | "
+                    f"{x['dense']['median_ms']:.3f} | {x['compressed']['median_ms']:.3f} | "
+                    f"{x['speedup']:.2f}x |"
+                )
 
 
 if __name__ == "__main__":

@@ -208,3 +208,73 @@ def test_positional_lays_a_dict_out_in_forward_order():
     )
     with pytest.raises(ValueError, match="pixel_values"):
         deploy.positional(_Forward(), {"pixel_values": ids})
+
+
+def test_ort_model_scores_the_exported_graph_like_torch(run, tmp_path):
+    """``deploy.ort_model``: the zoo entry's ``evaluate`` on the ONNX graph run by ONNX Runtime
+    gives the torch compressed model's metrics (the graph's outputs are within 1e-5)."""
+    pytest.importorskip("onnxruntime")
+    from optbrain.io import export
+
+    entry = zoo.get("digits-mlp")
+    model = load(entry.load(), run)
+    path = tmp_path / "m.onnx"
+    export(model, path, format="onnx", example_inputs=deploy.example_batch(entry, 1))
+    ort_model = deploy.ort_model(path, model, qdq=False)
+    x = deploy.example_batch(entry, 16, seed=3)
+    with torch.no_grad():
+        np.testing.assert_allclose(ort_model(x).numpy(), model(x).numpy(), rtol=1e-5, atol=1e-5)
+    assert entry.evaluate(ort_model) == entry.evaluate(model)
+
+
+def test_ort_model_of_a_hugging_face_encoder_takes_its_keywords(tmp_path):
+    pytest.importorskip("onnxruntime")
+    transformers = pytest.importorskip("transformers")
+    from optbrain.io.onnx import export_dense_onnx
+
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=50, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+        intermediate_size=32, max_position_embeddings=32,
+    )  # fmt: skip
+    bert = transformers.BertModel(cfg, add_pooling_layer=False).eval()
+    ids = torch.randint(1, 50, (2, 7))
+    mask = torch.ones_like(ids)
+    mask[1, 4:] = 0
+    x = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids)}
+    path = export_dense_onnx(bert, tmp_path / "b.onnx", example_inputs=tuple(x.values()))
+    m = deploy.ort_model(path, bert, qdq=False)
+    assert m.config is bert.config
+    with torch.no_grad():
+        want = bert(**x).last_hidden_state
+    got = m(ids, attention_mask=mask, token_type_ids=x["token_type_ids"]).last_hidden_state
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
+class _Tokens:
+    name = "toks"
+
+    @staticmethod
+    def calibration(n, seed):
+        ids = torch.arange(n * 4).reshape(n, 4)
+        return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
+
+
+def test_example_batch_seq_len_lays_windows_along_the_sequence():
+    x = deploy.example_batch(_Tokens(), 2, seq_len=10)
+    assert x["input_ids"].shape == x["attention_mask"].shape == (2, 10)
+    # row 0 = windows 0, 2, 4 (cut): calibration rows laid after each other
+    assert x["input_ids"][0].tolist() == [0, 1, 2, 3, 8, 9, 10, 11, 16, 17]
+    assert deploy.example_batch(_Tokens(), 2)["input_ids"].shape == (2, 4)
+    with pytest.raises(ValueError, match="token models"):
+        deploy.example_batch(zoo.get("digits-mlp"), 2, seq_len=10)
+
+
+def test_bench_int8_dynamic_activations(run):
+    pytest.importorskip("onnxruntime")
+    argv = ["bench", run, "--activations", "int8-dynamic", "--batch", 4, "--repeats", 3]
+    code, out, err = _main([*argv, "--warmup", 1])
+    assert code == 0, err
+    b = _deployment(run)["bench"]["onnxruntime-b4-t1-int8-dynamic"]
+    assert b["activations"] == "int8-dynamic" and b["calibration_agreement"] >= 95.0
+    assert "| onnxruntime int8-dynamic activations | 4 | 1 |" in out

@@ -60,16 +60,29 @@ def load_run(run: Path, name: str) -> tuple[Any, Any, Any]:
     return entry, dense, load(copy.deepcopy(dense), run)
 
 
-def example_batch(entry: Any, batch: int, seed: int = 0) -> Any:
-    """``batch`` inputs of ``entry``'s calibration data (a tensor or a dict of tensors)."""
+def example_batch(entry: Any, batch: int, seed: int = 0, seq_len: int | None = None) -> Any:
+    """``batch`` inputs of ``entry``'s calibration data (a tensor or a dict of tensors).
+    ``seq_len`` (token models, for timing): every ``(batch, length)`` tensor of the dict made
+    ``seq_len`` long by laying further calibration windows after it along the sequence axis."""
     import torch
 
-    batches = entry.calibration(batch, seed)
+    reps = 1
+    if seq_len is not None:
+        if seq_len < 1:
+            raise ValueError("--seq-len must be at least 1")
+        first = entry.calibration(batch, seed)[0]
+        if not isinstance(first, dict):
+            raise ValueError(f"--seq-len is for token models; {entry.name!r} takes tensors")
+        reps = -(-seq_len // int(next(iter(first.values())).shape[1]))
+    batches = entry.calibration(batch * reps, seed)
     if not batches:
         raise ValueError(f"model {entry.name!r} gave no calibration inputs")
     first = batches[0]
     if isinstance(first, dict):
-        return {k: torch.cat([b[k] for b in batches])[:batch] for k in first}
+        rows = {k: torch.cat([b[k] for b in batches]) for k in first}
+        return {
+            k: torch.cat(v[: batch * reps].chunk(reps), 1)[:, :seq_len] for k, v in rows.items()
+        }
     if isinstance(first, torch.Tensor):
         return torch.cat(list(batches))[:batch]
     raise ValueError(f"model {entry.name!r}: calibration inputs are {type(first).__name__}")
@@ -124,7 +137,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     _, _, model = load_run(run, name)
     example = positional(model, example_batch(entry, 1)) if fmt == "onnx" else None
     kw: dict[str, Any] = {}
-    if act == "int8":
+    if act != "float":
         kw = {"activations": act, "calibration": calibration_args(entry, model, args.samples)}
     if args.dtype is not None:
         kw["dtype"] = args.dtype
@@ -199,6 +212,45 @@ def _ort_feed(sess: Any, args: tuple[Any, ...]) -> dict[str, Any]:
     return {n: t.numpy() for n, t in zip(names, tensors, strict=False)}
 
 
+def ort_model(path: Path, like: Any, qdq: bool, threads: int = 1) -> Any:
+    """An exported ONNX file run by ONNX Runtime, called like the torch model ``like`` it was
+    exported from, so that a zoo entry's ``evaluate`` scores the deployed graph itself: the
+    same positional or keyword inputs (keywords laid out by ``positional``), and for a Hugging
+    Face model ``like.config`` and an output with ``last_hidden_state`` (a base model, e.g.
+    BertModel) or ``logits``. ``qdq``: as ``_ort_session`` (True for int8 activations)."""
+    import torch
+    from torch import nn
+
+    sess = _ort_session(path, threads, qdq=qdq)
+    hf = getattr(like, "config", None) is not None
+    key = "last_hidden_state" if getattr(like, "base_model", None) is like else "logits"
+
+    class OrtModel(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = getattr(like, "config", None)
+
+        def forward(self, *args: Any, **kwargs: Any) -> Any:
+            if kwargs:
+                args = positional(like, {**dict(zip(_names(like), args, strict=False)), **kwargs})
+            out = torch.from_numpy(sess.run(None, _ort_feed(sess, args))[0])
+            if not hf:
+                return out
+            from transformers import modeling_outputs as mo
+
+            if key == "logits":
+                return mo.CausalLMOutput(logits=out)
+            return mo.BaseModelOutput(last_hidden_state=out)
+
+    return OrtModel().eval()
+
+
+def _names(model: Any) -> list[str]:
+    import inspect
+
+    return list(inspect.signature(model.forward).parameters)
+
+
 def bench(
     run: Path,
     runtime: str,
@@ -208,10 +260,13 @@ def bench(
     warmup: int,
     activations: str | None = None,
     samples: int = 128,
+    seq_len: int | None = None,
 ) -> dict[str, Any]:
     """Dense fp32 vs the compressed run on ``runtime``, in one process, on ``batch`` inputs.
     ``activations="int8"`` (onnxruntime only): the compressed graph has static int8
-    activations calibrated on ``samples`` calibration inputs (``optbrain.io.onnx_int8``)."""
+    activations calibrated on ``samples`` calibration inputs, ``"int8-dynamic"``: int8
+    activations quantized at run time (``optbrain.io.onnx_int8``). ``seq_len``: token models
+    timed on sequences of that length (``example_batch``; default: the calibration windows')."""
     import torch
 
     from ..io.onnx_int8 import check_activations
@@ -226,9 +281,11 @@ def bench(
         raise ValueError(f"--activations {act} needs --runtime onnxruntime (torch runs float)")
     name = run_model_name(run)
     entry, dense, model = load_run(run, name)
-    x = example_batch(entry, batch)
+    x = example_batch(entry, batch, seq_len=seq_len)
     args = positional(model, x)
     out: dict[str, Any] = {"runtime": runtime, "batch": batch, "threads": threads}
+    if seq_len is not None:
+        out["seq_len"] = seq_len
     if act != "float":
         out["activations"] = act
     if runtime == "torch":
@@ -243,15 +300,17 @@ def bench(
         with tempfile.TemporaryDirectory() as tmp:
             pd = export_dense_onnx(dense, Path(tmp) / "dense.onnx", example_inputs=args)
             pc = Path(tmp) / "compressed.onnx"
-            if act == "int8":
+            if act != "float":
                 from ..io.onnx_int8 import export_onnx_int8
 
                 cal = calibration_args(entry, model, samples)
-                res = export_onnx_int8(model, pc, example_inputs=args, calibration=cal)
+                res = export_onnx_int8(
+                    model, pc, example_inputs=args, calibration=cal, dynamic=act == "int8-dynamic"
+                )
                 out["calibration_agreement"] = res.info["calibration_agreement"]
             else:
                 export_onnx(model, pc, example_inputs=args)
-            sd, sc = _ort_session(pd, threads), _ort_session(pc, threads, qdq=act == "int8")
+            sd, sc = _ort_session(pd, threads), _ort_session(pc, threads, qdq=act != "float")
             fd, fc = _ort_feed(sd, args), _ort_feed(sc, args)
             nbytes = {"dense": pd.stat().st_size, "compressed": pc.stat().st_size}
             td, tc = time_pair(lambda: sd.run(None, fd), lambda: sc.run(None, fc), repeats, warmup)
@@ -277,8 +336,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
         args.warmup,
         activations=args.activations,
         samples=args.samples,
+        seq_len=args.seq_len,
     )
     key = f"{args.runtime}-b{args.batch}-t{args.threads}"
+    if args.seq_len is not None:
+        key += f"-s{args.seq_len}"
     if res.get("activations"):
         key += f"-{res['activations']}"
     update_deployment(run, "bench", key, res)
@@ -360,6 +422,9 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     b.add_argument("--repeats", type=int, default=30, help="timed calls of each (default 30)")
     b.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
+    b.add_argument(
+        "--seq-len", type=int, dest="seq_len", help="token models: sequence length to time"
+    )
     _activation_args(b)
     b.set_defaults(func=cmd_bench)
 
@@ -371,7 +436,8 @@ def _activation_args(p: Any) -> None:
         "--activations",
         choices=ACTIVATIONS,
         default="float",
-        help="onnx: 'int8' = static int8 activations from the calibration set (integer kernels)",
+        help="onnx: 'int8' = static int8 activations from the calibration set, 'int8-dynamic' "
+        "= quantized at run time (integer kernels)",
     )
     p.add_argument(
         "--samples", type=int, default=128, help="calibration inputs for --activations int8"

@@ -54,8 +54,9 @@ def export(
     """Write ``model`` (after ``optbrain.compress`` or ``optbrain.load``) to ``path`` in
     ``format`` (see the module docstring). ``example_inputs``: for ``"onnx"``, a tensor or
     tuple of positional inputs to trace with; ``activations``: for ``"onnx"``, ``"float"``
-    (default, weight-only) or ``"int8"`` (static int8 activations from ``calibration``, a list
-    of input batches: ``optbrain.io.onnx_int8``); ``source``: for ``"compressed-tensors"``, the
+    (default, weight-only), ``"int8"`` (static int8 activations from ``calibration``, a list
+    of input batches: ``optbrain.io.onnx_int8``) or ``"int8-dynamic"`` (int8 activations
+    quantized at run time; ``calibration`` optional); ``source``: for ``"compressed-tensors"``, the
     directory with the tokenizer files; ``dtype``: for ``"compressed-tensors"``, the float
     type of the tensors left unquantized (``"float16"`` / ``"bfloat16"``; default: the
     model's). Bad input (an unknown format, an option the format does not take, a model the
@@ -65,11 +66,15 @@ def export(
         format, activations=activations, calibration=calibration, dtype=dtype, source=source
     )
     if format == "onnx":
-        if act == "int8":
+        if act != "float":
             from .onnx_int8 import export_onnx_int8
 
             return export_onnx_int8(
-                model, path, example_inputs=example_inputs, calibration=calibration
+                model,
+                path,
+                example_inputs=example_inputs,
+                calibration=calibration,
+                dynamic=act == "int8-dynamic",
             )
         from .onnx import export_onnx
 
@@ -93,7 +98,8 @@ OPTION_FORMAT = {
 def check_options(format: str, **options: Any) -> str:
     """Check ``format`` and the format-specific ``options`` of ``export`` (given = not None;
     ``activations="float"`` is the default) before any work; returns the activations
-    (``"float"`` or ``"int8"``). A ValueError names the option and the format it belongs to."""
+    (one of ``onnx_int8.ACTIVATIONS``). A ValueError names the option and the format it
+    belongs to."""
     from .hf import check_dtype
     from .onnx_int8 import check_activations
 

@@ -70,12 +70,51 @@ def _as_args(example_inputs: Any) -> tuple[Any, ...]:
     )
 
 
+class _Traced(nn.Module):
+    """``model`` called with exactly the positional inputs given, returning its main output
+    tensor (``first_tensor``: a Hugging Face model's ``last_hidden_state`` / ``logits``).
+
+    Traced instead of ``model`` itself because the TorchScript exporter fills every parameter
+    of ``model.forward``'s signature after the given ones with its default, and transformers'
+    config-default decorator then passes ``use_cache`` twice (transformers 5: "BertModel.forward()
+    got multiple values for argument 'use_cache'"); a ``*args`` signature has nothing to fill."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, *args: Any) -> torch.Tensor:
+        from ..pipeline.shrink import first_tensor
+
+        return first_tensor(self.model(*args))
+
+
+_PREFIX = "model."  # the parameter names of ``_Traced``: strip it from the initializers
+
+
+def _strip_prefix(graph: Any) -> None:
+    """Rename the initializers ``model.X`` of a traced ``_Traced`` back to ``X`` (the module's own
+    parameter names, which ``_find_initializer`` looks up first)."""
+    renamed = {}
+    for init in graph.initializer:
+        if init.name.startswith(_PREFIX):
+            renamed[init.name] = init.name[len(_PREFIX) :]
+            init.name = renamed[init.name]
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    for value in [*graph.input, *graph.value_info]:
+        if value.name in renamed:
+            value.name = renamed[value.name]
+
+
 def _trace(
     model: nn.Module, args: tuple[Any, ...], names: dict[str, Any], fold: bool = True
 ) -> Any:
-    """The ONNX ModelProto of ``model`` traced on ``args``, at opset ``OPSET``. ``fold=False``:
-    no constant folding, so a convolution's weight stays its own initializer instead of being
-    merged with the batch norm after it."""
+    """The ONNX ModelProto of ``model`` (its main output, ``_Traced``) traced on ``args``, at
+    opset ``OPSET``. ``fold=False``: no constant folding, so a convolution's weight stays its own
+    initializer instead of being merged with the batch norm after it."""
     onnx = _require_onnx()
     from onnx import version_converter
 
@@ -83,10 +122,44 @@ def _trace(
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         torch.onnx.export(
-            model, args, buf, dynamo=False, opset_version=20, do_constant_folding=fold, **names
+            _Traced(model),
+            args,
+            buf,
+            dynamo=False,
+            opset_version=20,
+            do_constant_folding=fold,
+            **names,
         )
     proto = onnx.load_from_string(buf.getvalue())
+    _strip_prefix(proto.graph)
     return version_converter.convert_version(proto, OPSET)
+
+
+def _is_tokens(x: Any) -> bool:
+    """Token ids (or their mask / segment ids): an integer tensor ``(batch, sequence)``."""
+    return isinstance(x, torch.Tensor) and x.ndim == 2 and not x.is_floating_point()
+
+
+def dynamic_axes(
+    model: nn.Module, args: tuple[Any, ...], input_names: list[str], output_names: list[str]
+) -> dict[str, dict[int, str]]:
+    """The symbolic axes of a traced graph: axis 0 (``batch``) of every input and output, and
+    for a model taking token ids (``_is_tokens``) axis 1 (``sequence``) of those inputs and of
+    every output whose axis 1 has the example's sequence length (``(batch, sequence, hidden)``
+    hidden states, per-token logits), so one graph runs texts of any length."""
+    tensors = [a for a in args if isinstance(a, torch.Tensor)]
+    axes = {n: {0: "batch"} for n in [*input_names, *output_names]}
+    seq = {int(a.shape[1]) for a in tensors if _is_tokens(a)}
+    if not seq:
+        return axes
+    for n, a in zip(input_names, tensors, strict=False):
+        if _is_tokens(a):
+            axes[n][1] = "sequence"
+    with torch.no_grad():
+        out = _Traced(model)(*args)
+    if out.ndim >= 2 and int(out.shape[1]) in seq:
+        axes[output_names[0]][1] = "sequence"
+    return axes
 
 
 def _codes_2d(layer: CompressedLayer) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
@@ -179,6 +252,25 @@ def _rewrite(proto: Any, layer: CompressedLayer, init: Any, transposed: bool) ->
     return sum(len(t.raw_data) for t in new_inits[:3])
 
 
+def _input_names(model: nn.Module, args: tuple[Any, ...]) -> list[str]:
+    """The graph's input names: ``input`` for one tensor; for several, the names of the
+    parameters of ``model.forward`` they are passed as (``input_ids``, ``attention_mask``, ...),
+    else ``input_0``, ``input_1``, ..."""
+    import inspect
+
+    slots = [i for i, a in enumerate(args) if isinstance(a, torch.Tensor)]
+    if len(slots) == 1:
+        return ["input"]
+    try:
+        params = inspect.signature(model.forward).parameters.values()
+    except (TypeError, ValueError):
+        params = []
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(named) >= len(args):
+        return [named[i] for i in slots]
+    return [f"input_{i}" for i in range(len(slots))]
+
+
 def _trace_eval(
     model: nn.Module,
     example_inputs: Any,
@@ -190,15 +282,14 @@ def _trace_eval(
     """(ModelProto traced in eval mode, input names, output names)."""
     args = _as_args(example_inputs)
     _require_onnx()
-    n_in = sum(1 for a in args if isinstance(a, torch.Tensor))
-    input_names = input_names or (["input"] if n_in == 1 else [f"input_{i}" for i in range(n_in)])
+    input_names = input_names or _input_names(model, args)
     output_names = output_names or ["output"]
     names: dict[str, Any] = {"input_names": input_names, "output_names": output_names}
-    if dynamic_batch:
-        names["dynamic_axes"] = {n: {0: "batch"} for n in [*input_names, *output_names]}
     was_training = model.training
     model.eval()
     try:
+        if dynamic_batch:
+            names["dynamic_axes"] = dynamic_axes(model, args, input_names, output_names)
         proto = _trace(model, args, names, fold)
     finally:
         model.train(was_training)
@@ -230,7 +321,8 @@ def export_onnx(
 ) -> ExportResult:
     """Write ``model`` (after ``optbrain.compress``) as an ONNX file at ``path``; see the module
     docstring. ``example_inputs``: a tensor or tuple of positional inputs to trace with.
-    ``dynamic_batch``: the first dimension of every input and output is symbolic."""
+    ``dynamic_batch``: the first dimension of every input and output is symbolic, and the
+    sequence axis of a model taking token ids (``dynamic_axes``)."""
     layers = compressed_layers(model)
     proto, input_names, output_names = _trace_eval(
         model, example_inputs, input_names, output_names, dynamic_batch, fold=False
