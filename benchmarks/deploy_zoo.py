@@ -5,17 +5,20 @@
 
     python benchmarks/deploy_zoo.py --model fashion-cnn --recipe recipe.yaml \
         --formats onnx --activations int8 --batches 1 32 --threads 2
+    python benchmarks/deploy_zoo.py --model efficientnet-lite0 --run RUN_DIR \
+        --formats onnx --activations int8 --batches 1 32 --threads 2
     python benchmarks/deploy_zoo.py --model smollm2-135m --method gptq --bits 4 \
         --formats compressed-tensors --dtype bfloat16 --batches --limit 2
 
 Per model: compress with the recipe (``--recipe`` YAML path or text, ``--method``..., or the
-entry's default), evaluate, then for each format ``optbrain.export`` with its wall time, the
-bytes of the compressed layers against their float32 bytes and the files (compressed-tensors:
-also the bytes of the dense model's own ``save_pretrained`` directory, and the metric of the
-directory loaded back with plain ``transformers``); then ``optbrain.app.deploy.bench`` on ONNX
-Runtime (dense fp32 graph vs the compressed graph, with ``--activations int8`` static int8
-activations, alternated call by call in this one process, median of the repeats after warm-up)
-for each batch size. Prints one JSON object per model and a markdown table.
+entry's default; or take the saved run ``--run``), evaluate, then for each format
+``optbrain.export`` with its wall time, the bytes of the compressed layers against their
+float32 bytes and the files (compressed-tensors: also the bytes of the dense model's own
+``save_pretrained`` directory, and the metric of the directory loaded back with plain
+``transformers``); then ``optbrain.app.deploy.bench`` on ONNX Runtime (dense fp32 graph vs the
+compressed graph, with ``--activations int8`` static int8 activations, alternated call by call
+in this one process, median of the repeats after warm-up) for each batch size. Prints one JSON
+object per model and a markdown table.
 """
 
 from __future__ import annotations
@@ -77,6 +80,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     ap.add_argument("--recipe", help="recipe YAML path or text (instead of --method ...)")
+    ap.add_argument("--run", help="an existing run directory of --model (e.g. a budget run "
+                    "saved by latency_budget.py --out) instead of compressing here")  # fmt: skip
     ap.add_argument("--formats", nargs="+", default=["safetensors", "onnx"])
     ap.add_argument("--activations", default="float", help="onnx: float or int8")
     ap.add_argument("--dtype", help="compressed-tensors: float16 / bfloat16 for the rest")
@@ -100,9 +105,17 @@ def main() -> None:
             recipe = {"rules": [rule], "calibration": {"samples": args.samples}}
         run = root / name
         t0 = time.perf_counter()
-        model, report = run_zoo(name, recipe, run, quiet=True, limit=args.limit)
+        if args.run:  # the run as saved, applied to a fresh dense copy
+            run = Path(args.run)
+            _, dense, model = deploy.load_run(run, deploy.run_model_name(run, name))
+            comp, dm = entry.evaluate(model, dense=dense, limit=args.limit), entry.evaluate(dense)
+            metrics = {k: {"dense": dm.get(k), "compressed": v} for k, v in comp.items()}
+            recipe = {"run": str(run)}
+        else:
+            model, report = run_zoo(name, recipe, run, quiet=True, limit=args.limit)
+            metrics = report.metrics
         res: dict = {"model": name, "recipe": recipe, "compress_s": time.perf_counter() - t0}
-        res["metrics"] = report.metrics
+        res["metrics"] = metrics
         for fmt in args.formats:
             kw: dict = {}
             if fmt == "onnx":
