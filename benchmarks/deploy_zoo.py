@@ -5,20 +5,23 @@
 
     python benchmarks/deploy_zoo.py --model fashion-cnn --recipe recipe.yaml \
         --formats onnx --activations int8 --batches 1 32 --threads 2
+    python benchmarks/deploy_zoo.py --model efficientnet-lite0 --run RUN_DIR \
+        --formats onnx --activations int8 --batches 1 32 --threads 2
     python benchmarks/deploy_zoo.py --model smollm2-135m --method gptq --bits 4 \
         --formats compressed-tensors --dtype bfloat16 --batches --limit 2
 
 Per model: compress with the recipe (``--recipe`` YAML path or text, ``--method``..., or the
-entry's default), evaluate, then for each format ``optbrain.export`` with its wall time, the
-bytes of the compressed layers against their float32 bytes and the files (compressed-tensors:
-also the bytes of the dense model's own ``save_pretrained`` directory, and the metric of the
-directory loaded back with plain ``transformers``; onnx: one file per ``--activations`` value,
-its output's relative error against the torch compressed model and the entry's metrics
-computed from the ONNX Runtime outputs, ``deploy.ort_model``); then ``optbrain.app.deploy.bench``
-on ONNX Runtime (dense fp32 graph vs the compressed graph with those activations, alternated
-call by call in this one process, median of the repeats after warm-up) for each activations
-value and batch size (``--seq-len``: token models timed at that length). Prints one JSON object
-per model and markdown tables.
+entry's default; or take the saved run ``--run``), evaluate, then for each format
+``optbrain.export`` with its wall time, the bytes of the compressed layers against their float32
+bytes and the files (compressed-tensors: also the bytes of the dense model's own
+``save_pretrained`` directory, and the metric of the directory loaded back with plain
+``transformers``; onnx: one file per ``--activations`` value, its output's relative error
+against the torch compressed model and the entry's metrics computed from the ONNX Runtime
+outputs, ``deploy.ort_model``); then ``optbrain.app.deploy.bench`` on ONNX Runtime (dense fp32
+graph vs the compressed graph with those activations, alternated call by call in this one
+process, median of the repeats after warm-up) for each activations value and batch size
+(``--seq-len``: token models timed at that length). Prints one JSON object per model and
+markdown tables.
 
     python benchmarks/deploy_zoo.py --model minilm \
         --recipe benchmarks/recipes/minilm_heads_ffn_0.5.yaml --formats onnx \
@@ -79,6 +82,8 @@ def main() -> None:
     ap.add_argument("--samples", type=int, default=128)
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     ap.add_argument("--recipe", help="recipe YAML path or text (instead of --method ...)")
+    ap.add_argument("--run", help="an existing run directory of --model (e.g. a budget run "
+                    "saved by latency_budget.py --out) instead of compressing here")  # fmt: skip
     ap.add_argument("--formats", nargs="+", default=["safetensors", "onnx"])
     ap.add_argument(
         "--activations", nargs="+", default=["float"], help="onnx: float, int8, int8-dynamic"
@@ -105,9 +110,17 @@ def main() -> None:
             recipe = {"rules": [rule], "calibration": {"samples": args.samples}}
         run = root / name
         t0 = time.perf_counter()
-        model, report = run_zoo(name, recipe, run, quiet=True, limit=args.limit)
+        if args.run:  # the run as saved, applied to a fresh dense copy
+            run = Path(args.run)
+            _, dense, model = deploy.load_run(run, deploy.run_model_name(run, name))
+            comp, dm = entry.evaluate(model, dense=dense, limit=args.limit), entry.evaluate(dense)
+            metrics = {k: {"dense": dm.get(k), "compressed": v} for k, v in comp.items()}
+            recipe = {"run": str(run)}
+        else:
+            model, report = run_zoo(name, recipe, run, quiet=True, limit=args.limit)
+            metrics = report.metrics
         res: dict = {"model": name, "recipe": recipe, "compress_s": time.perf_counter() - t0}
-        res["metrics"] = report.metrics
+        res["metrics"] = metrics
         exports = [(f, "float") for f in args.formats if f != "onnx"]
         exports += [("onnx", a) for a in args.activations] if "onnx" in args.formats else []
         for fmt, act in exports:

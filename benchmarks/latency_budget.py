@@ -5,10 +5,11 @@
 For every target (and with / without batch-norm re-estimation, ``--bn``): ``run_zoo_budget``
 with the structured grid (``structured_levels()``, the default of a latency target), the
 latency table measured on this machine (``optbrain.budget.latency``, cached), model-level
-errors, then ``optbrain.shrink``. The dense and the shrunk model are then timed in the same
-process, call by call in turn (``--calls`` calls each, torch eager, one thread by
-default), so that load from other jobs hits both alike: the speedup as the ratio of the
-median call times and as the ratio of the fastest calls. Prints markdown.
+errors, then ``optbrain.shrink`` (``--out``: the runs kept, for ``deploy_zoo.py --run``). The
+dense and the shrunk model are then timed in the same process, call by call in turn
+(``--calls`` calls each, torch eager, one thread by default), so that load from other jobs hits
+both alike: the speedup as the ratio of the median call times and as the ratio of the fastest
+calls. Prints markdown.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import os
 import statistics
 import tempfile
 import time
+from pathlib import Path
 
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrain/app/cli.py
 
@@ -99,6 +101,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=32, help="the throughput batch also timed")
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     ap.add_argument("--profile", action="store_true", help="only time the dense model's layers")
+    ap.add_argument("--out", help="keep the database (OUT/db) and each run (OUT/<target>-bn<0|1>)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     entry = zoo.get(args.model)
@@ -110,12 +113,14 @@ def main() -> None:
         return profile(dense, x1, args.calls)
     bns = {"off": [False], "on": [True], "both": [False, True]}[args.bn]
     rows = []
-    with tempfile.TemporaryDirectory(prefix="optbrain-latency-db-") as db:
+    with tempfile.TemporaryDirectory(prefix="optbrain-latency-db-") as tmp:
+        db = Path(args.out) / "db" if args.out else tmp
         for target in args.targets:
             for bn in bns:
+                out = Path(args.out) / f"{target}-bn{int(bn)}" if args.out else None
                 try:
                     model, rep = run_zoo_budget(
-                        args.model, target, None, db_dir=db, samples=args.samples, quiet=True,
+                        args.model, target, out, db_dir=db, samples=args.samples, quiet=True,
                         limit=args.limit, dense=dense, dense_metrics=dm, bn_recalibration=bn,
                     )  # fmt: skip
                 except BudgetError as e:

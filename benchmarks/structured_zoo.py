@@ -51,13 +51,15 @@ def main() -> None:
                            limit=args.limit)  # fmt: skip
             rows.append((level, m, r.metrics, r.metadata.get("shrink", {})))
             print(level, m, {k: v["compressed"] for k, v in r.metrics.items()}, flush=True)
-    quality = [k for k in dm]
+    met0 = rows[0][2]  # the dense metrics and those only measured against dense (agreement)
+    quality = [k for k in met0 if k not in ("params", "macs") and not k.startswith("latency")]
     lat = sorted(k for k in rows[0][2] if k.startswith("latency"))
     head = ["level", "method", *quality, "params", "MACs", *(f"{k} speedup" for k in lat),
             "skipped"]  # fmt: skip
     print("\n| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     d = rows[0][2]
-    print("| dense | | " + " | ".join(f"{d[k]['dense']:.4f}" for k in quality)
+    dq = (d[k]["dense"] for k in quality)
+    print("| dense | | " + " | ".join("" if v is None else f"{v:.4f}" for v in dq)
           + f" | {d['params']['dense']:.0f} | {d['macs']['dense']:.3g} | "
           + " | ".join("1.00×" for _ in lat) + " | |")  # fmt: skip
     for level, m, met, sh in rows:

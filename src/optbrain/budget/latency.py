@@ -11,7 +11,9 @@ each level and returns ``{layer: {level id: ms}}`` for ``costs.level_cost("laten
   fewer output channels minus its dense time (the producer's saving is attributed to the
   consumer's level; when the producer is itself channel-pruned the two savings are added
   although they overlap, so the prediction is then optimistic — the measured latency of the
-  shrunk model is what the report gives).
+  shrunk model is what the report gives). A depthwise producer (EfficientNet's MBConv: the
+  project conv's input channels are the depthwise conv's channels) is timed as a depthwise
+  conv of ``k`` fewer channels; other grouped convs only at their dense shape.
 
 Each shape is timed once per machine: a fresh module of that shape (random weights) on a
 random input of the layer's calibration input shape with the batch set to ``batch``; the
@@ -47,6 +49,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_write
+from ..pipeline.shrink import is_depthwise
 from .levels import Level
 from .store import Database
 
@@ -118,16 +121,21 @@ class LatencyCache:
         self.dirty = False
 
 
-def _shape_spec(module: nn.Module, cin: int, cout: int, shape: list[int], batch: int) -> dict:
+def _shape_spec(
+    module: nn.Module, cin: int, cout: int, shape: list[int], batch: int, groups: int = 1
+) -> dict:
     x = [batch, *shape[1:]]
     if isinstance(module, nn.Conv1d | nn.Conv2d):
         x[1] = cin
-        return {
+        spec = {
             "op": type(module).__name__, "cin": cin, "cout": cout,
             "kernel": list(module.kernel_size), "stride": list(module.stride),
             "padding": module.padding if isinstance(module.padding, str) else list(module.padding),
             "dilation": list(module.dilation), "bias": module.bias is not None, "x": x,
         }  # fmt: skip
+        if groups > 1:  # a depthwise conv (groups == cin == cout); keys of others unchanged
+            spec["groups"] = groups
+        return spec
     x[-1] = cin
     return {"op": "Linear", "cin": cin, "cout": cout, "bias": _has_bias(module), "x": x}
 
@@ -147,7 +155,7 @@ def _build(spec: dict) -> nn.Module:
     cls = nn.Conv1d if spec["op"] == "Conv1d" else nn.Conv2d
     pad = spec["padding"] if isinstance(spec["padding"], str) else tuple(spec["padding"])
     return cls(spec["cin"], spec["cout"], tuple(spec["kernel"]), tuple(spec["stride"]), pad,
-               tuple(spec["dilation"]), bias=spec["bias"])  # fmt: skip
+               tuple(spec["dilation"]), spec.get("groups", 1), spec["bias"])  # fmt: skip
 
 
 def time_shape(spec: dict, repeats: int = DEFAULT_REPEATS, warmup: int = 2) -> float:
@@ -208,6 +216,10 @@ def latency_table(
             raise ValueError(f"layer {name!r} was never called on calibration: no shape to time")
         c_in = int(rec["cols"]) * int(rec["groups"]) // _csize(module)
         c_out = int(rec["rows"]) * int(rec["groups"])
+        if is_depthwise(module):  # a producer of a channel level: time it at ``cout`` channels
+            c = cout or c_out
+            spec = _shape_spec(module, c, c, rec["input_shape"], batch, groups=c)
+            return cache.get(json.dumps(spec, sort_keys=True), lambda: time_shape(spec, repeats))
         if int(rec["groups"]) > 1:
             return _grouped_ms(module, rec, batch, repeats, cache)
         spec = _shape_spec(module, cin or c_in, cout or c_out, rec["input_shape"], batch)
@@ -228,7 +240,8 @@ def latency_table(
                 t = ms(name, cin=n_in - k)
                 for p in rec.get("channel_producers", []):
                     if p["name"] in records:
-                        rows_p = int(records[p["name"]]["rows"])
+                        rp = records[p["name"]]
+                        rows_p = int(rp["rows"]) * int(rp["groups"])  # a depthwise: 1 per group
                         t += ms(p["name"], cout=rows_p - k) - ms(p["name"])
                 row[lid] = t
             table[name] = _monotone(row, rec["levels"])

@@ -232,9 +232,7 @@ class LayerCompressor:
         ratio = sum(a for a, _ in done) / sum(p for _, p in done) if done else 1.0
         return sum(left) * ratio
 
-    def job(
-        self, name: str, hessians: list[HessianAccumulator], consume: bool = False
-    ) -> tuple:
+    def job(self, name: str, hessians: list[HessianAccumulator], consume: bool = False) -> tuple:
         """The arguments of ``solve_layer`` for layer ``name``; ``consume``: the plain
         accumulators hand their sums over (``take``: no second ``(cols, cols)`` buffer) and
         are left empty."""

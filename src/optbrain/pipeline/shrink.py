@@ -217,20 +217,61 @@ def _in_fn(module: nn.Module) -> Any:
     return None
 
 
-def _item_problem(module: Any, handler: str) -> str | None:
-    """Why a member of a tied group cannot be pruned exactly; None when it can."""
+def is_depthwise(module: nn.Module) -> bool:
+    """A depthwise convolution (``groups == in == out``): channel ``c`` of its output reads only
+    channel ``c`` of its input, so removing it removes one filter (and bias) and passes the
+    channel on to its producers (EfficientNet / MobileNet: a project conv's input channels are
+    the depthwise conv's channels and the expand conv's rows). Other grouped convolutions in
+    a tied group are refused (``_item_problem``)."""
+    g = getattr(module, "groups", 1)
+    return (
+        isinstance(module, nn.Conv1d | nn.Conv2d)
+        and g > 1
+        and g == module.in_channels == module.out_channels
+    )
+
+
+def conv_spatial(group: Any) -> int | None:
+    """The spatial dimensions ``s`` of a tied group whose layers are all convolutions of one
+    kind (their tensors are ``(n, channels, *s dims)``: the channel dimension is 1), else None
+    (a Linear in the group: its channels are the last dimension)."""
+    dims = set()
+    for item in group.items:
+        m = item.dep.target.module
+        if isinstance(m, nn.Linear):
+            return None
+        if isinstance(m, nn.Conv1d | nn.Conv2d):
+            dims.add(len(m.kernel_size))
+    return dims.pop() if len(dims) == 1 else None
+
+
+def _pads_space_only(grad_fn: Any, spatial: int | None) -> bool:
+    """Whether a constant pad (``F.pad``, ``_saved_pad``: 2 numbers per dimension from the
+    last) pads only the spatial dimensions of a conv-layout tensor: then channel ``c`` of its
+    output is channel ``c`` of its input with a border (TF "same" padding of a strided conv)."""
+    pad = getattr(grad_fn, "_saved_pad", None)
+    return spatial is not None and pad is not None and len(pad) <= 2 * spatial
+
+
+def _item_problem(
+    module: Any, handler: str, grad_fn: Any = None, spatial: int | None = None
+) -> str | None:
+    """Why a member of a tied group cannot be pruned exactly; None when it can. ``grad_fn``:
+    the autograd node of an operation (its saved arguments), ``spatial``: ``conv_spatial``."""
     from torch_pruning import ops
 
     if isinstance(module, nn.Linear | nn.modules.batchnorm._BatchNorm):
         return None
     if isinstance(module, nn.Conv1d | nn.Conv2d):
         g = module.groups
-        if g == 1 or g == module.in_channels == module.out_channels:
+        if g == 1 or is_depthwise(module):
             return None
         return f"grouped convolution (groups={g}) in the tied group"
     if isinstance(module, ops._ElementWiseOp):
         op = str(module._grad_fn).removesuffix("Backward0").removesuffix("Backward1")
         if op.rstrip("0123456789") in PER_CHANNEL_OPS:
+            return None
+        if op == "ConstantPadNd" and _pads_space_only(grad_fn, spatial):
             return None
         return f"operation {op} in the tied group mixes or normalises channels"
     if isinstance(module, ops._ConcatOp | ops._SplitOp | ops._ReshapeOp | ops._UnbindOp):
@@ -271,20 +312,22 @@ def plan_channels(dg: Any, module: nn.Module, idxs: list[int]) -> tuple[list[int
         for it in group.items
         if getattr(it.dep.handler, "__name__", "") == "prune_out_channels"
         and isinstance(it.dep.target.module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Embedding)
+        and not is_depthwise(it.dep.target.module)  # a depthwise conv passes them on
     ]
     if not producers:  # removing them would change the shape the model is called with
         return [], "its input channels are the model's own input (no layer produces them)"
     bad: set[int] = set()
+    spatial = conv_spatial(group)
     for item in group.items:
         target = item.dep.target.module
         handler = getattr(item.dep.handler, "__name__", "")
-        problem = _item_problem(target, handler)
+        problem = _item_problem(target, handler, item.dep.target.grad_fn, spatial)
         if problem is not None and _is_linear_matmul(item.dep):
             problem = None  # the product a bias-free Linear runs as (its own input channels)
         if problem is not None:
             return [], problem
         if handler == "prune_in_channels" and isinstance(target, nn.Linear | nn.Conv1d | nn.Conv2d):
-            if getattr(target, "groups", 1) > 1:
+            if is_depthwise(target):
                 continue  # depthwise: its output channels' consumers are in the group
             for root, live in zip(
                 item.root_idxs, _consumer_nonzero(target, item.idxs), strict=True

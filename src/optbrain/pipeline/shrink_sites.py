@@ -5,6 +5,8 @@
 input channel and accepts the layer only when removing ANY subset of its input channels
 touches no other layer's input: one consumer, only per-channel operations between it and its
 producers (``shrink``'s own rule, ``_item_problem``), one producer channel per input channel.
+A depthwise convolution between them is one of the producers (EfficientNet / MobileNet: the
+project conv's input channels are the depthwise conv's channels and the expand conv's rows).
 HF ``Conv1D`` layers (GPT-2, shrunk by hand in ``shrink_conv1d``) are not offered.
 """
 
@@ -14,7 +16,7 @@ from typing import Any
 
 from torch import nn
 
-from .shrink import _graph, _in_fn, _is_linear_matmul, _item_problem
+from .shrink import _graph, _in_fn, _is_linear_matmul, _item_problem, conv_spatial, is_depthwise
 
 __all__ = ["PRODUCERS", "channel_sites"]
 
@@ -57,23 +59,25 @@ PRODUCERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
 def _site(dg: Any, module: nn.Module, fn: Any, names: dict[int, str]) -> list[str] | str:
     if getattr(module, "groups", 1) > 1:
         return f"grouped convolution (groups={module.groups})"
-    producers: list[str] = []
-    for item in dg.get_pruning_group(module, fn, idxs=[0]).items:
+    producers: list[nn.Module] = []
+    group = dg.get_pruning_group(module, fn, idxs=[0])
+    spatial = conv_spatial(group)
+    for item in group.items:
         target = item.dep.target.module
         handler = getattr(item.dep.handler, "__name__", "")
-        problem = _item_problem(target, handler)
+        problem = _item_problem(target, handler, item.dep.target.grad_fn, spatial)
         if problem is not None and not _is_linear_matmul(item.dep):
             return problem
-        if isinstance(target, nn.Conv1d | nn.Conv2d) and target.groups > 1:
-            return "a depthwise convolution in the tied group"
         if handler == "prune_in_channels" and isinstance(target, nn.Linear | nn.Conv1d | nn.Conv2d):
+            if is_depthwise(target):
+                continue  # its output channel c reads only input c: it shrinks with them
             if target is not module:
                 return f"its input is also read by {names.get(id(target), '?')} (tied channels)"
             continue
         if len(item.idxs) != 1:
             return "its input channels do not map one to one onto the producer's (a reshape)"
         if handler == "prune_out_channels" and isinstance(target, PRODUCERS):
-            producers.append(names.get(id(target), "?"))
-    if not producers:
+            producers.append(target)
+    if all(is_depthwise(m) for m in producers):
         return "no producer layer: its input channels are the model's input"
-    return producers
+    return [names.get(id(m), "?") for m in producers]
