@@ -256,14 +256,16 @@ def layer_loss(W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor) -> float:
 def row_losses(
     W: torch.Tensor, W_hat: torch.Tensor, H: torch.Tensor, block: int = 256
 ) -> torch.Tensor:
-    """Per-row ``½ δ_r H δ_rᵀ``, shape ``(rows,)``, float64; ``block`` rows of ``δ`` at a time
-    (temporaries ``(block, cols)``, not two ``(rows, cols)`` float64 matrices)."""
-    Hd = H.double()
-    out = torch.empty(W.shape[0], dtype=torch.float64, device=W.device)
+    """Per-row ``½ δ_r H δ_rᵀ``, shape ``(rows,)``, float64: ``δ`` in blocks of ``block`` rows
+    and ``H`` in blocks of ``block`` columns (``½ Σ_j (δ H_{:,j}) ⊙ δ_{:,j}``), so the float64
+    temporaries are ``(block, cols)`` and ``(cols, block)``, never a float64 copy of ``H``."""
+    out = torch.zeros(W.shape[0], dtype=torch.float64, device=W.device)
+    C = H.shape[1]
     for i in range(0, W.shape[0], block):
         D = W[i : i + block].double() - W_hat[i : i + block].double()
-        out[i : i + block] = 0.5 * ((D @ Hd) * D).sum(1)
-    return out
+        for j in range(0, C, block):
+            out[i : i + block] += ((D @ H[:, j : j + block].double()) * D[:, j : j + block]).sum(1)
+    return out.mul_(0.5)
 
 
 def prepare_layer(

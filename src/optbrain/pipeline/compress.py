@@ -233,18 +233,22 @@ class LayerCompressor:
         return sum(left) * ratio
 
     def job(self, name: str, hessians: list[HessianAccumulator], consume: bool = False) -> tuple:
-        """The arguments of ``solve_layer`` for layer ``name``; ``consume``: the plain
-        accumulators hand their sums over (``take``: no second ``(cols, cols)`` buffer) and
-        are left empty."""
+        """The arguments of ``solve_layer`` for layer ``name``. ``consume`` (to hold less while
+        solving): the plain accumulators hand their sums over (``take``: no second
+        ``(cols, cols)`` buffer, the accumulators are left empty) in the solver's compute dtype
+        (the solver casts H to it first, so the weights are the same; the measured loss is then
+        taken under that H)."""
         adapter = self.adapters[name]
+        kwargs = self._kwargs(name)
+        dtype = make_spec(adapter.cols, **kwargs).dtype if consume else None
         Ws = [adapter.weight(g) for g in range(len(hessians))]
         mats = [
             (acc.hessian(), acc.cross(), acc.dense_hessian())
             if isinstance(acc, CrossAccumulator)  # dense targets (core.targets)
-            else (acc.take() if consume else acc.hessian(),)
+            else (acc.take().to(dtype) if consume else acc.hessian(),)
             for acc in hessians
         ]
-        return Ws, mats, self.plans[name].method, self._kwargs(name)
+        return Ws, mats, self.plans[name].method, kwargs
 
     def apply(
         self,

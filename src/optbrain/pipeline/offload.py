@@ -335,6 +335,7 @@ def _compress_block(block: nn.Module, bname: str, cur: list, comp: LayerCompress
         stop, sub = (group[-1] if once else None), {n: adapters[n] for n in group}
         hooks = HessianHooks(sub, dtype=torch.float64, stop_after=stop)
         _block_pass(block, bname, cur, dev, hooks)
+        trim_heap()  # the pass's activations, before the solves' buffers
         for n in group:  # as ``comp(name, module, hessians)``; H is the sum, scaled in place
             full = f"{bname}.{n}"
             accs = hooks.hessians.pop(n)
