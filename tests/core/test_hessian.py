@@ -149,3 +149,56 @@ def test_prepare_hessian_rejects_bad_arguments():
             prepare_hessian(H, damp)
     with pytest.raises(ValueError, match="on_singular"):
         prepare_hessian(H, 0.01, on_singular="ignore")
+
+
+# ------------------------------------------------------------- memory-lean variants ----
+def _hessian(cols: int = 40, n: int = 200, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(n, cols, generator=g, dtype=torch.float64)
+    return 2.0 * X.T @ X / n
+
+
+def test_take_hands_over_the_same_hessian_and_empties_the_accumulator():
+    X = torch.randn(64, 12, dtype=torch.float64)
+    a, b = HessianAccumulator(12), HessianAccumulator(12)
+    a.add(X)
+    b.add(X)
+    H = a.take()
+    assert torch.equal(H, b.hessian())
+    assert a.tokens == 0
+    with pytest.raises(ValueError, match="no calibration inputs"):
+        a.hessian()
+    with pytest.raises(ValueError, match="no calibration inputs"):
+        HessianAccumulator(3).take()
+
+
+@pytest.mark.parametrize("policy", ["damp", "eig"])
+@pytest.mark.parametrize("singular", [False, True])
+def test_prepare_without_keeping_h_gives_the_same_inverse(policy, singular):
+    H = _hessian()
+    if singular:  # exactly singular and no damping: the first Cholesky fails, the policy runs
+        X = singular_inputs(8, 40)
+        H = 2.0 * X.T @ X / X.shape[0]
+    damp = 0.0 if singular else 0.01
+    full = prepare_hessian(H, damp, on_singular=policy)
+    lean = prepare_hessian(H, damp, on_singular=policy, keep_hessian=False)
+    assert lean.H is None and full.H is not None
+    assert torch.equal(lean.Hinv, full.Hinv)
+    assert torch.equal(lean.diagonal, full.diagonal)
+    assert torch.equal(full.diagonal, torch.diagonal(full.H))
+    assert lean.damping == full.damping and lean.fallback == full.fallback
+    assert (full.fallback is not None) == singular
+    assert not lean.Hinv.is_contiguous() or singular  # column-major: LAPACK worked in place
+
+
+def test_row_losses_in_blocks_equal_the_direct_formula():
+    H = _hessian(70)
+    g = torch.Generator().manual_seed(1)
+    W, Wh = torch.randn(33, 70, generator=g), torch.randn(33, 70, generator=g)
+    D = W.double() - Wh.double()
+    direct = 0.5 * ((D @ H) * D).sum(1)
+    for block in (1, 8, 256):
+        got = row_losses(W, Wh, H.float(), block=block)
+        want = 0.5 * ((D @ H.float().double()) * D).sum(1)
+        assert torch.allclose(got, want, rtol=1e-12, atol=0)
+    assert torch.allclose(row_losses(W, Wh, H, block=16), direct, rtol=1e-12, atol=0)
