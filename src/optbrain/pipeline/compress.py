@@ -233,11 +233,9 @@ class LayerCompressor:
         return sum(left) * ratio
 
     def job(self, name: str, hessians: list[HessianAccumulator], consume: bool = False) -> tuple:
-        """The arguments of ``solve_layer`` for layer ``name``. ``consume`` (to hold less while
-        solving): the plain accumulators hand their sums over (``take``: no second
-        ``(cols, cols)`` buffer, the accumulators are left empty) in the solver's compute dtype
-        (the solver casts H to it first, so the weights are the same; the measured loss is then
-        taken under that H)."""
+        """The arguments of ``solve_layer`` for ``name``. ``consume``: plain accumulators hand
+        their sums over (``take``, left empty) in the solver's compute dtype, which it casts H
+        to anyway (the same weights; the measured loss is then taken under that H)."""
         adapter = self.adapters[name]
         kwargs = self._kwargs(name)
         dtype = make_spec(adapter.cols, **kwargs).dtype if consume else None
