@@ -49,7 +49,7 @@ import torch
 from torch import nn
 
 from .._files import atomic_write
-from ..pipeline.shrink import is_depthwise
+from ..pipeline.shrink_rules import is_depthwise
 from .levels import Level
 from .store import Database
 
