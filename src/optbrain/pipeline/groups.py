@@ -28,7 +28,14 @@ from .hessians import collect_hessians
 from .shrink_sites import TiedGroup, tied_groups
 from .state import STATE_ATTR, GroupState, LayerState, ModelState
 
-__all__ = ["compress_groups", "example_of", "group_columns_perm", "group_problem", "write_group"]
+__all__ = [
+    "compress_groups",
+    "example_of",
+    "group_columns_perm",
+    "group_problem",
+    "layer_order",
+    "write_group",
+]
 
 
 def example_of(batch: Any, inputs: str = "all") -> Any:
@@ -77,17 +84,23 @@ def write_group(
     states = {}
     for name, w in zip(group.consumers, weights, strict=True):
         module = model.get_submodule(name)
-        adapter = adapter_for(module)
-        g = _csize(module)
-        perm = group_columns_perm(group, name, g)
-        out = torch.empty_like(w)
-        out[:, perm.to(w.device)] = w
-        kept = torch.empty(perm.numel(), dtype=torch.bool)
-        kept[perm] = keep.cpu().repeat_interleave(g)
-        adapter.set_weight(0, out)
-        mask = kept.unsqueeze(0).expand(out.shape[0], -1).clone()
+        out, mask = layer_order(group, name, _csize(module), w, keep)
+        adapter_for(module).set_weight(0, out)
         states[name] = LayerState(plan=dict(plan), groups=[GroupState(mask=mask)])
     return states
+
+
+def layer_order(
+    group: TiedGroup, name: str, csize: int, w: torch.Tensor, keep: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Consumer ``name``'s weight ``w`` (group-channel order) and the kept channels ``(n,)`` as
+    ``(weight, mask (rows, cols) bool)`` in the layer's own column order."""
+    perm = group_columns_perm(group, name, csize)
+    out = torch.empty_like(w)
+    out[:, perm.to(w.device)] = w
+    kept = torch.empty(perm.numel(), dtype=torch.bool)
+    kept[perm] = keep.cpu().repeat_interleave(csize)
+    return out, kept.unsqueeze(0).expand(out.shape[0], -1).clone()
 
 
 def compress_groups(
