@@ -72,3 +72,18 @@ def test_obc_group_beats_baselines_on_layer_loss():
 def test_unknown_group_is_refused():
     with pytest.raises(ValueError, match="no tied group named"):
         compress_groups(_model(), CALIB, {"tied:nope": 0.5})
+
+
+def test_groups_after_a_per_layer_channel_level():
+    m = _model()
+    rule = {"targets": ["fc"], "method": "obc", "pattern": "channels", "sparsity": 0.5}
+    optbrain.compress(m, CALIB, {"rules": [rule]}, quiet=True)
+    compress_groups(m, CALIB, 0.25)
+    x = CALIB[0]
+    with torch.no_grad():
+        masked = m(x)
+    rep = optbrain.shrink(m, x)
+    with torch.no_grad():
+        assert float((m(x) - masked).norm() / masked.norm()) < 1e-5
+    assert rep.removed["fc"] == 6 and m.l2.conv2.out_channels == m.l2.short[0].out_channels == 6
+    assert m.stem[0].out_channels == 6  # 2 of the 8 stream channels went
