@@ -30,7 +30,8 @@ from optbrain.pipeline.shrink_sites import channel_sites
 
 class CNN(nn.Module):
     """conv 3→16 → BN → relu → conv 16→16 → relu → mean over space → Linear 16→24 → relu →
-    Linear 24→4. Channel sites: c2 (producer c1) and out (producer fc)."""
+    Linear 24→4. Channel sites: c2 (producer c1), fc (producer c2: the global mean acts per
+    channel) and out (producer fc)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -105,7 +106,21 @@ def test_channel_sites_follow_what_shrink_honours(tiny):
     assert sites["out"] == ["fc"]
     cnn = channel_sites(make_cnn(), torch.randn(1, 3, 8, 8))
     assert cnn["c2"] == ["c1"] and cnn["out"] == ["fc"]
-    assert "Mean" in cnn["fc"]  # the spatial mean: not known to act per channel
+    assert cnn["fc"] == ["c2"]  # the global spatial mean acts per channel
+
+
+def test_a_mean_over_channels_is_refused():
+    class M(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 8, 3), nn.Conv2d(8, 8, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            y = self.c1(x)
+            return self.c2(y - y.mean(1, keepdim=True))  # normalises over channels
+
+    sites = channel_sites(M().eval(), torch.randn(1, 3, 6, 6))
+    assert "Mean" in sites["c2"]
 
 
 def test_database_channel_levels_equal_the_direct_solve(cnn_db):
@@ -127,7 +142,7 @@ def test_database_channel_levels_equal_the_direct_solve(cnn_db):
         q = db.level_weights(name, "c0.5+b8")[0]
         removed = ~db.level_weights(name, "c0.5")[0]["mask"].bool()
         assert not q["weight"][removed].any() and q["scale"] is not None
-    for name in ("c1", "fc"):  # not channel sites: no channel level, the reason recorded
+    for name in ("c1",):  # not a channel site: no channel level, the reason recorded
         rec = db.record(name)
         assert not any(Level.parse(i).channels for i in rec["levels"]) and rec["channel_reason"]
         assert "s0.5" in rec["levels"]

@@ -36,6 +36,7 @@ from ..pipeline.state import GroupState, LayerState, ModelState
 from ..report import LayerRecord, Report
 from .costs import METRICS, Target, level_cost, parse_target
 from .database import Database, DbSettings, build_database
+from .groups import apply_group, group_cost, group_records, is_group
 from .latency import LatencyCache, latency_table
 from .levels import Level, structured_levels
 from .solver import DEFAULT_RESOLUTION, BudgetError, Solution, solve_dp
@@ -139,7 +140,7 @@ def plan_allocation(
     if objective not in OBJECTIVES:
         raise ValueError(f"objective must be one of {OBJECTIVES}, got {objective!r}")
     table = _load_timing(timing)
-    names = db.layers
+    names = list(db.layers)
     ids: list[list[str]] = []
     costs: list[list[Fraction]] = []
     errors: list[list[float]] = []
@@ -151,6 +152,13 @@ def plan_allocation(
         costs.append([level_cost(tgt.metric, rec, rec["levels"][i], i, table) for i in lids])
         errors.append([_error(rec, rec["levels"][i], objective) for i in lids])
         dense[n] = costs[-1][lids.index("dense")]
+    for rec in group_records(db):  # tied groups: one unit each, costs are savings (dense 0)
+        lids = list(rec["levels"])
+        names.append(rec["name"])
+        ids.append(lids)
+        costs.append([group_cost(tgt.metric, rec, i, table) for i in lids])
+        errors.append([_error(rec, rec["levels"][i], objective) for i in lids])
+        dense[rec["name"]] = Fraction(0)
     dense_cost = sum(dense.values(), Fraction(0))
     budget = tgt.budget(dense_cost)
     if uniform:
@@ -196,8 +204,10 @@ def apply_allocation(model: nn.Module, db: Database, alloc: Allocation) -> dict[
     modules = dict(model.named_modules())
     state: dict[str, LayerState] = {}
     writes = []
+    grecs = {r["name"]: r for r in group_records(db)}
+    tied = [(grecs[n], lid) for n, lid in alloc.levels.items() if is_group(n) and lid != "dense"]
     for name, lid in alloc.levels.items():
-        if lid == "dense":
+        if lid == "dense" or is_group(name):
             continue
         module = modules.get(name)
         adapter = adapter_for(module) if module is not None else None
@@ -224,6 +234,12 @@ def apply_allocation(model: nn.Module, db: Database, alloc: Allocation) -> dict[
             if g == 0:
                 backup.keep(adapter.module.weight)
             adapter.set_weight(g, w)
+        for rec, lid in tied:  # a consumer of a group is dense in its own unit
+            for c in rec["consumers"]:
+                if c in state:
+                    raise ValueError(f"layer {c!r} has a level of its own and of {rec['name']}")
+                backup.keep(modules[c].weight)
+            state.update(apply_group(model, db, rec, lid, db.fingerprint["settings"]["damp"]))
     return state
 
 
@@ -242,12 +258,6 @@ def _level_plan(rec: dict[str, Any], lid: str, entry: dict[str, Any], damp: floa
         "dtype": "float32",
         "options": {},
     }
-
-
-def _record_pattern(lv: Level) -> str | None:
-    if lv.channels:
-        return "channels"
-    return lv.pattern or ("unstructured" if lv.sparsity else None)
 
 
 def achieved_entry(model: nn.Module, name: str, entry: dict[str, Any], lid: str) -> dict:
@@ -397,6 +407,14 @@ def _report(
     _, skipped = find_layers(model)
     achieved: dict[str, Fraction] = {}
     totals = {m: [Fraction(0), Fraction(0)] for m in METRICS if m != "latency"}
+    by_group: dict[str, str] = {}
+    for grec in group_records(db):
+        glid = alloc.levels.get(grec["name"], "dense")
+        achieved[grec["name"]] = alloc.costs.get(grec["name"], Fraction(0))
+        for m, t in totals.items():
+            t[1] += group_cost(m, grec, glid)
+        if glid != "dense":
+            by_group.update(dict.fromkeys(grec["consumers"], f"{grec['name']} {glid}"))
     for n in db.layers:
         rec = db.record(n)
         lid = alloc.levels[n]
@@ -420,6 +438,11 @@ def _report(
             info["model_loss"] = entry["model_loss"]
         shape = (rec["groups"] * rec["rows"], rec["cols"])
         common = dict(name=n, type=rec["type"], shape=shape, tokens=rec["tokens"], info=info)
+        if lid == "dense" and n in by_group:  # written by its tied group's level
+            info["level"] = info["tied_group"] = by_group[n]
+            zero = 1.0 - float(adapter_for(model.get_submodule(n)).weight(0).any(0).float().mean())
+            records.append(LayerRecord(**common, method="obc", sparsity=zero, pattern="channels"))
+            continue
         if lid == "dense":
             records.append(
                 LayerRecord(

@@ -21,6 +21,9 @@ Channel levels (``"c0.25"``, ``"c0.25+b8"``; ``budget/channels.py``): one struct
 per layer gives every channel level; only layers ``optbrain.shrink`` can shrink on their own get
 them (the record's ``channel_producers``, else ``channel_reason``).
 
+Tied-group units (``budget/groups.py``, channel-only grids): the channels tied by a residual
+add, one DP unit each, stored in ``groups/``.
+
 Grouped convolutions are one unit: all groups of a layer take the same level (each group is
 solved as its own problem, and the layer's numbers are the sums over groups).
 
@@ -60,6 +63,7 @@ from ..pipeline.executor import Executor, make_executor, using_executor
 from ..pipeline.progress import Progress
 from .channels import channel_size, layer_sites, producer_savings, solve_channel_levels
 from .fingerprint import DbSettings, check_fingerprint, fingerprint
+from .groups import GROUPS, build_group_units, group_levels
 from .levels import Level, normalize_levels
 from .model_loss import ModelLoss, model_level_errors
 from .store import (
@@ -324,7 +328,8 @@ def build_database(
     db = Database(root)
     pending = [n for n in db.layers if not db.is_complete(n, verify=True)]
     upgrade = st.model_level and not db.fingerprint["settings"].get("model_level")
-    if not pending and not upgrade:
+    tied = bool(group_levels(db.levels)) and forward is None  # tied-group units to check
+    if not pending and not upgrade and not tied:
         return db
     mloss = None
     if st.model_level:
@@ -350,6 +355,11 @@ def build_database(
         }
         atomic_json(root / FINGERPRINT, fp)
     out = Database(root)
+    if tied:
+        clean_stale(root / GROUPS)
+        build_group_units(
+            model, batches, out, damp=st.damp, inputs=inputs, forward=forward, model_loss=mloss
+        )
     out.seconds = seconds
     return out
 

@@ -51,15 +51,13 @@ from .shrink_conv1d import (
     prune_gpt2_heads,
     zero_rows,
 )
+from .shrink_rules import (
+    _is_linear_matmul,
+    _item_problem,
+    conv_spatial,
+    is_depthwise,
+)
 from .state import compressed_state
-
-#: torch-pruning's element-wise ops (by autograd node name) that act per channel.
-PER_CHANNEL_OPS = (
-    "Relu", "Gelu", "Silu", "Sigmoid", "Tanh", "Hardswish", "Hardsigmoid", "LeakyRelu", "Elu",
-    "Hardtanh", "Softplus", "Mish", "Clamp", "Neg", "Add", "Sub", "Mul", "Clone", "Alias",
-    "AdaptiveAvgPool", "AvgPool", "MaxPool", "AdaptiveMaxPool", "Upsample", "T", "Permute",
-    "Transpose", "Unsqueeze", "Squeeze", "Dropout", "NativeDropout", "ToCopy",
-)  # fmt: skip
 
 
 class ShrinkCheckError(RuntimeError):
@@ -217,83 +215,6 @@ def _in_fn(module: nn.Module) -> Any:
     return None
 
 
-def is_depthwise(module: nn.Module) -> bool:
-    """A depthwise convolution (``groups == in == out``): channel ``c`` of its output reads only
-    channel ``c`` of its input, so removing it removes one filter (and bias) and passes the
-    channel on to its producers (EfficientNet / MobileNet: a project conv's input channels are
-    the depthwise conv's channels and the expand conv's rows). Other grouped convolutions in
-    a tied group are refused (``_item_problem``)."""
-    g = getattr(module, "groups", 1)
-    return (
-        isinstance(module, nn.Conv1d | nn.Conv2d)
-        and g > 1
-        and g == module.in_channels == module.out_channels
-    )
-
-
-def conv_spatial(group: Any) -> int | None:
-    """The spatial dimensions ``s`` of a tied group whose layers are all convolutions of one
-    kind (their tensors are ``(n, channels, *s dims)``: the channel dimension is 1), else None
-    (a Linear in the group: its channels are the last dimension)."""
-    dims = set()
-    for item in group.items:
-        m = item.dep.target.module
-        if isinstance(m, nn.Linear):
-            return None
-        if isinstance(m, nn.Conv1d | nn.Conv2d):
-            dims.add(len(m.kernel_size))
-    return dims.pop() if len(dims) == 1 else None
-
-
-def _pads_space_only(grad_fn: Any, spatial: int | None) -> bool:
-    """Whether a constant pad (``F.pad``, ``_saved_pad``: 2 numbers per dimension from the
-    last) pads only the spatial dimensions of a conv-layout tensor: then channel ``c`` of its
-    output is channel ``c`` of its input with a border (TF "same" padding of a strided conv)."""
-    pad = getattr(grad_fn, "_saved_pad", None)
-    return spatial is not None and pad is not None and len(pad) <= 2 * spatial
-
-
-def _item_problem(
-    module: Any, handler: str, grad_fn: Any = None, spatial: int | None = None
-) -> str | None:
-    """Why a member of a tied group cannot be pruned exactly; None when it can. ``grad_fn``:
-    the autograd node of an operation (its saved arguments), ``spatial``: ``conv_spatial``."""
-    from torch_pruning import ops
-
-    if isinstance(module, nn.Linear | nn.modules.batchnorm._BatchNorm):
-        return None
-    if isinstance(module, nn.Conv1d | nn.Conv2d):
-        g = module.groups
-        if g == 1 or is_depthwise(module):
-            return None
-        return f"grouped convolution (groups={g}) in the tied group"
-    if isinstance(module, ops._ElementWiseOp):
-        op = str(module._grad_fn).removesuffix("Backward0").removesuffix("Backward1")
-        if op.rstrip("0123456789") in PER_CHANNEL_OPS:
-            return None
-        if op == "ConstantPadNd" and _pads_space_only(grad_fn, spatial):
-            return None
-        return f"operation {op} in the tied group mixes or normalises channels"
-    if isinstance(module, ops._ConcatOp | ops._SplitOp | ops._ReshapeOp | ops._UnbindOp):
-        return None
-    if isinstance(module, ops._OutputOp):
-        return "the channels are a model output"
-    return f"{type(module).__name__} in the tied group (not known to act per channel)"
-
-
-def _is_linear_matmul(dep: Any) -> bool:
-    """Whether ``dep`` leads from a Linear's input channels to the matmul it runs as (a Linear
-    without bias on a 3-D input is recorded as ``view`` + ``mm`` of the transposed weight)."""
-    from torch_pruning import ops
-
-    target = dep.target.module
-    return (
-        isinstance(dep.source.module, nn.Linear)
-        and isinstance(target, ops._ElementWiseOp)
-        and str(target._grad_fn).startswith(("MmBackward", "AddmmBackward"))
-    )
-
-
 def _consumer_nonzero(module: nn.Module, idxs: list[int]) -> list[bool]:
     """Per input index of a Linear / Conv consumer: whether its weights are not all zero."""
     zero = set(zero_inputs(module))
@@ -415,6 +336,7 @@ def shrink(model: nn.Module, example_inputs: Any, *, tol: float = 1e-4) -> Shrin
     state = compressed_state(model)
     targets = structured_layers(model)
     rep = ShrinkReport(params_before=count_params(model))
+    width: dict[str, int] = {}
     was_training = model.training
     snap = Snapshot(model)
     model.eval()
@@ -455,12 +377,17 @@ def shrink(model: nn.Module, example_inputs: Any, *, tol: float = 1e-4) -> Shrin
                 why = f"the dependency graph could not be traced ({type(e).__name__}: {e})"
                 rep.skipped.update(dict.fromkeys(channel_layers, why))
                 channel_layers = []
+        width = {n: model.get_submodule(n).weight.shape[1] for n in channel_layers}
         if channel_layers:
             for name in channel_layers:
                 module = model.get_submodule(name)
                 idxs = zero_inputs(module)  # now: earlier groups may have removed some
                 if not idxs:
-                    rep.skipped[name] = "no input channel left to remove (a tied group took them)"
+                    took = width[name] - module.weight.shape[1]
+                    if took:  # every zeroed channel went with an earlier layer's tied group
+                        rep.removed[name] = took
+                    else:
+                        rep.skipped[name] = "no input channel left to remove"
                     continue
                 keep, reason = plan_channels(dg, module, idxs)
                 if reason is not None:
@@ -484,7 +411,8 @@ def shrink(model: nn.Module, example_inputs: Any, *, tol: float = 1e-4) -> Shrin
         raise
     finally:
         model.train(was_training)
-    for name in rep.removed:  # the weight is physically smaller now: no mask to keep
+    narrower = {n for n, w in width.items() if model.get_submodule(n).weight.shape[1] != w}
+    for name in {*rep.removed, *narrower}:  # physically smaller now: no mask to keep
         for grp in state.layers[name].groups:
             grp.mask = None
     state.shrink = {**rep.to_dict(), "ops": [*(state.shrink or {}).get("ops", []), *rep.ops]}
