@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+from latency_model import modelled_ms
 from torch import nn
 
 import optbrain
@@ -205,16 +206,6 @@ def test_latency_table_cache_written_reused_and_rebuilt(cnn_db, tmp_path, monkey
     assert lat.LatencyCache.default().path.parent == tmp_path / "xdg" / "optbrain" / "latency"
     with pytest.raises(ValueError, match="batch"):
         lat.latency_table(model, db, batch=0, cache=lat.LatencyCache(None))
-
-
-def modelled_ms(spec: dict, repeats: int = 1, warmup: int = 0) -> float:
-    """A deterministic stand-in for ``time_shape`` (real timings of these tiny layers are noise
-    on a loaded machine): a fixed call cost plus one proportional to the multiply-adds."""
-    k = 1
-    for d in spec.get("kernel", [1]):
-        k *= d
-    out = spec["x"][2] * spec["x"][3] if spec["op"] == "Conv2d" else 1
-    return 0.001 + 1e-6 * spec["cin"] * spec["cout"] * k * out
 
 
 @pytest.mark.parametrize("target", ["latency=0.7", "flops=0.6"])

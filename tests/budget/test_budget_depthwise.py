@@ -4,6 +4,7 @@ fewer channels in the latency table; the DP's choice shrinks for real."""
 
 import pytest
 import torch
+from latency_model import modelled_ms
 from tiny_mbconv import make_mbconv, mbconv_calibration
 
 import optbrain
@@ -11,15 +12,6 @@ from optbrain.budget import DbSettings, build_database, compress_to_budget, leve
 from optbrain.budget import latency as lat
 
 pytest.importorskip("torch_pruning")
-
-
-def modelled_ms(spec: dict, repeats: int = 1, warmup: int = 0) -> float:
-    """A deterministic stand-in for ``time_shape``: a fixed call cost plus one proportional to
-    the multiply-adds (a depthwise conv: ``cin / groups`` inputs per output channel)."""
-    k = spec["kernel"][0] * spec["kernel"][1] if spec["op"] == "Conv2d" else 1
-    out = spec["x"][2] * spec["x"][3] if spec["op"] == "Conv2d" else 1
-    per_out = spec["cin"] // spec.get("groups", 1)
-    return 0.001 + 1e-6 * per_out * spec["cout"] * k * out
 
 
 @pytest.fixture(scope="module")
