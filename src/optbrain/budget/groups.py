@@ -33,10 +33,8 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from .._files import sha256_file
 from ..adapters import adapter_for
 from ..core.hessian import row_losses
 from ..core.structured_group import group_obs
@@ -48,7 +46,15 @@ from ..pipeline.state import GroupState, LayerState
 from .costs import DENSE_BITS
 from .levels import Level
 from .model_loss import ModelLoss
-from .store import FORMAT, Database, DatabaseError, atomic_json, atomic_tensors, read_record
+from .store import (
+    FORMAT,
+    Database,
+    atomic_json,
+    atomic_tensors,
+    checked_tensors,
+    complete_record,
+    read_record,
+)
 
 GROUPS = "groups"
 
@@ -89,23 +95,15 @@ def group_records(db: Database) -> list[dict[str, Any]]:
 
 def group_weights(db: Database, rec: dict[str, Any], lid: str) -> dict[str, dict[str, Any]]:
     """``{consumer: {"weight", "mask"}}`` of level ``lid`` of group record ``rec``."""
-    path = _stem(db, int(rec["index"])).with_suffix(".safetensors")
-    if sha256_file(path) != rec["tensors_sha256"]:
-        raise DatabaseError(f"{path} does not match its checksum; delete it and build again")
-    t = load_file(str(path))
+    t = checked_tensors(_stem(db, int(rec["index"])).with_suffix(".safetensors"), rec)
     return {c: {p: t[f"{lid}/{c}/{p}"] for p in ("weight", "mask")} for c in rec["consumers"]}
 
 
 def _complete(db: Database, i: int, name: str, model_level: bool) -> bool:
-    js, st = _stem(db, i).with_suffix(".json"), _stem(db, i).with_suffix(".safetensors")
-    if not (js.is_file() and st.is_file()):
+    rec = complete_record(_stem(db, i), name)
+    if rec is None:
         return False
-    try:
-        rec = read_record(js)
-    except DatabaseError:
-        return False
-    has_ml = all("model_loss" in e for e in rec["levels"].values())
-    return rec.get("name") == name and (has_ml or not model_level)
+    return not model_level or all("model_loss" in e for e in rec["levels"].values())
 
 
 def _savings(db: Database, grp: TiedGroup, k: int) -> dict[str, int]:

@@ -62,6 +62,39 @@ __all__ = [
 ]
 
 
+def complete_record(stem: Path, name: str, verify: bool = False) -> dict[str, Any] | None:
+    """The record of unit ``name`` stored as ``stem.json`` + ``stem.safetensors`` when both
+    are there, the record is sealed and names ``name`` (and, with ``verify``, the tensors match
+    its checksum); None otherwise (absent, interrupted or damaged: build it again)."""
+    js, st = stem.with_suffix(".json"), stem.with_suffix(".safetensors")
+    if not (js.is_file() and st.is_file()):
+        return None
+    try:
+        rec = read_record(js)
+    except DatabaseError:
+        return None
+    if rec.get("name") != name:
+        return None
+    if verify and sha256_file(st) != rec.get("tensors_sha256"):
+        return None
+    return rec
+
+
+def checked_tensors(path: Path, rec: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The tensors of ``path``, read once and checked against ``rec["tensors_sha256"]``
+    (the bytes checked are the bytes parsed); a mismatch or unreadable file: DatabaseError."""
+    data = path.read_bytes()
+    if sha256_bytes(data) != rec.get("tensors_sha256"):
+        raise DatabaseError(
+            f"{path} does not match its checksum (modified or truncated); delete it and "
+            f"{path.with_suffix('.json').name} and build again to recompute it"
+        )
+    try:
+        return load_bytes(data)
+    except (SafetensorError, ValueError, RuntimeError, TypeError) as e:
+        raise DatabaseError(f"{path} cannot be read: {e}") from None
+
+
 class DatabaseError(CheckpointError):
     """A database directory that is missing, incomplete, or damaged (a ``CheckpointError``)."""
 
@@ -115,17 +148,7 @@ class Database:
         return self.root / "layers" / f"{self.layers.index(name):04d}"
 
     def is_complete(self, name: str, verify: bool = False) -> bool:
-        js = self.stem(name).with_suffix(".json")
-        st = self.stem(name).with_suffix(".safetensors")
-        if not (js.is_file() and st.is_file()):
-            return False
-        try:
-            rec = read_record(js)
-        except DatabaseError:
-            return False
-        if rec.get("name") != name:
-            return False
-        return not verify or sha256_file(st) == rec.get("tensors_sha256")
+        return complete_record(self.stem(name), name, verify) is not None
 
     @property
     def complete(self) -> bool:
@@ -148,17 +171,7 @@ class Database:
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         """All stored tensors of a layer, checksum verified."""
         rec = self.record(name)
-        path = self.stem(name).with_suffix(".safetensors")
-        data = path.read_bytes()  # one read: the bytes checked are the bytes parsed
-        if sha256_bytes(data) != rec.get("tensors_sha256"):
-            raise DatabaseError(
-                f"{path} does not match its checksum (modified or truncated); delete it and "
-                f"{path.with_suffix('.json').name} and build again to recompute the layer"
-            )
-        try:
-            return load_bytes(data)
-        except (SafetensorError, ValueError, RuntimeError, TypeError) as e:
-            raise DatabaseError(f"{path} cannot be read: {e}") from None
+        return checked_tensors(self.stem(name).with_suffix(".safetensors"), rec)
 
     def level_weights(
         self, name: str, level: str, tensors: dict[str, torch.Tensor] | None = None
