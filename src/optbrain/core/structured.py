@@ -113,8 +113,46 @@ def structured_optimum(
 # --- the trace -----------------------------------------------------------------------------
 
 
+class RemovalOrder:
+    """What every greedy removal trace shares: ``order (steps,)`` unit indices in removal order
+    and ``step_loss (steps,)`` their float64 losses, over ``n_units`` units (a layer's column
+    groups, or a tied group's channels); levels are read off the prefix of the order."""
+
+    order: torch.Tensor
+    step_loss: torch.Tensor
+
+    @property
+    def n_units(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def max_fraction(self) -> float:
+        """The highest fraction of units this trace can give (it may have stopped early)."""
+        return self.order.numel() / self.n_units
+
+    def count(self, fraction: float) -> int:
+        """Units removed at ``fraction``; ValueError if beyond the trace or removing all."""
+        k = removed_count(fraction, self.n_units)
+        if k > self.order.numel():
+            raise ValueError(
+                f"fraction {fraction} is beyond this trace, which stops at "
+                f"max_fraction={self.max_fraction:.4g}; run the trace further"
+            )
+        return k
+
+    def keep(self, fraction: float) -> torch.Tensor:
+        """Kept-unit mask ``(n_units,)`` bool at ``fraction``."""
+        keep = torch.ones(self.n_units, dtype=torch.bool, device=self.order.device)
+        keep[self.order[: self.count(fraction)]] = False
+        return keep
+
+    def loss(self, fraction: float) -> float:
+        """The greedy's predicted loss at ``fraction`` (sum of the step losses)."""
+        return float(self.step_loss[: self.count(fraction)].sum())
+
+
 @dataclass
-class StructuredTrace:
+class StructuredTrace(RemovalOrder):
     """One structured-OBS run: the group removal order and per-step losses; every level from it.
 
     W: ``(rows, cols)`` start weights (compute dtype, dead inputs zeroed); prepared: the damped
@@ -135,29 +173,8 @@ class StructuredTrace:
         return self.W.shape[1] // self.group_size
 
     @property
-    def max_fraction(self) -> float:
-        """The highest fraction of groups this trace can give (it may have stopped early)."""
-        return self.order.numel() / self.n_groups
-
-    def count(self, fraction: float) -> int:
-        """Groups removed at ``fraction``; ValueError if beyond the trace or removing all."""
-        k = removed_count(fraction, self.n_groups)
-        if k > self.order.numel():
-            raise ValueError(
-                f"fraction {fraction} is beyond this trace, which stops at "
-                f"max_fraction={self.max_fraction:.4g}; run the trace further"
-            )
-        return k
-
-    def keep(self, fraction: float) -> torch.Tensor:
-        """Kept-group mask ``(n_groups,)`` bool at ``fraction``."""
-        keep = torch.ones(self.n_groups, dtype=torch.bool, device=self.order.device)
-        keep[self.order[: self.count(fraction)]] = False
-        return keep
-
-    def loss(self, fraction: float) -> float:
-        """The greedy's predicted loss at ``fraction`` (sum of the step losses)."""
-        return float(self.step_loss[: self.count(fraction)].sum())
+    def n_units(self) -> int:
+        return self.n_groups
 
     def solve(self, fraction: float) -> tuple[torch.Tensor, torch.Tensor, float, torch.Tensor]:
         """``(weight, keep_groups, predicted loss, per-row loss of the closed form)``."""

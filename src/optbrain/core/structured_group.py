@@ -38,6 +38,7 @@ import torch
 from .hessian import PreparedHessian, row_losses
 from .structured import (
     STRUCTURED_METHODS,
+    RemovalOrder,
     _prepare,
     group_columns,
     group_scores,
@@ -77,7 +78,7 @@ def _block_costs(W: torch.Tensor, Hinv: torch.Tensor, g: int) -> torch.Tensor:
 
 
 @dataclass
-class GroupTrace:
+class GroupTrace(RemovalOrder):
     """One greedy run over a tied group: the channel removal order and the step losses.
 
     Ws: the layers' start weights (compute dtype, dead inputs zeroed); prepared: their damped
@@ -97,22 +98,9 @@ class GroupTrace:
     def n_channels(self) -> int:
         return self.Ws[0].shape[1] // self.group_sizes[0]
 
-    def count(self, fraction: float) -> int:
-        k = removed_count(fraction, self.n_channels)
-        if k > self.order.numel():
-            raise ValueError(
-                f"fraction {fraction} is beyond this trace ({self.order.numel()} of "
-                f"{self.n_channels} channels removed); run it further (max_fraction)"
-            )
-        return k
-
-    def keep(self, fraction: float) -> torch.Tensor:
-        keep = torch.ones(self.n_channels, dtype=torch.bool, device=self.order.device)
-        keep[self.order[: self.count(fraction)]] = False
-        return keep
-
-    def loss(self, fraction: float) -> float:
-        return float(self.step_loss[: self.count(fraction)].sum())
+    @property
+    def n_units(self) -> int:
+        return self.n_channels
 
     def solve(self, fraction: float) -> tuple[list[torch.Tensor], torch.Tensor, float]:
         """``([Ŵ_l], keep (n,), predicted loss)`` at ``fraction``."""
