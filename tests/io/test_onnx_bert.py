@@ -25,6 +25,9 @@ onnx = pytest.importorskip("onnx", reason="format='onnx' needs the onnx package 
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (extra 'deploy')")
 transformers = pytest.importorskip("transformers")
 
+from ort_helpers import rel as _rel  # noqa: E402
+from ort_helpers import session as _session  # noqa: E402
+
 from optbrain.api import compress, shrink  # noqa: E402
 from optbrain.io import export  # noqa: E402
 
@@ -78,20 +81,8 @@ def shrunk() -> torch.nn.Module:
     return model
 
 
-def _session(path: Path, optimized: Path | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    if optimized is not None:
-        opts.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
 def _run(sess: ort.InferenceSession, x: dict[str, torch.Tensor]) -> np.ndarray:
     return sess.run(None, {n: x[n].numpy() for n in NAMES})[0]
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def test_bert_exports_with_symbolic_batch_and_sequence(shrunk, tmp_path: Path) -> None:

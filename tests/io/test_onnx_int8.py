@@ -21,6 +21,9 @@ from torch import nn
 onnx = pytest.importorskip("onnx", reason="format='onnx' needs the onnx package (extra 'deploy')")
 ort = pytest.importorskip("onnxruntime", reason="needs onnxruntime (extra 'deploy')")
 
+from ort_helpers import rel as _rel  # noqa: E402
+from ort_helpers import session as _session  # noqa: E402
+
 from optbrain.api import compress, shrink  # noqa: E402
 from optbrain.io import export  # noqa: E402
 from optbrain.io.onnx import export_onnx  # noqa: E402
@@ -50,18 +53,6 @@ def cnn() -> nn.Module:
 def _batches(n: int = 8, batch: int = 8, seed: int = 1) -> list[torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return [torch.randn(batch, 3, 8, 8, generator=g) for _ in range(n)]
-
-
-def _session(path: Path, optimized: Path | None = None) -> ort.InferenceSession:
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads = 1
-    if optimized is not None:
-        opts.optimized_model_filepath = str(optimized)
-    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-
-
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def _structured(calib: list[torch.Tensor]) -> nn.Module:
