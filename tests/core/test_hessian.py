@@ -168,6 +168,8 @@ def test_take_hands_over_the_same_hessian_and_empties_the_accumulator():
     assert a.tokens == 0
     with pytest.raises(ValueError, match="no calibration inputs"):
         a.hessian()
+    with pytest.raises(ValueError, match="handed over"):
+        a.add(X)
     with pytest.raises(ValueError, match="no calibration inputs"):
         HessianAccumulator(3).take()
 

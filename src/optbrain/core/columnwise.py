@@ -171,10 +171,8 @@ def column_solve(
         raise ValueError("a column permutation (act_order) is only supported without pruning")
     # (C, R) in processing order: a column-major W is used in place (no copy)
     Wt = (W if perm is None else W[:, perm]).t().contiguous()
-    if W.is_contiguous():
-        Wg = W
-    else:  # the grid is fitted on a row-major copy (the same bits as for any other W)
-        Wg = W.contiguous() if perm is None else Wt.t()[:, torch.argsort(perm)].contiguous()
+    # the grid is fitted on a row-major W (a column-major one: a copy, the same bits)
+    Wg = W if W.is_contiguous() else W.contiguous()
     inv = None
     if perm is not None:
         inv = torch.empty_like(perm)

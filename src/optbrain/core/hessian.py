@@ -65,6 +65,8 @@ class HessianAccumulator:
             raise ValueError(
                 f"input has {X.shape[-1]} features in its last dimension, expected {self.cols}"
             )
+        if self._sum.numel() == 0:
+            raise ValueError("this accumulator's sum was handed over (take); start a new one")
         X = X.reshape(-1, self.cols)
         if not torch.isfinite(X).all():
             raise ValueError("calibration input contains NaN or Inf")
@@ -151,7 +153,8 @@ def _chol_inverse(H: torch.Tensor) -> torch.Tensor | None:
 def _lean_inverse(Hd: torch.Tensor) -> torch.Tensor | None:
     """``_chol_inverse`` written over ``Hd`` itself: no new ``(C, C)`` buffer, the same values
     (``Hd`` is lost either way; None when it is not positive definite)."""
-    _, info = torch.linalg.cholesky_ex(Hd, out=(Hd, torch.empty((), dtype=torch.int32)))
+    info = torch.empty((), dtype=torch.int32, device=Hd.device)
+    _, info = torch.linalg.cholesky_ex(Hd, out=(Hd, info))
     if int(info) != 0:
         return None
     Hinv = torch.cholesky_inverse(Hd, out=Hd)
