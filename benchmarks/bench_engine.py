@@ -3,7 +3,7 @@
     python benchmarks/bench_engine.py                           # every shape and kind
     python benchmarks/bench_engine.py --shapes 256x512 --kinds trace,obq4 --repeats 3
     python benchmarks/bench_engine.py --busy 3                  # + the slowdown under 3 spinners
-    python benchmarks/bench_engine.py --engine "lazy=32 lazy=64,step_threads=1"   # A/B, alternated
+    python benchmarks/bench_engine.py --engine "kernel=torch kernel=fused"   # A/B, alternated
     python benchmarks/bench_engine.py --shapes 256x512 --kinds trace --profile  # where time goes
 
 The machine this project runs on is shared, so every figure is a ratio measured in the same run:
@@ -63,12 +63,12 @@ def useful_flop(kind: str, rows: int, cols: int) -> float:
 
 
 def parse_engine(text: str) -> tuple[str, EngineConfig]:
-    """``"lazy=64,step_threads=1"`` → ``(text, EngineConfig(lazy=64, step_threads=1))``;
+    """``"lazy=64,kernel=torch"`` → ``(text, EngineConfig(lazy=64, kernel="torch"))``;
     ``"default"``: ``EngineConfig()``."""
     kw = {}
     for item in [] if text == "default" else text.split(","):
         key, _, val = item.partition("=")
-        kw[key] = float(val) if key == "shrink" else int(val)
+        kw[key] = float(val) if key == "shrink" else val if key == "kernel" else int(val)
     return text, EngineConfig(**kw)
 
 

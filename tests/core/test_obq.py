@@ -59,7 +59,9 @@ def _check_row(r, row, ref):
         (1, True, None, 6, 4),
     ],
 )
-@pytest.mark.parametrize("engine", [{"lazy": 2, "shrink": 0.9}, {"shrink": 0.0}, {}])
+@pytest.mark.parametrize(
+    "engine", [{"lazy": 2}, {}, {"kernel": "torch", "lazy": 2, "shrink": 0.9}, {"kernel": "torch"}]
+)
 @pytest.mark.parametrize("outliers", [True, False])
 def test_obq_equals_naive_greedy(bits, sym, group_size, cols, seed, engine, outliers):
     rows = 3

@@ -51,7 +51,15 @@ def _assert_row_state(weight, mask, row_loss, r, ref, k, group=1):
 
 
 @pytest.mark.parametrize(
-    "engine", [{"lazy": 1}, {"lazy": 3, "shrink": 0.9}, {"lazy": 32, "shrink": 0.0}, {}]
+    "engine",
+    [
+        {"lazy": 1},
+        {"lazy": 3, "shrink": 0.9},
+        {"lazy": 32, "shrink": 0.0},
+        {},
+        {"kernel": "torch"},
+        {"kernel": "torch", "lazy": 3, "shrink": 0.9},
+    ],
 )
 @pytest.mark.parametrize("seed,rows,cols", [(0, 3, 6), (1, 2, 8), (2, 3, 10)])
 def test_unstructured_per_row_equals_naive_greedy(seed, rows, cols, engine):
@@ -89,7 +97,9 @@ def test_unstructured_layerwide_selection_equals_naive(seed, sparsity):
 # --- N:M --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("engine", [{"lazy": 2}, {"shrink": 0.0}, {"shrink": 0.9}])
+@pytest.mark.parametrize(
+    "engine", [{"lazy": 2}, {"shrink": 0.0}, {"kernel": "torch", "lazy": 2, "shrink": 0.9}]
+)
 @pytest.mark.parametrize("pattern,cols,seed", [("2:4", 8, 5), ("1:3", 9, 6), ("3:4", 8, 7)])
 def test_nm_equals_naive_greedy(pattern, cols, seed, engine):
     n, m = map(int, pattern.split(":"))
@@ -210,6 +220,8 @@ def test_engine_settings_do_not_change_results(pattern, sparsity):
         {"shrink": 0.0},
         {"shrink": 0.9, "lazy": 2},
         {"shrink": 0.3, "memory": one_row},
+        {"kernel": "torch"},
+        {"kernel": "torch", "lazy": 2, "shrink": 0.9, "memory": one_row},
     ):
         r = prune_layer(W, H, sparsity, pattern=pattern, **EXACT, **opts)
         assert torch.equal(r.mask, ref.mask), opts
@@ -259,9 +271,9 @@ def test_step_threads_give_identical_results_and_restore_the_thread_count(kind):
         return out.order, out.step_loss, out.weight
 
     before = torch.get_num_threads()
-    ref = run(EngineConfig(lazy=8))
+    ref = run(EngineConfig(lazy=8, kernel="torch"))
     for st in (1, 2):
-        got = run(EngineConfig(lazy=8, step_threads=st))
+        got = run(EngineConfig(lazy=8, step_threads=st, kernel="torch"))
         assert torch.get_num_threads() == before
         for a, b in zip(got, ref, strict=True):
             assert torch.equal(a, b), (kind, st)

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from . import ticks
+from . import obs_fused, ticks
 from .grid import QuantGrid, quantize_values
 from .hessian import PreparedHessian
 from .obs import (
@@ -62,6 +62,16 @@ class QuantScorer(Scorer):
         self.outliers = outliers
         self.slack = float(slack)
         self.scale = self.zero = None
+
+    def fused(self):
+        return {
+            "mode": obs_fused.QUANT,
+            "scale": self.scale_all,
+            "zero": self.zero_all,
+            "maxq": self.maxq,
+            "outliers": self.outliers,
+            "slack": self.slack,
+        }
 
     def gather(self, pos):
         self.scale = self.scale_all.gather(1, pos)

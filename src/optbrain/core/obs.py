@@ -27,7 +27,7 @@ from dataclasses import dataclass
 
 import torch
 
-from . import ticks
+from . import obs_fused, ticks
 
 DEFAULT_MEMORY = 1 << 30  # bytes of per-row H⁻¹ state per chunk of rows
 
@@ -36,8 +36,14 @@ DEFAULT_MEMORY = 1 << 30  # bytes of per-row H⁻¹ state per chunk of rows
 class EngineConfig:
     """Performance knobs of the greedy engine; results do not depend on them (up to rounding).
 
-    lazy: rank-1 downdates kept as a low-rank term before folding into the per-row H⁻¹.
-    shrink: compact the working set once it has shrunk to this fraction (0 = never).
+    kernel: ``"fused"`` — the compiled per-row kernel (``core.obs_fused``: CPU tensors, numba),
+    ``"torch"`` — batched tensor operations (any device), ``"auto"`` (default) — fused where it
+    can run (CPU tensors, a scorer it knows, numba importable), else torch.
+    lazy: rank-1 downdates kept as a low-rank term before folding into the per-row H⁻¹
+    (default: 16 for the fused kernel, 32 for the tensor engine — the measured best of each,
+    ``benchmarks/bench_engine.py --engine``).
+    shrink: (tensor engine) compact the working set once it has shrunk to this fraction
+    (0 = never); the fused kernel compacts at every step.
     memory: bytes of per-row H⁻¹ state processed at once (rows are chunked to fit).
     step_threads: torch threads for the small per-step operations (``(R, C)`` vectors: each is
     one parallel region, and on a busy machine every region waits for its slowest thread); the
@@ -47,14 +53,17 @@ class EngineConfig:
     1.3–1.5× slower with 3 competing busy processes, hence not the default.
     """
 
-    lazy: int = 32
+    lazy: int | None = None
     shrink: float = 0.5
     memory: int = DEFAULT_MEMORY
     step_threads: int = 0
+    kernel: str = "auto"
 
     def __post_init__(self) -> None:
-        if not isinstance(self.lazy, int) or self.lazy < 1:
+        if self.lazy is not None and (not isinstance(self.lazy, int) or self.lazy < 1):
             raise ValueError(f"lazy must be an integer >= 1, got {self.lazy!r}")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"kernel must be one of {', '.join(KERNELS)}, got {self.kernel!r}")
         if not (0.0 <= float(self.shrink) < 1.0):
             raise ValueError(f"shrink must be in [0, 1), got {self.shrink!r}")
         if not isinstance(self.memory, int) or self.memory < 1:
@@ -62,7 +71,26 @@ class EngineConfig:
         if not isinstance(self.step_threads, int) or self.step_threads < 0:
             raise ValueError(f"step_threads must be an integer >= 0, got {self.step_threads!r}")
 
+    def lazy_for(self, kernel: str) -> int:
+        """The lazy depth of ``kernel`` ("fused" or "torch"): the set one, else its default."""
+        return self.lazy if self.lazy is not None else LAZY_DEFAULT[kernel]
 
+    def fused_for(self, W: torch.Tensor, scorer: Scorer) -> bool:
+        """Whether the fused kernel runs this call (``kernel`` and what can run here)."""
+        if self.kernel == "torch":
+            return False
+        can = W.device.type == "cpu" and scorer.fused() is not None and obs_fused.available()
+        if self.kernel == "fused" and not can:
+            raise ValueError(
+                "kernel='fused' needs CPU tensors, a prune / N:M / quantization scorer and numba "
+                f"(device {W.device.type}, numba importable: {obs_fused.available()}); "
+                "use kernel='auto' to fall back to the tensor engine"
+            )
+        return can
+
+
+KERNELS = ("auto", "fused", "torch")
+LAZY_DEFAULT = {"fused": 16, "torch": 32}
 DEFAULT_ENGINE = EngineConfig()
 
 
@@ -101,6 +129,11 @@ class Scorer:
     def removed(self, p: torch.Tensor) -> None:  # noqa: B027 - optional hook
         pass
 
+    def fused(self) -> dict | None:
+        """Keyword arguments of ``obs_fused.fused_greedy`` for this scorer (its ``mode`` and
+        parameters), or None when only the tensor engine knows it."""
+        return None
+
     def __call__(
         self, w: torch.Tensor, d: torch.Tensor, alive: torch.Tensor, step: int
     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -109,6 +142,9 @@ class Scorer:
 
 class PruneScorer(Scorer):
     """OBS pruning saliency ``w_p² / [H⁻¹]_pp``; target 0."""
+
+    def fused(self):
+        return {"mode": obs_fused.PRUNE}
 
     def __call__(self, w, d, alive, step):
         score = (w * w / d).masked_fill_(~alive, float("inf"))
@@ -122,6 +158,9 @@ class NMScorer(Scorer):
         self.n, self.m = n, m
         self.count = torch.zeros(rows, cols // m, dtype=torch.long, device=device)
         self.group = None
+
+    def fused(self):
+        return {"mode": obs_fused.NM, "nm": (self.n, self.m)}
 
     def gather(self, pos):
         self.group = pos // self.m
@@ -163,22 +202,28 @@ def greedy_single(
     gather), so later steps work on smaller matrices.
     """
     R, C = W.shape
+    shared = Hinv.dim() == 2
+    if pos is not None and shared:
+        raise ValueError("a shared Hinv (C, C) needs pos=None")
+    if engine.fused_for(W, scorer):
+        weight, order, step_loss = obs_fused.fused_greedy(
+            W, Hinv, steps, pos=pos, lazy=engine.lazy_for("fused"), progress=ticks.tick,
+            **scorer.fused(),
+        )  # fmt: skip
+        return GreedyOut(weight=weight, order=order, step_loss=step_loss)
     dev, dt = W.device, W.dtype
     out = W.clone()
-    shared = Hinv.dim() == 2
     if pos is None:
         pos = torch.arange(C, device=dev).expand(R, C)
         w = W.clone()
     else:
-        if shared:
-            raise ValueError("a shared Hinv (C, C) needs pos=None")
         w = W.gather(1, pos)
     Cw = pos.shape[1]
     steps = min(steps, Cw)
     B = Hinv
     d = (torch.diagonal(Hinv).expand(R, Cw) if shared else torch.diagonal(Hinv, 0, 1, 2)).clone()
     alive = torch.ones(R, Cw, dtype=torch.bool, device=dev)
-    lazy = max(1, min(engine.lazy, steps))
+    lazy = max(1, min(engine.lazy_for("torch"), steps))
     U = torch.zeros(R, lazy, Cw, dtype=dt, device=dev)
     order = torch.zeros(R, steps, dtype=torch.long, device=dev)
     step_loss = torch.zeros(R, steps, dtype=torch.float64, device=dev)
@@ -320,7 +365,7 @@ def greedy_block(
     shared = True
     B = Hinv
     D = _diag_blocks(Hinv, g).expand(R, nb, g, g).clone()
-    lazy = g * max(1, engine.lazy // g)
+    lazy = g * max(1, engine.lazy_for("torch") // g)
     U = torch.zeros(R, lazy, C, dtype=dt, device=dev)
     ar = torch.arange(R, device=dev)
     offs = torch.arange(g, device=dev)

@@ -1,7 +1,7 @@
 """The exact solver (``method="obc"``): ExactOBS pruning, OBQ quantization, OBC compound.
 
-Options (``prune_layer(..., lazy=32)`` etc.): ``lazy``, ``shrink``, ``memory`` (engine speed
-knobs, see ``EngineConfig``; results do not depend on them), ``max_sparsity`` (how far the
+Options (``prune_layer(..., lazy=32)`` etc.): ``lazy``, ``shrink``, ``memory``, ``kernel``
+(engine speed knobs, see ``EngineConfig``; results do not depend on them beyond rounding), ``max_sparsity`` (how far the
 unstructured/block trace runs, default 1.0: every level), ``per_row`` (same sparsity in every
 row instead of the layer-wide selection), ``guard`` (default True: never worse per row than
 GPTQ / SparseGPT on the same problem, see ``core.methods.guard``; False: the greedy alone),
@@ -35,13 +35,16 @@ from .gptq import solve_gptq
 from .guard import guard
 from .sparsegpt import solve_sparsegpt
 
-OPTIONS = ("lazy", "shrink", "memory", "max_sparsity", "per_row", "outliers", "guard", "slack")
+OPTIONS = (
+    *("lazy", "shrink", "memory", "kernel"),
+    *("max_sparsity", "per_row", "outliers", "guard", "slack"),
+)
 #: OBQ's slack ``c`` by default (``core.obq``: the fix of greedy OBQ on ill-conditioned H).
 SLACK = 0.25
 
 
 def engine_config(options: dict[str, Any]) -> EngineConfig:
-    kw = {k: options[k] for k in ("lazy", "shrink", "memory") if k in options}
+    kw = {k: options[k] for k in ("lazy", "shrink", "memory", "kernel") if k in options}
     return EngineConfig(**kw)
 
 
