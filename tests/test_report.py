@@ -439,7 +439,9 @@ def test_peak_memory_tracker_cpu():
     assert inner.mb is not None and inner.mb >= 0 and inner.peak_mb >= inner.start_mb
     assert inner.method == "sampled" and outer.method == "sampled"
     assert 0.9 * small <= inner.mb < 0.9 * big  # inner peak excludes the earlier big one
-    assert outer.mb >= 0.9 * big  # ... and the inner tracker did not lose the outer peak
+    # ... and the inner tracker did not lose the outer peak (far above the inner one; on a
+    # loaded machine the sampled RSS was seen at 0.76 of the big array, hence not 0.9)
+    assert outer.mb >= 0.6 * big > 2 * small
 
 
 def test_peak_memory_tracker_fills_on_exception():
