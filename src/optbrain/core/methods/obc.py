@@ -1,11 +1,12 @@
 """The exact solver (``method="obc"``): ExactOBS pruning, OBQ quantization, OBC compound.
 
 Options (``prune_layer(..., lazy=32)`` etc.): ``lazy``, ``shrink``, ``memory``, ``kernel``
-(engine speed knobs, see ``EngineConfig``; results do not depend on them beyond rounding), ``max_sparsity`` (how far the
-unstructured/block trace runs, default 1.0: every level), ``per_row`` (same sparsity in every
-row instead of the layer-wide selection), ``guard`` (default True: never worse per row than
-GPTQ / SparseGPT on the same problem, see ``core.methods.guard``; False: the greedy alone),
-``slack`` (OBQ's choice rule, default ``SLACK`` = ¼; 0: plain greedy OBQ; see ``core.obq``).
+(engine speed knobs, see ``EngineConfig``; results do not depend on them beyond rounding),
+``max_sparsity`` (how far the unstructured/block trace runs, default 1.0: every level),
+``per_row`` (same sparsity in every row instead of the layer-wide selection), ``guard`` (default
+True: never worse per row than GPTQ / SparseGPT on the same problem, see ``core.methods.guard``;
+False: the greedy alone), ``slack`` (OBQ's choice rule, default ``SLACK`` = ¼; 0: plain greedy
+OBQ; see ``core.obq``).
 
 The per-part solves (``exact_nm``, ``exact_prune``, ``exact_quantize``) are public so that
 ``solve_obc_levels`` (the budget database: many levels of one layer) runs the same arithmetic,
