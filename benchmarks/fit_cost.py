@@ -25,8 +25,7 @@ from optbrain import compress_layer, hessian_from_inputs  # noqa: E402
 from optbrain.core.methods.auto import COST  # noqa: E402
 
 SHAPES = (
-    "32x64 64x128 128x128 32x256 128x256 256x256 64x512 256x512 512x512 128x1024 256x1024 "
-    "576x1536"
+    "32x64 64x128 128x128 32x256 128x256 256x256 64x512 256x512 512x512 128x1024 256x1024 576x1536"
 ).split()
 PARTS = {
     "quant": {"bits": 4},

@@ -109,6 +109,9 @@ def obq(
     R, C = W.shape
     scale, zero = grid.columns(C)
     scale, zero = scale.to(W.dtype), zero.to(W.dtype)
+    whole = QuantScorer(scale, zero, grid.maxq, outliers, slack)
+    if engine.fused_for(W, whole) and prepared.Hinv is not None:
+        return _obq_fused(W, prepared.Hinv, whole, keep, engine)
     # every row (in every chunk) takes the same number of steps; rows with fewer kept weights
     # pad their working set with pruned coordinates (value 0, on the grid, decoupled: no cost)
     steps = C if keep is None else int(keep.sum(1).max().item())
@@ -140,3 +143,31 @@ def obq(
         torch.cat([o.order for o in outs]),
         torch.cat([o.step_loss for o in outs]),
     )
+
+
+def _obq_fused(
+    W: torch.Tensor,
+    Hinv: torch.Tensor,
+    scorer: QuantScorer,
+    keep: torch.Tensor | None,
+    engine: EngineConfig,
+) -> GreedyOut:
+    """``obq`` with the fused kernel. With ``keep``, each row first replays the removal of its
+    pruned coordinates (already 0 in ``W``: no weight moves, ``H⁻¹`` is downdated to
+    ``[H_FF]⁻¹``) and then quantizes the kept ones in the same pass — no per-row inverse of
+    ``H_FF`` is formed. The returned order and losses are those of the quantization steps
+    (rows with fewer kept weights are padded with their pruned coordinates, at zero loss)."""
+    R, C = W.shape
+    kw = dict(lazy=engine.lazy_for("fused"), progress=ticks.tick, **scorer.fused())
+    if keep is None:
+        return GreedyOut(*obs_fused.fused_greedy(W, Hinv, C, **kw))
+    pruned = (~keep).sum(1)
+    force = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # pruned columns first
+    Wk = torch.where(keep, W, torch.zeros_like(W))
+    w, order, loss = obs_fused.fused_greedy(
+        Wk, Hinv, C, force=force, force_counts=pruned, **kw
+    )  # fmt: skip
+    steps = int(keep.sum(1).max()) if R else 0
+    idx = (pruned.unsqueeze(1) + torch.arange(steps)) % C
+    w = torch.where(keep, w, torch.zeros_like(w))
+    return GreedyOut(w, order.gather(1, idx), loss.gather(1, idx))

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -38,7 +39,7 @@ try:  # numba is a dependency; without it (an unsupported platform) the tensor e
 except ImportError:  # pragma: no cover - exercised only where numba cannot be installed
     numba = None
 
-PRUNE, NM, QUANT = 0, 1, 2
+PRUNE, NM, QUANT, FORCED, NONE = 0, 1, 2, 3, 4
 #: work per thread below which the kernel runs in the calling thread (multiply-adds)
 SERIAL_WORK = 2e7
 #: row chunks per thread in the shared queue (load balance on a busy machine vs. overhead)
@@ -51,19 +52,22 @@ def available() -> bool:
 
 
 def _kernel(
-    W, Hinv, shared, POS, steps, lazy, mode, SCALE, ZERO, K, outliers, nm_n, nm_m,
-    OUT, ORDER, LOSS, lo, hi,
+    W, Hinv, shared, POS, TOTAL, P1, FORCE, lazy, mode1, mode2, SCALE, ZERO, K, outliers,
+    nm_n, nm_m, OUT, ORDER, LOSS, lo, hi,
 ):  # fmt: skip
     """Rows ``lo..hi`` of the greedy engine (see module docstring); arrays are numpy.
 
     W: ``(R, Cw)`` working weights (gathered at POS); Hinv: ``(1, Cw, Cw)`` shared (``shared``)
     or ``(R, Cw, Cw)``; POS: ``(R, Cw)`` original columns; SCALE, ZERO: ``(R, Cw)`` grid at POS
-    (mode 2); OUT: ``(R, C)`` output rows (fixed coordinates are written with their targets,
-    working ones with their final values); ORDER ``(R, steps)`` int64; LOSS ``(R, steps)`` f64.
+    (QUANT); OUT: ``(R, C)`` output rows (fixed coordinates are written with their targets,
+    working ones with their final values); ORDER ``(R, S)`` int64; LOSS ``(R, S)`` f64.
+    Row r takes ``TOTAL[r]`` steps: the first ``P1[r]`` with ``mode1``, the rest with ``mode2``;
+    ``FORCED`` fixes (to 0) the original columns ``FORCE[r, s]`` in that order (a replay).
     K: constants in the compute dtype ``[0, maxq, slack, ¼, tiny, 1]`` (so float32 rows compute
     in float32 throughout, as the tensor engine).
     """
     Cw = W.shape[1]
+    C = OUT.shape[1]
     dt = W.dtype
     B = np.empty((Cw, Cw), dt)
     U = np.empty((max(lazy, 1), Cw), dt)
@@ -73,10 +77,9 @@ def _kernel(
     sc = np.empty(Cw, dt)
     ze = np.empty(Cw, dt)
     pos = np.empty(Cw, np.int64)
-    ngroups = OUT.shape[1] // nm_m + 1
-    cnt = np.zeros(ngroups, np.int64)
-    zero_, maxq, slack, quarter, tiny, one = K[0], K[1], K[2], K[3], K[4], K[5]
-    inf = np.inf
+    where = np.full(C, -1, np.int64)
+    cnt = np.zeros(C // nm_m + 1, np.int64)
+    zero_, tiny, one = K[0], K[4], K[5]
     for r in range(lo, hi):
         H0 = Hinv[0] if shared else Hinv[r]
         for i in range(Cw):
@@ -85,45 +88,22 @@ def _kernel(
             d[i] = H0[i, i]
             w[i] = W[r, i]
             pos[i] = POS[r, i]
+            where[pos[i]] = i
             sc[i] = SCALE[r, i]
             ze[i] = ZERO[r, i]
         cnt[:] = 0
         m = Cw
         k = 0
-        for s in range(steps):
-            # --- choose p (ties: lowest original column) and its target t
-            p = -1
-            best = inf
-            bpos = OUT.shape[1]
-            if mode == QUANT and outliers:
-                for j in range(m):
-                    err = _grid_error(w[j], sc[j], ze[j], zero_, maxq)
-                    if err > quarter * sc[j] * sc[j]:
-                        v = -err
-                        if v < best or (v == best and pos[j] < bpos):
-                            best, p, bpos = v, j, pos[j]
-            if p < 0:
-                best = inf
-                bpos = OUT.shape[1]
-                for j in range(m):
-                    if mode == QUANT:
-                        v = _grid_error(w[j], sc[j], ze[j], zero_, maxq)
-                        if slack != zero_:
-                            v = v - slack * sc[j] * sc[j]
-                        v = v / d[j]
-                    else:
-                        if mode == NM and cnt[pos[j] // nm_m] >= nm_m - nm_n:
-                            continue
-                        v = w[j] * w[j] / d[j]
-                    if v < best or (v == best and pos[j] < bpos):
-                        best, p, bpos = v, j, pos[j]
-            if p < 0:  # every score is +inf or NaN: the lowest working column, as argmin
-                for j in range(m):
-                    if pos[j] < bpos:
-                        p, bpos = j, pos[j]
+        total = min(TOTAL[r], Cw)
+        for s in range(total):
+            mode = mode1 if s < P1[r] else mode2
+            if mode == FORCED:
+                p = where[FORCE[r, s]]
+            else:
+                p = _choose(mode, m, w, d, pos, sc, ze, cnt, K, outliers, nm_n, nm_m, C)
             t = zero_
             if mode == QUANT:
-                t = _grid_value(w[p], sc[p], ze[p], zero_, maxq)
+                t = _grid_value(w[p], sc[p], ze[p], zero_, K[1])
             # --- c = current row p of H⁻¹ over the working set
             for j in range(p):
                 c[j] = B[p, j]
@@ -157,6 +137,7 @@ def _kernel(
                 d[j] -= u * u
             # --- move the last working coordinate into slot p
             e_ = m - 1
+            where[pos[p]] = -1
             if p != e_:
                 for j in range(p):
                     B[p, j] = B[e_, j]
@@ -164,15 +145,51 @@ def _kernel(
                     B[i, p] = B[e_, i]
                 B[p, p] = B[e_, e_]
                 w[p], d[p], pos[p], sc[p], ze[p] = w[e_], d[e_], pos[e_], sc[e_], ze[e_]
-                for l in range(k + 1):
-                    U[l, p] = U[l, e_]
+                where[pos[p]] = p
+                for l3 in range(k + 1):
+                    U[l3, p] = U[l3, e_]
             m = e_
             k += 1
-            if k == lazy or s == steps - 1:
+            if k == lazy or s == total - 1:
                 _fold(B, U, d, m, k)
                 k = 0
         for j in range(m):
             OUT[r, pos[j]] = w[j]
+            where[pos[j]] = -1
+
+
+def _choose(mode, m, w, d, pos, sc, ze, cnt, K, outliers, nm_n, nm_m, C):
+    """The working index the scorer ``mode`` fixes next (ties: the lowest original column)."""
+    zero_, maxq, slack, quarter = K[0], K[1], K[2], K[3]
+    p = -1
+    best = np.inf
+    bpos = C
+    if mode == QUANT and outliers:  # an off-grid weight first: the largest error
+        for j in range(m):
+            err = _grid_error(w[j], sc[j], ze[j], zero_, maxq)
+            if err > quarter * sc[j] * sc[j]:
+                v = -err
+                if v < best or (v == best and pos[j] < bpos):
+                    best, p, bpos = v, j, pos[j]
+        if p >= 0:
+            return p
+    for j in range(m):
+        if mode == QUANT:
+            v = _grid_error(w[j], sc[j], ze[j], zero_, maxq)
+            if slack != zero_:
+                v = v - slack * sc[j] * sc[j]
+            v = v / d[j]
+        else:
+            if mode == NM and cnt[pos[j] // nm_m] >= nm_m - nm_n:
+                continue
+            v = w[j] * w[j] / d[j]
+        if v < best or (v == best and pos[j] < bpos):
+            best, p, bpos = v, j, pos[j]
+    if p < 0:  # every score is +inf or NaN: the lowest working column, as argmin
+        for j in range(m):
+            if pos[j] < bpos:
+                p, bpos = j, pos[j]
+    return p
 
 
 def _grid_value(x, s, z, lo, maxq):
@@ -222,6 +239,7 @@ def _get_kernel():
         globals()["_grid_value"] = exact(_grid_value)
         globals()["_grid_error"] = exact(_grid_error)
         globals()["_fold"] = numba.njit(nogil=True, cache=True, fastmath=FOLD_FLAGS)(_fold)
+        globals()["_choose"] = exact(_choose)
         _compiled = exact(_kernel)
     return _compiled
 
@@ -240,26 +258,39 @@ def fused_greedy(
     slack: float = 0.0,
     nm: tuple[int, int] = (0, 1),
     threads: int | None = None,
-    progress=None,
+    progress: Callable[[float], None] | None = None,
+    force: torch.Tensor | None = None,
+    force_counts: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Run the greedy engine on every row of ``W (R, C)`` with the fused kernel (CPU tensors).
 
     Hinv: ``(C, C)`` shared (``pos=None``) or ``(R, Cw, Cw)`` over the working coordinates
     ``pos (R, Cw)``; scale, zero: ``(R, C)`` grid per original column (mode QUANT).
-    Returns ``(weight (R, C), order (R, steps) int64, step_loss (R, steps) float64)``.
+    force, force_counts: a replay before the scorer — row r first fixes to 0 the original
+    columns ``force[r, :force_counts[r]]`` in that order (exact OBS, so the state after them is
+    the least-squares optimum with those weights removed; the order only changes the per-step
+    losses), then takes ``steps − force_counts[r]`` steps with ``mode`` (``NONE``: stop).
+    Returns ``(weight (R, C), order (R, steps) int64, step_loss (R, steps) float64)``; a row
+    that stops early leaves zeros at the end of its order and losses.
     ``progress(done)`` is called in the calling thread as row chunks finish.
     """
     R, C = W.shape
     dt = W.dtype
     shared = Hinv.dim() == 2
-    if pos is None:
-        pos_t = torch.arange(C).expand(R, C)
-        Wk = W
-    else:
-        pos_t = pos
-        Wk = W.gather(1, pos)
+    pos_t = torch.arange(C).expand(R, C) if pos is None else pos
+    Wk = W if pos is None else W.gather(1, pos)
     Cw = pos_t.shape[1]
     steps = min(int(steps), Cw)
+    total = torch.full((R,), steps, dtype=torch.long)
+    if force is None:
+        p1 = torch.zeros(R, dtype=torch.long)
+        force = torch.zeros(R, 1, dtype=torch.long)
+        mode1 = mode
+    else:
+        p1 = force_counts.to(torch.long).clamp(0, steps)
+        mode1 = FORCED
+        if mode == NONE:
+            total = p1.clone()
     out = W.detach().clone().contiguous()
     order = torch.zeros(R, steps, dtype=torch.long)
     loss = torch.zeros(R, steps, dtype=torch.float64)
@@ -268,17 +299,21 @@ def fused_greedy(
     else:
         sc = scale.to(dt).gather(1, pos_t).contiguous()
         ze = zero.to(dt).gather(1, pos_t).contiguous()
+    consts = [0.0, maxq, slack, 0.25, torch.finfo(dt).tiny, 1.0]
     args_np = [
         np.ascontiguousarray(Wk.detach().numpy()),
         np.ascontiguousarray((Hinv.unsqueeze(0) if shared else Hinv).detach().numpy()),
         shared,
         np.ascontiguousarray(pos_t.numpy()),
-        steps,
+        total.numpy(),
+        p1.numpy(),
+        np.ascontiguousarray(force.numpy()),
         max(1, int(lazy)),
+        int(mode1),
         int(mode),
         sc.numpy(),
         ze.numpy(),
-        np.array([0.0, maxq, slack, 0.25, torch.finfo(dt).tiny, 1.0], dtype=sc.numpy().dtype),
+        np.array(consts, dtype=sc.numpy().dtype),
         bool(outliers),
         int(nm[0]),
         int(nm[1]),
@@ -286,23 +321,37 @@ def fused_greedy(
         order.numpy(),
         loss.numpy(),
     ]
-    kernel = _get_kernel()
-    T = max(1, int(threads or torch.get_num_threads()))
     work = R * float(Cw) ** 3 / 3
-    if work < SERIAL_WORK * T:  # small: one thread, no pool
+    run_rows(_get_kernel(), args_np, R, work, threads, progress)
+    return out, order, loss
+
+
+def run_rows(
+    kernel: Callable,
+    args: list,
+    rows: int,
+    work: float,
+    threads: int | None = None,
+    progress: Callable[[float], None] | None = None,
+) -> None:
+    """``kernel(*args, lo, hi)`` over row chunks: in the calling thread when the ``work``
+    (multiply-adds) is small, else on ``threads`` threads (default: torch's) taking chunks from
+    a shared queue (``CHUNKS_PER_THREAD`` per thread: a thread slowed by other processes takes
+    fewer). ``progress(done)`` runs in the calling thread after each chunk."""
+    T = max(1, int(threads or torch.get_num_threads()))
+    if work < SERIAL_WORK * T:
         T = 1
-    n = max(1, math.ceil(R / (CHUNKS_PER_THREAD * T)))
-    bounds = [(lo, min(R, lo + n)) for lo in range(0, R, n)]
+    n = max(1, math.ceil(rows / (CHUNKS_PER_THREAD * T)))
+    bounds = [(lo, min(rows, lo + n)) for lo in range(0, rows, n)]
     if T == 1:
         for i, (lo, hi) in enumerate(bounds):
-            kernel(*args_np, lo, hi)
+            kernel(*args, lo, hi)
             if progress is not None:
                 progress((i + 1) / len(bounds))
-        return out, order, loss
+        return
     with ThreadPoolExecutor(max_workers=T) as pool:
-        futures = [pool.submit(kernel, *args_np, lo, hi) for lo, hi in bounds]
+        futures = [pool.submit(kernel, *args, lo, hi) for lo, hi in bounds]
         for i, fut in enumerate(futures):
             fut.result()
             if progress is not None:
                 progress((i + 1) / len(futures))
-    return out, order, loss

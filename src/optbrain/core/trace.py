@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 import torch
 
-from . import ticks
+from . import obs_fused, ticks
 from .hessian import PreparedHessian
 from .obs import (
     DEFAULT_ENGINE,
@@ -24,6 +24,9 @@ from .obs import (
     selected_positions,
 )
 from .patterns import Pattern, pruned_count
+
+#: ``masked_optimum``: the largest per-row system still solved batched when the replay can run
+REPLAY_MIN = 64
 
 
 def select_counts(step_loss: torch.Tensor, total: int) -> torch.Tensor:
@@ -48,6 +51,7 @@ def masked_optimum(
     keep: torch.Tensor,
     memory: int = DEFAULT_MEMORY,
     Hinv: torch.Tensor | None = None,
+    kernel: str = "auto",
 ) -> torch.Tensor:
     """Least-squares optimum with a fixed mask: ``argmin ½ δ H δᵀ`` s.t. ``Ŵ = 0`` where pruned.
 
@@ -57,7 +61,11 @@ def masked_optimum(
         Ŵ_F = W_F + H_FF⁻¹ H_FS W_S                     (a |F|×|F| solve)
         Ŵ   = W − H⁻¹[:, S] (H⁻¹_SS)⁻¹ W_S,  Ŵ_S = 0     (a |S|×|S| solve)
 
-    The smaller system is solved, batched over rows (padded to the largest row).
+    The smaller system is solved, batched over rows (padded to the largest row) — or, on the CPU
+    with the fused kernel (``kernel`` as ``EngineConfig.kernel``) and systems larger than
+    ``REPLAY_MIN``, the OBS removals of S are replayed row by row (``obs_fused``: the state after
+    removing S is this optimum), which measured 6–9× faster than the batched solves at
+    30–70% of a 512×512 layer and slower below ~10% or above ~90%.
     """
     R, C = W.shape
     out = torch.where(keep, W, torch.zeros_like(W))
@@ -68,9 +76,16 @@ def masked_optimum(
     kmax = int(n_pruned[rows].max())
     fmax = int((C - n_pruned[rows]).max())
     use_inv = kmax <= fmax
-    if use_inv and Hinv is None:
-        Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
     n = kmax if use_inv else fmax
+    replay = EngineConfig(kernel=kernel).fused_for(W, PruneScorer()) and n > REPLAY_MIN
+    if (use_inv or replay) and Hinv is None:
+        Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
+    if replay:
+        force = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # pruned columns first
+        res, _, _ = obs_fused.fused_greedy(
+            W, Hinv, C, obs_fused.NONE, force=force, force_counts=n_pruned
+        )  # fmt: skip
+        return torch.where(keep, res, torch.zeros_like(res))
     for sl in row_chunks(rows.numel(), 2 * (n * n + n * C) * W.element_size(), memory):
         r = rows[sl]
         kp = keep[r]
@@ -179,8 +194,9 @@ class PruneTrace:
         counts = self.counts(sparsity, per_row)
         keep = self.mask(counts)
         weight = masked_optimum(
-            self.W, self.prepared.H, keep, self.engine.memory, self.prepared.Hinv
-        )
+            self.W, self.prepared.H, keep, self.engine.memory, self.prepared.Hinv,
+            self.engine.kernel,
+        )  # fmt: skip
         return weight, keep, self.loss(counts)
 
     def levels(
