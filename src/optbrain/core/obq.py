@@ -162,7 +162,7 @@ def _obq_fused(
     if keep is None:
         return GreedyOut(*obs_fused.fused_greedy(W, Hinv, C, **kw))
     pruned = (~keep).sum(1)
-    force = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # pruned columns first
+    force = selected_positions(~keep, C)[0]  # pruned columns first
     Wk = torch.where(keep, W, torch.zeros_like(W))
     w, order, loss = obs_fused.fused_greedy(
         Wk, Hinv, C, force=force, force_counts=pruned, **kw

@@ -81,7 +81,7 @@ def masked_optimum(
     if (use_inv or replay) and Hinv is None:
         Hinv = torch.cholesky_inverse(torch.linalg.cholesky(H))
     if replay:
-        force = torch.argsort(keep.to(torch.int8), dim=1, stable=True)  # pruned columns first
+        force = selected_positions(~keep, C)[0]  # pruned columns first
         res, _, _ = obs_fused.fused_greedy(
             W, Hinv, C, obs_fused.NONE, force=force, force_counts=n_pruned
         )  # fmt: skip
