@@ -9,6 +9,7 @@ gensim's ``lee_background.cor`` news text: the first ``--windows`` windows of 51
 (Lee-50 Pearson, WordSim353, SimLex999). Budgets: 50%, 60%, 2:4, 4-bit, 3-bit, 2:4+4-bit (per
 output channel unless ``--group-size``). Methods: magnitude, wanda, sparsegpt, gptq, obc, auto;
 ``METHOD+dense`` runs sequential mode with dense targets (``calibration.targets: dense``),
+``METHOD+indep`` independent mode (every layer's H from the dense model, one pass),
 ``METHOD+owl`` OWL's non-uniform sparsity per block (``allocation: owl``), ``METHOD+dp`` the
 budget DP's sparsity per layer (``optbrain.budget.nonuniform.dp_sparsities``: a database of
 SparseGPT levels s ± 0.1, ± 0.2 with model-level errors on 16 samples, then the recipe run as
@@ -99,10 +100,13 @@ def main() -> None:
                     rule["options"] = options[method]
                 calib = dict(entry.recipe.get("calibration", {}))
                 variants = set(variant.split("+")) - {""}
-                if variants - {"dense", "owl", "dp"}:
-                    raise SystemExit(f"unknown variant in {spec!r}: use +dense, +owl, +dp")
+                if variants - {"dense", "indep", "owl", "dp"}:
+                    raise SystemExit(f"unknown variant in {spec!r}: use +dense, +indep, +owl, +dp")
                 if "dense" in variants:
                     calib.update(mode="sequential", targets="dense")
+                if "indep" in variants:
+                    calib.update(mode="independent")
+                    calib.pop("targets", None)
                 recipe = {"rules": [rule], "calibration": calib}
                 if "owl" in variants:  # OWL's per-block sparsities (pipeline/owl.py)
                     recipe["allocation"] = "owl"

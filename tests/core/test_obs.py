@@ -21,6 +21,7 @@ from obs_reference import (
 )
 
 from optbrain import prepare_hessian, prune_layer
+from optbrain.core import trace
 from optbrain.core.patterns import Pattern, blocks_ok, nm_ok
 from optbrain.core.trace import masked_optimum, obs_trace
 
@@ -150,8 +151,15 @@ def _lstsq_row(w, X, keep_row):
     return out
 
 
+@pytest.fixture(params=["row by row", "batched"])
+def masked_path(request, monkeypatch):
+    """``masked_optimum``'s two paths on the CPU: row by row (its CPU default) and batched."""
+    monkeypatch.setattr(trace, "ROW_BY_ROW", lambda device: request.param == "row by row")
+    return request.param
+
+
 @pytest.mark.parametrize("seed", [10, 11, 12])
-def test_masked_optimum_equals_lstsq(seed):
+def test_masked_optimum_equals_lstsq(seed, masked_path):
     rows, cols = 6, 8
     W, X, H = make_problem(seed, rows, cols)
     g = torch.Generator().manual_seed(seed)
@@ -163,6 +171,25 @@ def test_masked_optimum_equals_lstsq(seed):
     for r in range(rows):
         torch.testing.assert_close(got[r], _lstsq_row(W[r], X, keep[r]), atol=1e-9, rtol=1e-8)
     assert (got[~keep] == 0).all()
+
+
+@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
+def test_masked_optimum_paths_agree_on_rows_of_different_counts(sparsity, monkeypatch):
+    """Both paths, rows with different pruned counts (some solve the S system, some the F
+    system, one with nothing and one with everything pruned), 240 columns."""
+    W, X, H = make_problem(7, 12, 240)
+    g = torch.Generator().manual_seed(0)
+    keep = torch.rand(12, 240, generator=g) >= sparsity * torch.linspace(0.4, 1.6, 12)[:, None]
+    keep[0] = True
+    keep[1] = False
+    n = (~keep).sum(1)
+    if sparsity == 0.5:  # both systems occur
+        assert bool((n[2:] < 120).any()) and bool((n[2:] > 120).any())
+    a = masked_optimum(W, H, keep)
+    monkeypatch.setattr(trace, "ROW_BY_ROW", lambda device: False)
+    b = masked_optimum(W, H, keep, memory=1 << 16)  # batched, several chunks
+    torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    assert (a[~keep] == 0).all() and torch.equal(a[0], W[0])
 
 
 @pytest.mark.parametrize(

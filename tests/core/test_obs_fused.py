@@ -15,7 +15,6 @@ from optbrain.core import obs_fused, ticks
 from optbrain.core.grid import fit_grid
 from optbrain.core.obq import QuantScorer, obq
 from optbrain.core.obs import EngineConfig, NMScorer, PruneScorer, Scorer, greedy_single
-from optbrain.core.trace import REPLAY_MIN, masked_optimum
 
 F64 = torch.float64
 FUSED, TORCH = EngineConfig(kernel="fused"), EngineConfig(kernel="torch")
@@ -134,19 +133,3 @@ def test_kernel_choice_and_bad_settings(monkeypatch):
     assert EngineConfig().lazy_for("fused") == 16 and EngineConfig().lazy_for("torch") == 32
     with pytest.raises(ValueError, match="kernel must be one of"):
         compress_layer(W, prep.H, 0.5, kernel="fast")
-
-
-@pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
-def test_masked_optimum_replay_equals_batched_solves(sparsity):
-    """Rows of different pruned counts, systems above REPLAY_MIN: the replay path."""
-    W, prep = _problem(7, 12, 240)
-    g = torch.Generator().manual_seed(0)
-    keep = torch.rand(12, 240, generator=g) >= sparsity * torch.linspace(0.6, 1.2, 12)[:, None]
-    keep[0] = True  # a row with nothing pruned
-    keep[1] = False  # and one with everything pruned
-    pruned = (~keep[2:]).sum(1)
-    assert min(int(pruned.max()), int((240 - pruned).max())) > REPLAY_MIN  # the replay runs
-    a = masked_optimum(W, prep.H, keep, Hinv=prep.Hinv, kernel="fused")
-    b = masked_optimum(W, prep.H, keep, Hinv=prep.Hinv, kernel="torch")
-    torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
-    assert (a[~keep] == 0).all() and torch.equal(a[0], W[0])

@@ -95,6 +95,33 @@ def test_layerwide_pruning_never_above_sparsegpt(kw):
             assert bool((rr <= _rows(W, H, fast) * (1 + 1e-5) + 1e-7).all())
 
 
+@pytest.mark.parametrize("sparsity", [0.5, 0.7])
+def test_reference_counts_candidate_matches_refitting_every_trace_row(sparsity):
+    """guard() given a weak "exact" result (magnitude) and the real trace: it refits only the
+    trace rows whose predicted loss beats the refit reference, and its rows equal the full
+    candidate's (every trace row refitted at SparseGPT's counts, by hand here)."""
+    from optbrain.core.trace import masked_optimum, obs_trace
+
+    for seed in SEEDS:
+        W, H = ill_conditioned(seed)
+        spec = make_spec(W.shape[1], sparsity=sparsity)
+        Wc, prep = prepare_layer(W, H, spec)
+        trace = obs_trace(Wc, prep, spec.pattern)
+        mag = compress_layer(W, H, sparsity, method="magnitude")
+        fast = compress_layer(W, H, sparsity, method="sparsegpt")
+        counts = (~fast.mask).sum(1)
+        refit = row_losses(Wc, masked_optimum(Wc, prep.H, fast.mask, Hinv=prep.Hinv), prep.H)
+        tw = masked_optimum(Wc, prep.H, trace.mask(counts), Hinv=prep.Hinv)
+        full = torch.minimum(refit, row_losses(Wc, tw, prep.H))
+        parts = [(x.weight, x.mask, None, row_losses(Wc, x.weight, prep.H)) for x in (mag, fast)]
+        (weight, keep, _, rl), info = guard(Wc, prep, *parts, "sparsegpt", trace, False)
+        assert info["layout"] == "reference counts" and info["rows_from_reference"] == 32
+        torch.testing.assert_close(rl, full, rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(rl, row_losses(Wc, weight, prep.H), rtol=1e-6, atol=1e-9)
+        assert torch.equal(keep.sum(1), fast.mask.sum(1)) and bool((weight[~keep] == 0).all())
+        assert bool((rl < refit * (1 - 1e-6)).any())  # some trace rows are refitted and taken
+
+
 def test_reference_counts_candidate_is_row_by_row_below_sparsegpt():
     """guard() itself, given a weak "exact" result (magnitude, layer-wide: rows at other counts
     than SparseGPT's) and no trace: the candidate at SparseGPT's counts is SparseGPT's mask

@@ -15,7 +15,9 @@ changing the layer's count. There (pruning only) the candidate at the reference'
 counts is, per row, the better of the exact trace at that count and the *exact refit* of the
 reference's mask (``masked_optimum``: the least-squares optimum on the mask, never above the
 reference row); the layer takes that candidate or the exact layer-wide one, whichever has the
-lower loss. Every row of the candidate is ≤ the reference's row at the same count, and the
+lower loss. The trace's rows are refitted only where their predicted loss (the greedy's exact
+step losses) beats the refit, and only when the candidate can win on those predictions: the
+losses compared at the end are always measured ones. Every row of the candidate is ≤ the reference's row at the same count, and the
 layer's loss is ≤ both. A compound with unequal counts keeps the better whole layer.
 
 ``info["guard"]``: ``{"reference", "exact_loss", "reference_loss", "rows_from_reference",
@@ -82,13 +84,23 @@ def guard(
         refit = masked_optimum(Wc, prep.H, reference[1], Hinv=prep.Hinv)
         rb = row_losses(Wc, refit, prep.H).cpu()
         reference = (refit, reference[1], None, rb)
-        if trace is not None:
-            tk = trace.mask(counts.to(trace.order.device))
-            tw = masked_optimum(Wc, prep.H, tk, Hinv=prep.Hinv)
-            tl = row_losses(Wc, tw, prep.H).cpu()
-            take_t = tl < rb
-            reference = merge_rows(take_t.logical_not(), (tw, tk, None, tl), reference)
-            rb = reference[3]
+        if trace is not None:  # the trace's rows at those counts, where they predict better
+            counts = counts.to(trace.order.device)
+            predicted = trace.loss(counts)
+            take_t = predicted < rb
+            if bool(take_t.any()) and float(torch.where(take_t, predicted, rb).sum()) < float(
+                ea.sum()
+            ):
+                idx = take_t.nonzero().squeeze(1).to(Wc.device)
+                tk = reference[1].clone()
+                tk[idx] = trace.mask(counts)[idx]
+                tw = reference[0].clone()
+                tw[idx] = masked_optimum(Wc[idx], prep.H, tk[idx], Hinv=prep.Hinv)
+                tl = rb.clone()
+                tl[take_t] = row_losses(Wc[idx], tw[idx], prep.H).cpu()
+                take_t = tl < rb
+                reference = merge_rows(take_t.logical_not(), (tw, tk, None, tl), reference)
+                rb = reference[3]
         if float(rb.sum()) < float(ea.sum()):
             info.update(rows_from_reference=int(rb.numel()), layout="reference counts")
             return reference, info
