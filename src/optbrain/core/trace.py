@@ -23,6 +23,7 @@ from .obs import (
     row_chunks,
     selected_positions,
 )
+from .obs_fused import run_rows
 from .patterns import Pattern, pruned_count
 
 
@@ -70,8 +71,8 @@ def masked_optimum(
     rows. On the CPU the systems are factored row by row at their own size (``Θ(n³/3)``, no
     padding, no ``(R, n, n)`` gather); elsewhere batched over rows, padded to the largest
     system, in chunks of ``memory`` bytes (one launch per chunk instead of one per row).
-    Measured on 576×1536 at 50% (one thread): 13.1 s batched, 13.6 s as an OBS replay of the
-    removals, 2.9 s row by row (the other core busy in all three).
+    Measured on 576×1536 at 50% (one thread, the other core busy): 13.1 s batched, 13.6 s as
+    an OBS replay of the removals, 3.2 s row by row; row by row on two threads 1.7 s.
     """
     R, C = W.shape
     n_pruned = (~keep).sum(1)
@@ -112,12 +113,25 @@ def _solve_rows(
     M: torch.Tensor, vec: torch.Tensor, sel: torch.Tensor, rows: torch.Tensor, out: torch.Tensor
 ) -> None:
     """``out[r, P] = (M_PP)⁻¹ vec[r, P]`` for each row r of ``rows``, P = the columns where
-    ``sel[r]`` (one Cholesky factor per row, its own size)."""
+    ``sel[r]``: one Cholesky factor per row at its own size, rows spread over torch's threads
+    (``obs_fused.run_rows``), each factor single-threaded (LAPACK barely speeds up one
+    768² factor with a second thread; two rows at once do)."""
     M = M.contiguous()  # row gathers of a transposed H⁻¹ (cholesky_inverse's layout) are slow
-    for r in rows.tolist():
-        p = sel[r].nonzero().squeeze(1)
-        L, _ = torch.linalg.cholesky_ex(M.index_select(0, p).index_select(1, p))
-        out[r, p] = torch.cholesky_solve(vec[r, p].unsqueeze(1), L).squeeze(1)
+    idx = rows.tolist()
+    n = int(sel[rows].sum(1).double().mean())
+
+    def solve(lo: int, hi: int) -> None:
+        for r in idx[lo:hi]:
+            p = sel[r].nonzero().squeeze(1)
+            L, _ = torch.linalg.cholesky_ex(M.index_select(0, p).index_select(1, p))
+            out[r, p] = torch.cholesky_solve(vec[r, p].unsqueeze(1), L).squeeze(1)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        run_rows(solve, [], len(idx), len(idx) * n**3 / 3, threads)
+    finally:
+        torch.set_num_threads(threads)
 
 
 class PruneTrace:
