@@ -7,11 +7,13 @@ solver (``estimate_obc_seconds``)::
 
 ``a`` is the per-greedy-step overhead, ``b`` the per-step row work, ``c`` the lazy ``H⁻¹``
 downdates that dominate large layers. Constants (``COST``) were fitted by relative least squares
-to ``method="obc"`` timings (best of 2) on this project's 2-core CPU machine with 1 torch thread
-while other jobs shared it, for 4-bit quantization, 50% unstructured, 2:4 and 50% block4
-pruning, on ``rows × cols`` in {32×64, 64×128, 128×128, 32×256, 128×256, 256×256, 64×512,
-256×512, 512×512, 128×1024, 256×1024}; the model is within about ±30% of those timings
-(e.g. 256×512 4-bit: 1.1 s measured, 1.2 s modelled; 4096×4096: about 2 hours modelled).
+(``python benchmarks/fit_cost.py``) to ``method="obc"`` timings (best of 2, the guard included)
+of the fused CPU kernel on this project's 2-core CPU machine with 1 torch thread, for 4-bit
+quantization, 50% unstructured, 2:4 and 50% block4 pruning, on ``rows × cols`` in {32×64,
+64×128, 128×128, 32×256, 128×256, 256×256, 64×512, 256×512, 512×512, 128×1024, 256×1024,
+576×1536}; the model is within 0.75–1.35× of those timings above 0.05 s (e.g. 256×512 4-bit:
+0.53 s measured, 0.55 s modelled; 576×1536 50%: 29.2 s measured, 28.7 s modelled; 4096×4096
+4-bit: about 45 minutes modelled). Block pruning runs the tensor engine (no fused scorer).
 Compound (prune + quantize) is the sum of its two parts, and unstructured/block pruning cost
 does not depend on the sparsity (the exact solver records the full trace). On a faster or
 idle machine the estimate is pessimistic, i.e. auto errs towards the fast solver.
@@ -45,10 +47,10 @@ DATABASE_TIME_BUDGET = 300.0
 
 # part -> (a, b, c): seconds ≈ a·cols + b·rows·cols² + c·rows·cols³ (see the module docstring)
 COST: dict[str, tuple[float, float, float]] = {
-    "quant": (1.0e-4, 4.5e-9, 2.5e-11),
-    "unstructured": (5.8e-5, 9.2e-9, 2.4e-11),
-    "nm": (3.5e-5, 3.9e-9, 1.7e-11),
-    "block": (6.5e-5, 1.3e-8, 4.1e-11),
+    "quant": (2.0e-4, 2.3e-9, 8.7e-12),
+    "unstructured": (1.2e-4, 5.7e-9, 9.9e-12),
+    "nm": (3.8e-5, 2.9e-9, 6.1e-12),
+    "block": (2.1e-4, 3.3e-8, 1.8e-11),
 }
 
 
