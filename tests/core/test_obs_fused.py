@@ -133,3 +133,17 @@ def test_kernel_choice_and_bad_settings(monkeypatch):
     assert EngineConfig().lazy_for("fused") == 16 and EngineConfig().lazy_for("torch") == 32
     with pytest.raises(ValueError, match="kernel must be one of"):
         compress_layer(W, prep.H, 0.5, kernel="fast")
+
+
+@pytest.mark.parametrize(
+    "content,expect", [("0.5 0.4 0.3 1/80 9", 2), ("3.0 2.0 1.0 4/80 9", 4), ("9 9 9 12/80 9", 4)]
+)
+def test_pool_threads_adds_workers_while_others_run(tmp_path, monkeypatch, content, expect):
+    """Runnable tasks besides this one (the 4th field of /proc/loadavg) add workers, at most
+    the base count more; without the file the base count."""
+    f = tmp_path / "loadavg"
+    f.write_text(content)
+    monkeypatch.setattr(obs_fused, "LOADAVG", str(f))
+    assert obs_fused.pool_threads(2) == expect
+    monkeypatch.setattr(obs_fused, "LOADAVG", str(tmp_path / "missing"))
+    assert obs_fused.pool_threads(2) == 2

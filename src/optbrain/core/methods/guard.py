@@ -17,8 +17,9 @@ reference's mask (``masked_optimum``: the least-squares optimum on the mask, nev
 reference row); the layer takes that candidate or the exact layer-wide one, whichever has the
 lower loss. The trace's rows are refitted only where their predicted loss (the greedy's exact
 step losses) beats the refit, and only when the candidate can win on those predictions: the
-losses compared at the end are always measured ones. Every row of the candidate is ≤ the reference's row at the same count, and the
-layer's loss is ≤ both. A compound with unequal counts keeps the better whole layer.
+losses compared at the end are always measured ones. Every row of the candidate is ≤ the
+reference's row at the same count, and the layer's loss is ≤ both. A compound with unequal
+counts keeps the better whole layer.
 
 ``info["guard"]``: ``{"reference", "exact_loss", "reference_loss", "rows_from_reference",
 "layout"}``, the losses measured under the damped H; ``layout`` is ``"rows"`` (row by row),
