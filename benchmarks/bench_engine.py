@@ -5,6 +5,7 @@
     python benchmarks/bench_engine.py --busy 3                  # + the slowdown under 3 spinners
     python benchmarks/bench_engine.py --engine "kernel=torch kernel=fused"   # A/B, alternated
     python benchmarks/bench_engine.py --shapes 256x512 --kinds trace --profile  # where time goes
+    python benchmarks/bench_engine.py --device cuda              # a GPU line (tensor engine)
 
 The machine this project runs on is shared, so every figure is a ratio measured in the same run:
 each engine timing sits between two timings of a ``2048 × 2048`` float32 GEMM (``2·2048³``
@@ -104,12 +105,19 @@ def run_case(kind: str, W: torch.Tensor, H: torch.Tensor, engine: EngineConfig) 
     return weight
 
 
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def gemm_seconds(A: torch.Tensor, B: torch.Tensor) -> float:
-    """Best of 3 timings of ``A @ B``."""
+    """Best of 3 timings of ``A @ B`` (on A's device, synchronized)."""
     best = float("inf")
     for _ in range(3):
+        _sync(A.device)
         t0 = time.perf_counter()
         torch.mm(A, B)
+        _sync(A.device)
         best = min(best, time.perf_counter() - t0)
     return best
 
@@ -139,8 +147,10 @@ def measure(kind, W, H, engine, A, B, repeats):
     run_case(kind, W[:2], H, engine)  # warm: numba's cached machine code, lazy imports
     best, gemms = float("inf"), [gemm_seconds(A, B)]
     for _ in range(repeats):
+        _sync(W.device)
         t0 = time.perf_counter()
         run_case(kind, W, H, engine)
+        _sync(W.device)
         best = min(best, time.perf_counter() - t0)
         gemms.append(gemm_seconds(A, B))
     return best, sum(gemms) / len(gemms)
@@ -191,6 +201,7 @@ def main() -> None:
         action="store_true",
         help="print a torch.profiler table (operators by self time, calls) of each case instead",
     )
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N] (problems and GEMM there)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", metavar="PATH", help="also write the JSON lines here")
     args = ap.parse_args()
@@ -210,15 +221,20 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     atexit.register(stop_busy)
     signal.signal(signal.SIGTERM, _on_signal)
-    A = torch.randn(GEMM_N, GEMM_N)
-    B = torch.randn(GEMM_N, GEMM_N)
+    try:
+        device = torch.device(args.device)
+        torch.empty(1, device=device)
+    except (RuntimeError, AssertionError) as e:
+        ap.error(f"--device {args.device!r} is not usable here: {e}")
+    A = torch.randn(GEMM_N, GEMM_N, device=device)
+    B = torch.randn(GEMM_N, GEMM_N, device=device)
     gemm_flop = 2.0 * GEMM_N**3
     load = os.getloadavg()[0]
     results = []
     out = open(args.json, "w") if args.json else None  # noqa: SIM115
     try:
         for rows, cols in shapes:
-            W, H = make_problem(rows, cols, args.seed)
+            W, H = (t.to(device) for t in make_problem(rows, cols, args.seed))
             for kind in kinds:
                 flop = useful_flop(kind, rows, cols)
                 for name, engine in engines:
@@ -226,6 +242,7 @@ def main() -> None:
                         profile_case(kind, W, H, engine, f"{rows}x{cols} {kind} {name}")
                         continue
                     rec = {"shape": f"{rows}x{cols}", "kind": kind, "engine": name}
+                    rec["device"] = str(device)
                     sec, gsec = measure(kind, W, H, engine, A, B, args.repeats)
                     rec.update(
                         seconds=sec,
@@ -255,7 +272,7 @@ def main() -> None:
         if out:
             out.close()
     print(
-        f"\n{torch.get_num_threads()} threads, load average at start {load:.1f}, "
+        f"\n{device}, {torch.get_num_threads()} threads, load average at start {load:.1f}, "
         f"GEMM {GEMM_N}² fp32\n"
     )
     busy_h = f" | busy {args.busy}: s | slowdown" if args.busy else ""

@@ -253,11 +253,11 @@ def test_obc_over_budget_warns_with_prediction_and_auto_alternative(tmp_path, mo
     from optbrain.core.spec import make_spec
     from optbrain.recipe import Recipe
 
-    model = nn.Sequential(nn.Linear(1024, 1024), nn.ReLU(), nn.Linear(1024, 16))
+    model = nn.Sequential(nn.Linear(2048, 2048), nn.ReLU(), nn.Linear(2048, 16))
     lines = obc_warnings(model, Recipe.from_dict({"method": "obc", "bits": 4}))
-    predicted = estimate_obc_seconds(1024, 1024, make_spec(1024, bits=4))
+    predicted = estimate_obc_seconds(2048, 2048, make_spec(2048, bits=4))
     assert predicted > 30  # the big layer is over auto's budget, the 16-row one is not
-    assert len(lines) == 1 and lines[0].startswith("warning: 0 (1024x1024)")
+    assert len(lines) == 1 and lines[0].startswith("warning: 0 (2048x2048)")
     assert f"~{predicted:.0f} s" in lines[0] and "would run gptq" in lines[0]
     lines = obc_warnings(model, Recipe.from_dict({"method": "obc", "sparsity": 0.5}))
     assert "would run sparsegpt" in lines[0]
