@@ -67,6 +67,17 @@ def reference_obs(W: torch.Tensor, Hinv: torch.Tensor, quant=None) -> torch.Tens
     return w
 
 
+def _trace(W: torch.Tensor, prep):
+    """The greedy engine's full trace alone (no 50% level, no guard), as a result-like object."""
+    from types import SimpleNamespace
+
+    from optbrain.core.patterns import Pattern
+    from optbrain.core.trace import obs_trace
+
+    obs_trace(W, prep, Pattern("unstructured"))
+    return SimpleNamespace(weight=None)  # every sparsity: no single loss
+
+
 def timed(fn):
     t0 = time.perf_counter()
     out = fn()
@@ -77,7 +88,9 @@ def run_kind(kind: str, args: argparse.Namespace) -> list[dict]:
     """Every exact method (and the reference loop with --reference) on one input kind."""
     W, X = make_problem(args.rows, args.cols, args.tokens, kind, args.seed)
     H = hessian_from_inputs(X)
+    prep = prepare_hessian(H, 0.01)
     cases = [
+        ("ExactOBS full trace (engine)", lambda: _trace(W, prep)),
         ("ExactOBS full trace (+50%)", lambda: prune_layer(W, H, 0.5)),
         ("OBQ 4-bit", lambda: compress_layer(W, H, bits=4)),
         ("OBQ 3-bit", lambda: compress_layer(W, H, bits=3)),
@@ -85,15 +98,21 @@ def run_kind(kind: str, args: argparse.Namespace) -> list[dict]:
         ("ExactOBS block4 50%", lambda: prune_layer(W, H, 0.5, pattern="block4")),
         ("OBC 2:4 + 4-bit", lambda: compress_layer(W, H, pattern="2:4", bits=4)),
     ]
+    prune_layer(W[:2], H, 0.5)  # warm: numba's cached machine code, lazy imports
+    compress_layer(W[:2], H, bits=4)
     rows = []
     for name, fn in cases:
         res, sec = timed(fn)
         rows.append(
-            {"inputs": kind, "method": name, "seconds": sec, "rel_loss": rel_loss(W, res.weight, X)}
+            {
+                "inputs": kind,
+                "method": name,
+                "seconds": sec,
+                "rel_loss": float("nan") if res.weight is None else rel_loss(W, res.weight, X),
+            }
         )
         print(f"{kind:10s} {name:36s} {sec:8.3f} s  loss {rows[-1]['rel_loss']:.5f}", flush=True)
     if args.reference:
-        prep = prepare_hessian(H, 0.01)
         grid = fit_grid(W, 4, weight=torch.diagonal(prep.H))
         sc, ze = grid.columns(W.shape[1])
         refs = [
@@ -155,11 +174,13 @@ def main() -> None:
         print()
         for kind in kinds:
             sel = {r["method"]: r["seconds"] for r in rows if r["inputs"] == kind}
-            t = sel["reference: full trace (rank-1 loop)"] / sel["ExactOBS full trace (+50%)"]
+            ref = sel["reference: full trace (rank-1 loop)"]
+            t = ref / sel["ExactOBS full trace (engine)"]
+            t50 = ref / sel["ExactOBS full trace (+50%)"]
             q = sel["reference: OBQ 4-bit (rank-1 loop)"] / sel["OBQ 4-bit"]
             print(
-                f"{kind}: speed-up over the rank-1 loop, same run: full trace {t:.1f}x, "
-                f"OBQ 4-bit {q:.1f}x"
+                f"{kind}: speed-up over the rank-1 loop, same run: full trace {t:.1f}x "
+                f"(with the 50% level and the guard {t50:.1f}x), OBQ 4-bit {q:.1f}x"
             )
     if args.json:
         with open(args.json, "w") as f:
