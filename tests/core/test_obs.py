@@ -21,7 +21,7 @@ from obs_reference import (
 )
 
 from optbrain import prepare_hessian, prune_layer
-from optbrain.core import trace
+from optbrain.core import obs_fused, trace
 from optbrain.core.patterns import Pattern, blocks_ok, nm_ok
 from optbrain.core.trace import masked_optimum, obs_trace
 
@@ -176,7 +176,9 @@ def test_masked_optimum_equals_lstsq(seed, masked_path):
 @pytest.mark.parametrize("sparsity", [0.3, 0.5, 0.8])
 def test_masked_optimum_paths_agree_on_rows_of_different_counts(sparsity, monkeypatch):
     """Both paths, rows with different pruned counts (some solve the S system, some the F
-    system, one with nothing and one with everything pruned), 240 columns."""
+    system, one with nothing and one with everything pruned), 240 columns; row by row serially
+    and on the thread pool (which leaves the caller's thread count as it was)."""
+    threads = torch.get_num_threads()
     W, X, H = make_problem(7, 12, 240)
     g = torch.Generator().manual_seed(0)
     keep = torch.rand(12, 240, generator=g) >= sparsity * torch.linspace(0.4, 1.6, 12)[:, None]
@@ -185,7 +187,10 @@ def test_masked_optimum_paths_agree_on_rows_of_different_counts(sparsity, monkey
     n = (~keep).sum(1)
     if sparsity == 0.5:  # both systems occur
         assert bool((n[2:] < 120).any()) and bool((n[2:] > 120).any())
-    a = masked_optimum(W, H, keep)
+    a = masked_optimum(W, H, keep)  # row by row, serially (small work)
+    monkeypatch.setattr(obs_fused, "SERIAL_WORK", 0)
+    threaded = masked_optimum(W, H, keep)  # row by row on the pool
+    assert torch.equal(threaded, a) and torch.get_num_threads() == threads
     monkeypatch.setattr(trace, "ROW_BY_ROW", lambda device: False)
     b = masked_optimum(W, H, keep, memory=1 << 16)  # batched, several chunks
     torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)

@@ -48,8 +48,9 @@ class EngineConfig:
     step_threads: torch threads for the small per-step operations (``(R, C)`` vectors: each is
     one parallel region, and on a busy machine every region waits for its slowest thread); the
     folds and gathers keep the caller's thread count. 0 (default): the caller's count everywhere.
-    Tensor engine only: the fused kernel runs its rows on the caller's thread count (one
-    thread per row chunk, no per-step parallel regions to wait on).
+    Tensor engine only: the fused kernel has no per-step parallel regions; its rows run on a
+    pool of the caller's thread count, plus workers while other processes are busy
+    (``obs_fused.pool_threads``).
     Measured (``benchmarks/bench_engine.py --engine "default step_threads=1" --busy 3``, 256×512
     full trace, 2-core machine shared with other jobs): step_threads=1 was ~10% faster quiet but
     1.3–1.5× slower with 3 competing busy processes, hence not the default.

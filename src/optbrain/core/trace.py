@@ -4,6 +4,7 @@ The greedy engine itself is ``core.obs``."""
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 
 import torch
@@ -96,7 +97,8 @@ def masked_optimum(
             _solve_rows(M, vec, ~keep if use_s else keep, r_all, target)
         else:
             n = int((n_pruned[r_all] if use_s else C - n_pruned[r_all]).max())
-            for sl in row_chunks(r_all.numel(), 2 * n * n * W.element_size(), memory):
+            per_row = 4 * n * n * W.element_size() + n * n  # gather, where, factor; bool mask
+            for sl in row_chunks(r_all.numel(), per_row, memory):
                 r = r_all[sl]
                 pos, valid = selected_positions(~keep[r] if use_s else keep[r], n)
                 L = restricted_cholesky(M, pos, valid)
@@ -116,22 +118,27 @@ def _solve_rows(
     ``sel[r]``: one Cholesky factor per row at its own size, rows spread over torch's threads
     (``obs_fused.run_rows``), each factor single-threaded (LAPACK barely speeds up one
     768² factor with a second thread; two rows at once do)."""
-    M = M.contiguous()  # row gathers of a transposed H⁻¹ (cholesky_inverse's layout) are slow
+    M = M.detach().contiguous()  # row gathers of a transposed H⁻¹ (cholesky_inverse's) are slow
+    vec = vec.detach()
     idx = rows.tolist()
     n = int(sel[rows].sum(1).double().mean())
+    caller, threads = threading.get_ident(), torch.get_num_threads()
 
     def solve(lo: int, hi: int) -> None:
-        for r in idx[lo:hi]:
-            p = sel[r].nonzero().squeeze(1)
-            L, _ = torch.linalg.cholesky_ex(M.index_select(0, p).index_select(1, p))
-            out[r, p] = torch.cholesky_solve(vec[r, p].unsqueeze(1), L).squeeze(1)
+        worker = threading.get_ident() != caller
+        if worker:  # a pool worker: its factors single-threaded
+            torch.set_num_threads(1)
+        try:
+            with torch.no_grad():
+                for r in idx[lo:hi]:
+                    p = sel[r].nonzero().squeeze(1)
+                    L, _ = torch.linalg.cholesky_ex(M.index_select(0, p).index_select(1, p))
+                    out[r, p] = torch.cholesky_solve(vec[r, p].unsqueeze(1), L).squeeze(1)
+        finally:
+            if worker:  # torch's default for new threads is the last count set: put it back
+                torch.set_num_threads(threads)
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        run_rows(solve, [], len(idx), len(idx) * n**3 / 3, threads)
-    finally:
-        torch.set_num_threads(threads)
+    run_rows(solve, [], len(idx), len(idx) * n**3 / 3)
 
 
 class PruneTrace:

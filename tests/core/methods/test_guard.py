@@ -122,6 +122,29 @@ def test_reference_counts_candidate_matches_refitting_every_trace_row(sparsity):
         assert bool((rl < refit * (1 - 1e-6)).any())  # some trace rows are refitted and taken
 
 
+def test_reference_counts_skips_trace_refits_when_exact_wins(monkeypatch):
+    """With the real exact result (it wins on these layers), the guard refits SparseGPT's mask
+    once and no trace rows: their predicted losses cannot make the candidate win."""
+    from optbrain.core.methods import guard as guard_mod
+    from optbrain.core.trace import obs_trace
+
+    calls = []
+    real = guard_mod.masked_optimum
+    monkeypatch.setattr(
+        guard_mod, "masked_optimum", lambda W, *a, **k: calls.append(W.shape[0]) or real(W, *a, **k)
+    )
+    W, H = ill_conditioned(0)
+    spec = make_spec(W.shape[1], sparsity=0.5)
+    Wc, prep = prepare_layer(W, H, spec)
+    trace = obs_trace(Wc, prep, spec.pattern)
+    exact = compress_layer(W, H, 0.5, guard=False)
+    fast = compress_layer(W, H, 0.5, method="sparsegpt")
+    parts = [(x.weight, x.mask, None, row_losses(Wc, x.weight, prep.H)) for x in (exact, fast)]
+    (weight, _, _, rl), info = guard(Wc, prep, *parts, "sparsegpt", trace, False)
+    assert calls == [32]  # the refit of the reference mask only
+    assert info["rows_from_reference"] == 0 and torch.equal(weight, exact.weight)
+
+
 def test_reference_counts_candidate_is_row_by_row_below_sparsegpt():
     """guard() itself, given a weak "exact" result (magnitude, layer-wide: rows at other counts
     than SparseGPT's) and no trace: the candidate at SparseGPT's counts is SparseGPT's mask

@@ -83,7 +83,10 @@ def guard(
         if trace is not None and trace.group > 1:
             counts = counts // trace.group
         refit = masked_optimum(Wc, prep.H, reference[1], Hinv=prep.Hinv)
-        rb = row_losses(Wc, refit, prep.H).cpu()
+        rl = row_losses(Wc, refit, prep.H).cpu()
+        worse = rl > rb  # the optimum on the mask, unless rounding put it above the row
+        refit = torch.where(worse.to(refit.device).unsqueeze(1), reference[0].to(refit), refit)
+        rb = torch.minimum(rl, rb)
         reference = (refit, reference[1], None, rb)
         if trace is not None:  # the trace's rows at those counts, where they predict better
             counts = counts.to(trace.order.device)
