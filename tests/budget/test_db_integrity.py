@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from forking import killable_child
 
 from optbrain._files import seal, sha256_bytes
 from optbrain.budget import DbSettings, build_database
@@ -116,7 +116,7 @@ def test_killed_build_at_30_random_moments_resumes_identically(reference, tmp_pa
         pid = os.fork()
         if pid == 0:
             try:
-                torch.set_num_threads(1)
+                killable_child()
                 _build(root)
             finally:
                 os._exit(0)

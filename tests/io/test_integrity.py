@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from forking import killable_child
 from torch import nn
 
 from optbrain._files import SEAL, TMP_SUFFIX, seal, sha256_bytes
@@ -112,7 +113,7 @@ def test_killed_at_30_random_moments_loads_old_or_new(two_runs, tmp_path):
         pid = os.fork()
         if pid == 0:  # the writer: never returns
             try:
-                torch.set_num_threads(1)
+                killable_child()
                 while True:
                     save(b, run)
                     save(a, run)
