@@ -140,10 +140,13 @@ def test_kernel_choice_and_bad_settings(monkeypatch):
 )
 def test_pool_threads_adds_workers_while_others_run(tmp_path, monkeypatch, content, expect):
     """Runnable tasks besides this one (the 4th field of /proc/loadavg) add workers, at most
-    the base count more; without the file the base count."""
+    the base count more; a base below the cores is the caller's limit and kept; without the
+    file the base count. (A 2-core machine, whatever this one has.)"""
+    monkeypatch.setattr(obs_fused, "_cores", lambda: 2)
     f = tmp_path / "loadavg"
     f.write_text(content)
     monkeypatch.setattr(obs_fused, "LOADAVG", str(f))
     assert obs_fused.pool_threads(2) == expect
+    assert obs_fused.pool_threads(1) == 1
     monkeypatch.setattr(obs_fused, "LOADAVG", str(tmp_path / "missing"))
     assert obs_fused.pool_threads(2) == 2
