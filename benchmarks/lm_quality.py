@@ -7,14 +7,16 @@
 Models: smollm2-135m (perplexity on the zoo's held-out Wikipedia windows and on a second text,
 gensim's ``lee_background.cor`` news text: the first ``--windows`` windows of 512 tokens) and minilm
 (Lee-50 Pearson, WordSim353, SimLex999). Budgets: 50%, 60%, 2:4, 4-bit, 3-bit, 2:4+4-bit (per
-output channel unless ``--group-size``). Methods: magnitude, wanda, sparsegpt, gptq, obc, auto;
+output channel unless ``--group-size``; symmetric unless ``--asym``). Methods: magnitude, wanda,
+sparsegpt, gptq, obc, auto;
 ``METHOD+dense`` runs sequential mode with dense targets (``calibration.targets: dense``),
 ``METHOD+indep`` independent mode (every layer's H from the dense model, one pass),
 ``METHOD+owl`` OWL's non-uniform sparsity per block (``allocation: owl``), ``METHOD+dp`` the
 budget DP's sparsity per layer (``optbrain.budget.nonuniform.dp_sparsities``: a database of
 SparseGPT levels s ± 0.1, ± 0.2 with model-level errors on 16 samples, then the recipe run as
 usual; its time is included in the cell's); they combine.
-Calibration: the zoo entry's (smollm2: sequential, 128 × 128 tokens; minilm: its default).
+Calibration: the zoo entry's (smollm2: sequential, 128 × 128 tokens; minilm: its default);
+``--samples N`` changes the number of samples (smollm2: windows of 128 tokens).
 SmolLM2's weights sit on a 4-bit grid in blocks of 32 (GGUF Q4_1): 4-bit group-32 results are
 flattering. Each cell: the metric(s) and the compression wall time.
 """
@@ -71,6 +73,8 @@ def main() -> None:
     ap.add_argument("--budgets", nargs="+", default=list(BUDGETS), choices=list(BUDGETS))
     ap.add_argument("--methods", nargs="+", default=METHODS)
     ap.add_argument("--group-size", type=int, dest="group_size")
+    ap.add_argument("--asym", action="store_true", help="asymmetric grids (sym: false)")
+    ap.add_argument("--samples", type=int, help="calibration samples (default: the entry's)")
     ap.add_argument("--windows", type=int, default=16, help="windows of the second text")
     ap.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE")
     ap.add_argument("--json", help="append every cell as a JSON line here")
@@ -95,10 +99,14 @@ def main() -> None:
                     continue
                 if "bits" in settings and args.group_size:
                     settings["group_size"] = args.group_size
+                if "bits" in settings and args.asym:
+                    settings["sym"] = False
                 rule = {"method": method, **settings}
                 if method in options:
                     rule["options"] = options[method]
                 calib = dict(entry.recipe.get("calibration", {}))
+                if args.samples:
+                    calib["samples"] = args.samples
                 variants = set(variant.split("+")) - {""}
                 if variants - {"dense", "indep", "owl", "dp"}:
                     raise SystemExit(f"unknown variant in {spec!r}: use +dense, +indep, +owl, +dp")

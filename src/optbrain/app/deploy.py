@@ -121,7 +121,13 @@ def cmd_export(args: argparse.Namespace) -> int:
 
     run = Path(args.run)
     fmt = args.format
-    act = check_options(fmt, activations=args.activations, dtype=args.dtype)
+    act = check_options(
+        fmt,
+        activations=args.activations,
+        dtype=args.dtype,
+        matmul_nbits=args.matmul_nbits or None,
+        accuracy_level=args.accuracy_level,
+    )
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
     name = run_model_name(run, args.model)
@@ -141,6 +147,8 @@ def cmd_export(args: argparse.Namespace) -> int:
         kw = {"activations": act, "calibration": calibration_args(entry, model, args.samples)}
     if args.dtype is not None:
         kw["dtype"] = args.dtype
+    if args.matmul_nbits:
+        kw.update(matmul_nbits=True, accuracy_level=args.accuracy_level)
     t0 = time.perf_counter()
     res = export(model, out, format=fmt, example_inputs=example, **kw)
     seconds = time.perf_counter() - t0
@@ -155,7 +163,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "seconds": seconds,
         "info": res.info,
     }
-    update_deployment(run, "exports", fmt if act == "float" else f"{fmt}-{act}", info)
+    update_deployment(run, "exports", export_key(fmt, act, res.info), info)
     print(
         f"{fmt}: {out} ({res.total_bytes / 1e6:.2f} MB; compressed layers "
         f"{res.layer_bytes / 1e6:.3f} MB = {res.ratio:.4f}x their float32 "
@@ -261,24 +269,32 @@ def bench(
     activations: str | None = None,
     samples: int = 128,
     seq_len: int | None = None,
+    matmul_nbits: bool = False,
+    accuracy_level: int | None = None,
 ) -> dict[str, Any]:
     """Dense fp32 vs the compressed run on ``runtime``, in one process, on ``batch`` inputs.
     ``activations="int8"`` (onnxruntime only): the compressed graph has static int8
     activations calibrated on ``samples`` calibration inputs, ``"int8-dynamic"``: int8
-    activations quantized at run time (``optbrain.io.onnx_int8``). ``seq_len``: token models
+    activations quantized at run time (``optbrain.io.onnx_int8``); ``matmul_nbits``: linear
+    layers of up to 4 bits as ``MatMulNBits`` at ``accuracy_level`` (``optbrain.io.onnx_nbits``).
+    ``seq_len``: token models
     timed on sequences of that length (``example_batch``; default: the calibration windows')."""
     import torch
 
-    from ..io.onnx_int8 import check_activations
+    from ..io.formats import check_options
     from ..pipeline.cost import time_pair
 
     if runtime not in RUNTIMES:
         raise ValueError(f"unknown runtime {runtime!r}; choose one of {list(RUNTIMES)}")
     if batch < 1 or threads < 1 or repeats < 1 or samples < 1:
         raise ValueError("--batch, --threads, --repeats and --samples must be at least 1")
-    act = check_activations(activations)
+    act = check_options(
+        "onnx", activations=activations, matmul_nbits=matmul_nbits, accuracy_level=accuracy_level
+    )
     if act != "float" and runtime != "onnxruntime":
         raise ValueError(f"--activations {act} needs --runtime onnxruntime (torch runs float)")
+    if matmul_nbits and runtime != "onnxruntime":
+        raise ValueError("--matmul-nbits needs --runtime onnxruntime (an ONNX Runtime kernel)")
     name = run_model_name(run)
     entry, dense, model = load_run(run, name)
     x = example_batch(entry, batch, seq_len=seq_len)
@@ -309,7 +325,16 @@ def bench(
                 )
                 out["calibration_agreement"] = res.info["calibration_agreement"]
             else:
-                export_onnx(model, pc, example_inputs=args)
+                res = export_onnx(
+                    model,
+                    pc,
+                    example_inputs=args,
+                    matmul_nbits=matmul_nbits,
+                    accuracy_level=accuracy_level or 0,
+                )
+                if matmul_nbits:
+                    out["matmul_nbits"] = len(res.info["matmul_nbits"])
+                    out["accuracy_level"] = res.info["accuracy_level"]
             sd, sc = _ort_session(pd, threads), _ort_session(pc, threads, qdq=act != "float")
             fd, fc = _ort_feed(sd, args), _ort_feed(sc, args)
             nbytes = {"dense": pd.stat().st_size, "compressed": pc.stat().st_size}
@@ -337,12 +362,16 @@ def cmd_bench(args: argparse.Namespace) -> int:
         activations=args.activations,
         samples=args.samples,
         seq_len=args.seq_len,
+        matmul_nbits=args.matmul_nbits,
+        accuracy_level=args.accuracy_level,
     )
     key = f"{args.runtime}-b{args.batch}-t{args.threads}"
     if args.seq_len is not None:
         key += f"-s{args.seq_len}"
     if res.get("activations"):
         key += f"-{res['activations']}"
+    if "accuracy_level" in res:
+        key += f"-nbits{res['accuracy_level']}"
     update_deployment(run, "bench", key, res)
     print(bench_table({"bench": {key: res}}))
     return 0
@@ -384,10 +413,25 @@ def bench_table(dep: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def export_key(fmt: str, act: str, info: dict[str, Any]) -> str:
+    """The key of an export in the deployment section: the format, then ``-ACTIVATIONS`` for
+    integer activations or ``-nbitsLEVEL`` for MatMulNBits layers."""
+    if act != "float":
+        return f"{fmt}-{act}"
+    if "accuracy_level" in info:
+        return f"{fmt}-nbits{info['accuracy_level']}"
+    return fmt
+
+
 def _runtime_label(b: dict[str, Any]) -> str:
-    """``onnxruntime``, or ``onnxruntime int8 activations`` for a graph with int8 ones."""
+    """``onnxruntime``, ``onnxruntime int8 activations`` for a graph with int8 ones, or
+    ``onnxruntime MatMulNBits (accuracy level L)``."""
     act = b.get("activations")
-    return f"{b['runtime']} {act} activations" if act else b["runtime"]
+    if act:
+        return f"{b['runtime']} {act} activations"
+    if "accuracy_level" in b:
+        return f"{b['runtime']} MatMulNBits (accuracy level {b['accuracy_level']})"
+    return b["runtime"]
 
 
 def deployment_table(report: Any) -> str:
@@ -441,4 +485,16 @@ def _activation_args(p: Any) -> None:
     )
     p.add_argument(
         "--samples", type=int, default=128, help="calibration inputs for --activations int8"
+    )
+    p.add_argument(
+        "--matmul-nbits",
+        action="store_true",
+        dest="matmul_nbits",
+        help="onnx: linear layers of up to 4 bits as ONNX Runtime's fused MatMulNBits",
+    )
+    p.add_argument(
+        "--accuracy-level",
+        type=int,
+        dest="accuracy_level",
+        help="with --matmul-nbits: 0 = float32 (default), 4 = int8 activations in the kernel",
     )

@@ -7,7 +7,8 @@ format                 writes                                    reads it
                        codes, mask bits and scales (checkpoint   dense model (weights equal)
                        version 3, ``optbrain.io.packed``)
 ``"onnx"``             one ``.onnx`` file, INT4/INT8 weights +    ONNX Runtime (CPU provider)
-                       DequantizeLinear (``export.onnx``)
+                       DequantizeLinear (``io.onnx``) or
+                       MatMulNBits (``io.onnx_nbits``)
 ``"compressed-tensors"``  a Hugging Face directory              ``transformers`` alone
                        (``export.hf``)                           (``from_pretrained``)
 =====================  ========================================  ===============================
@@ -50,6 +51,8 @@ def export(
     activations: str | None = None,
     calibration: Any = None,
     dtype: str | None = None,
+    matmul_nbits: bool | None = None,
+    accuracy_level: int | None = None,
 ) -> ExportResult:
     """Write ``model`` (after ``optbrain.compress`` or ``optbrain.load``) to ``path`` in
     ``format`` (see the module docstring). ``example_inputs``: for ``"onnx"``, a tensor or
@@ -59,11 +62,19 @@ def export(
     quantized at run time; ``calibration`` optional); ``source``: for ``"compressed-tensors"``, the
     directory with the tokenizer files; ``dtype``: for ``"compressed-tensors"``, the float
     type of the tensors left unquantized (``"float16"`` / ``"bfloat16"``; default: the
-    model's). Bad input (an unknown format, an option the format does not take, a model the
-    format cannot take, a missing example input) raises ValueError before anything is
-    written."""
+    model's); ``matmul_nbits``: for ``"onnx"`` with float activations, linear layers of up to
+    4 bits as ONNX Runtime's ``MatMulNBits`` computing at ``accuracy_level`` (0, default:
+    float32; 4: int8 activations inside the kernel; ``optbrain.io.onnx_nbits``). Bad input
+    (an unknown format, an option the format does not take, a model the format cannot take,
+    a missing example input) raises ValueError before anything is written."""
     act = check_options(
-        format, activations=activations, calibration=calibration, dtype=dtype, source=source
+        format,
+        activations=activations,
+        calibration=calibration,
+        dtype=dtype,
+        source=source,
+        matmul_nbits=matmul_nbits,
+        accuracy_level=accuracy_level,
     )
     if format == "onnx":
         if act != "float":
@@ -78,7 +89,13 @@ def export(
             )
         from .onnx import export_onnx
 
-        return export_onnx(model, path, example_inputs=example_inputs)
+        return export_onnx(
+            model,
+            path,
+            example_inputs=example_inputs,
+            matmul_nbits=bool(matmul_nbits),
+            accuracy_level=0 if accuracy_level is None else accuracy_level,
+        )
     if format == "compressed-tensors":
         from .hf import export_compressed_tensors
 
@@ -92,6 +109,8 @@ OPTION_FORMAT = {
     "calibration": "onnx",
     "dtype": "compressed-tensors",
     "source": "compressed-tensors",
+    "matmul_nbits": "onnx",
+    "accuracy_level": "onnx",
 }
 
 
@@ -110,6 +129,14 @@ def check_options(format: str, **options: Any) -> str:
         owner = OPTION_FORMAT[key]
         if value is not None and value != "float" and format != owner:
             raise ValueError(f"option {key}= applies to format={owner!r} only, not {format!r}")
+    from .onnx_nbits import check_nbits
+
+    nbits, _ = check_nbits(options.get("matmul_nbits"), options.get("accuracy_level"))
+    if nbits and act != "float":
+        raise ValueError(
+            f"matmul_nbits=True is the weight-only graph's; activations={act!r} writes integer "
+            "kernels of its own (use one or the other)"
+        )
     return act
 
 

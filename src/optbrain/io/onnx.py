@@ -121,15 +121,24 @@ def _trace(
     buf = io.BytesIO()
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        torch.onnx.export(
-            _Traced(model),
-            args,
-            buf,
-            dynamo=False,
-            opset_version=20,
-            do_constant_folding=fold,
-            **names,
-        )
+        try:
+            torch.onnx.export(
+                _Traced(model),
+                args,
+                buf,
+                dynamo=False,
+                opset_version=20,
+                do_constant_folding=fold,
+                **names,
+            )
+        except torch.onnx.errors.UnsupportedOperatorError as e:
+            hint = ""
+            if "aten::diff" in str(e):  # transformers' mask code when no mask is given
+                hint = (
+                    "; a Hugging Face causal LM traced without an attention mask builds one "
+                    "with it: pass example_inputs=(input_ids, attention_mask)"
+                )
+            raise ValueError(f"the model cannot be traced to ONNX: {e}{hint}") from None
     proto = onnx.load_from_string(buf.getvalue())
     _strip_prefix(proto.graph)
     return version_converter.convert_version(proto, OPSET)
@@ -318,11 +327,19 @@ def export_onnx(
     input_names: list[str] | None = None,
     output_names: list[str] | None = None,
     dynamic_batch: bool = True,
+    matmul_nbits: bool = False,
+    accuracy_level: int = 0,
 ) -> ExportResult:
     """Write ``model`` (after ``optbrain.compress``) as an ONNX file at ``path``; see the module
     docstring. ``example_inputs``: a tensor or tuple of positional inputs to trace with.
     ``dynamic_batch``: the first dimension of every input and output is symbolic, and the
-    sequence axis of a model taking token ids (``dynamic_axes``)."""
+    sequence axis of a model taking token ids (``dynamic_axes``). ``matmul_nbits``: linear
+    layers on grids of up to 4 bits become ONNX Runtime's fused ``MatMulNBits`` (``onnx_nbits``;
+    ``info["matmul_nbits"]`` lists them, ``info["dequantize_linear"]`` the rest, with why),
+    computing at ``accuracy_level`` (0: float32; 4: int8 activations, faster, ~3e-3 relative)."""
+    from . import onnx_nbits
+
+    matmul_nbits, accuracy_level = onnx_nbits.check_nbits(matmul_nbits, accuracy_level)
     layers = compressed_layers(model)
     proto, input_names, output_names = _trace_eval(
         model, example_inputs, input_names, output_names, dynamic_batch, fold=False
@@ -330,6 +347,8 @@ def export_onnx(
     import onnx
 
     dense: dict[str, str] = {}
+    nbits: list[str] = []
+    dql: dict[str, str] = {}
     layer_bytes = fp32 = 0
     for name, layer in layers.items():
         if not layer.quantized:
@@ -343,7 +362,14 @@ def export_onnx(
         if found is None:
             dense[name] = reason or "its weight is not an initializer of the traced graph"
             continue
-        layer_bytes += _rewrite(proto, layer, *found)
+        plan = onnx_nbits.nbits_plan(proto.graph, layer, *found) if matmul_nbits else None
+        if isinstance(plan, dict):
+            layer_bytes += onnx_nbits.rewrite(proto, layer, found[0], plan, accuracy_level)
+            nbits.append(name)
+        else:
+            layer_bytes += _rewrite(proto, layer, *found)
+            if plan is not None:
+                dql[name] = plan
         fp32 += layer.module.weight.numel() * 4
     onnx.checker.check_model(proto)
     out = Path(path)
@@ -356,5 +382,14 @@ def export_onnx(
         layer_bytes=layer_bytes,
         layer_fp32_bytes=fp32,
         dense=dense,
-        info={"opset": OPSET, "inputs": input_names, "outputs": output_names},
+        info={
+            "opset": OPSET,
+            "inputs": input_names,
+            "outputs": output_names,
+            **(
+                {"matmul_nbits": nbits, "dequantize_linear": dql, "accuracy_level": accuracy_level}
+                if matmul_nbits
+                else {}
+            ),
+        },
     )
