@@ -121,6 +121,40 @@ def test_export_onnx_int8_activations_runs_close_to_torch(run, tmp_path):
     assert (got.argmax(1) == want.argmax(1)).mean() >= 0.9
 
 
+def test_export_onnx_matmul_nbits_runs_like_torch(run, tmp_path):
+    ort = pytest.importorskip("onnxruntime")
+    onnx = pytest.importorskip("onnx")
+    path = tmp_path / "n.onnx"
+    code, out, err = _main(["export", run, "--format", "onnx", "--matmul-nbits", "--out", path])
+    assert code == 0, err
+    info = _deployment(run)["exports"]["onnx-nbits0"]
+    assert info["info"]["matmul_nbits"] and info["info"]["dequantize_linear"] == {}
+    assert info["ratio"] <= 0.15
+    entry = zoo.get("digits-mlp")
+    model = load(entry.load(), run)
+    x = deploy.example_batch(entry, 16, seed=3)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    ops = {n.op_type for n in onnx.load(str(path)).graph.node}
+    assert "MatMulNBits" in ops and "DequantizeLinear" not in ops
+    got = sess.run(None, {sess.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x).numpy()
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_bench_matmul_nbits(run):
+    pytest.importorskip("onnxruntime")
+    argv = ["bench", run, "--matmul-nbits", "--accuracy-level", 4, "--batch", 8, "--repeats", 3]
+    code, out, err = _main([*argv, "--warmup", 1])
+    assert code == 0, err
+    b = _deployment(run)["bench"]["onnxruntime-b8-t1-nbits4"]
+    assert b["accuracy_level"] == 4 and b["matmul_nbits"] >= 1
+    assert b["dense"]["median_ms"] > 0 and b["compressed"]["median_ms"] > 0
+    assert "| onnxruntime MatMulNBits (accuracy level 4) | 8 | 1 |" in out
+    with pytest.raises(ValueError, match="--matmul-nbits needs --runtime onnxruntime"):
+        deploy.bench(run, "torch", 1, 1, 1, 0, matmul_nbits=True)
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -129,6 +163,10 @@ def test_export_onnx_int8_activations_runs_close_to_torch(run, tmp_path):
         (["--format", "safetensors", "--activations", "int8"], "activations= applies to"),
         (["--format", "onnx", "--dtype", "float16"], "dtype= applies to format='compressed"),
         (["--format", "onnx", "--activations", "int8", "--samples", 0], "--samples must be"),
+        (["--format", "safetensors", "--matmul-nbits"], "matmul_nbits= applies to format="),
+        (["--format", "onnx", "--accuracy-level", 4], "pass matmul_nbits=True"),
+        (["--format", "onnx", "--matmul-nbits", "--accuracy-level", 9], "accuracy_level must"),
+        (["--format", "onnx", "--matmul-nbits", "--activations", "int8"], "weight-only graph"),
     ],
 )
 def test_export_bad_input_is_an_error_before_work(run, tmp_path, argv, message):
