@@ -10,6 +10,9 @@
     python benchmarks/deploy_zoo.py --model smollm2-135m --method gptq --bits 4 \
         --formats compressed-tensors --dtype bfloat16 --batches --limit 2
 
+    python benchmarks/deploy_zoo.py --model smollm2-135m --method gptq --bits 4 \
+        --formats onnx --activations float nbits0 nbits4 --batches 1 --seq-len 128
+
 Per model: compress with the recipe (``--recipe`` YAML path or text, ``--method``..., or the
 entry's default; or take the saved run ``--run``), evaluate, then for each format
 ``optbrain.export`` with its wall time, the bytes of the compressed layers against their float32
@@ -51,11 +54,19 @@ def rel_error(entry, model, path: Path, act: str) -> float:
     """Relative L2 error of the ONNX graph's output against the torch model's on 8 inputs."""
     from optbrain.pipeline.shrink import first_tensor
 
-    args = deploy.positional(model, deploy.example_batch(entry, 8, seed=1))
+    args = deploy.onnx_inputs(model, deploy.example_batch(entry, 8, seed=1))
     with torch.no_grad():
         ref = first_tensor(model(*args))
-        got = first_tensor(deploy.ort_model(path, model, qdq=act != "float")(*args))
+        got = first_tensor(deploy.ort_model(path, model, qdq=act.startswith("int8"))(*args))
     return float((got - ref).norm() / ref.norm())
+
+
+def _nbits(act: str) -> dict:
+    """``nbitsL`` -> the export / bench options of MatMulNBits layers at accuracy level L."""
+    level = act.removeprefix("nbits")
+    if not level.isdigit():
+        raise SystemExit(f"--activations {act}: write nbits0 or nbits4 (the accuracy level)")
+    return {"matmul_nbits": True, "accuracy_level": int(level)}
 
 
 def hf_directory(entry, path: Path, total: int, limit: int | None) -> dict:
@@ -86,8 +97,10 @@ def main() -> None:
                     "saved by latency_budget.py --out) instead of compressing here")  # fmt: skip
     ap.add_argument("--formats", nargs="+", default=["safetensors", "onnx"])
     ap.add_argument(
-        "--activations", nargs="+", default=["float"], help="onnx: float, int8, int8-dynamic"
-    )
+        "--activations", nargs="+", default=["float"],
+        help="onnx: float, int8, int8-dynamic, or nbitsL (float activations, MatMulNBits "
+        "layers at accuracy level L: nbits0, nbits4)",
+    )  # fmt: skip
     ap.add_argument("--seq-len", type=int, help="token models: sequence length to time")
     ap.add_argument("--dtype", help="compressed-tensors: float16 / bfloat16 for the rest")
     ap.add_argument("--batches", nargs="*", type=int, default=[1, 32])
@@ -126,8 +139,10 @@ def main() -> None:
         for fmt, act in exports:
             kw: dict = {}
             if fmt == "onnx":
-                kw["example_inputs"] = deploy.positional(model, deploy.example_batch(entry, 1))
-                if act != "float":
+                kw["example_inputs"] = deploy.onnx_inputs(model, deploy.example_batch(entry, 1))
+                if act.startswith("nbits"):
+                    kw.update(_nbits(act))
+                elif act != "float":
                     kw["activations"] = act
                     kw["calibration"] = deploy.calibration_args(entry, model, args.samples)
             if fmt == "compressed-tensors" and args.dtype:
@@ -150,13 +165,14 @@ def main() -> None:
                 res[key].update(hf_directory(entry, path, e.total_bytes, args.limit))
             if fmt == "onnx":  # the metric of what is deployed: the graph run by ONNX Runtime
                 res[key]["rel_error_vs_torch"] = rel_error(entry, model, path, act)
-                ort = deploy.ort_model(path, model, qdq=act != "float")
+                ort = deploy.ort_model(path, model, qdq=act.startswith("int8"))
                 res[key]["ort_metrics"] = entry.evaluate(ort, dense=entry.load(), limit=args.limit)
         for act in args.activations:
             for b in args.batches:
+                nb = _nbits(act) if act.startswith("nbits") else {}
                 res[f"ort_b{b}_{act}"] = deploy.bench(
-                    run, "onnxruntime", b, args.threads, args.repeats, 5, act, args.samples,
-                    seq_len=args.seq_len,
+                    run, "onnxruntime", b, args.threads, args.repeats, 5,
+                    "float" if nb else act, args.samples, seq_len=args.seq_len, **nb,
                 )  # fmt: skip
         print(json.dumps(res, default=str), flush=True)
         rows.append(res)

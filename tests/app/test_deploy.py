@@ -248,6 +248,16 @@ def test_positional_lays_a_dict_out_in_forward_order():
         deploy.positional(_Forward(), {"pixel_values": ids})
 
 
+def test_onnx_inputs_add_an_all_ones_mask_to_token_ids_only():
+    ids = torch.tensor([[5, 6, 7]])
+    got = deploy.onnx_inputs(_Forward(), {"input_ids": ids})
+    assert len(got) == 2 and got[0] is ids and torch.equal(got[1], torch.ones_like(ids))
+    mask = torch.tensor([[1, 1, 0]])
+    assert deploy.onnx_inputs(_Forward(), {"input_ids": ids, "attention_mask": mask})[1] is mask
+    x = torch.randn(2, 4)
+    assert deploy.onnx_inputs(nn.Linear(4, 2), x) == (x,)  # tensors as they are
+
+
 def test_ort_model_scores_the_exported_graph_like_torch(run, tmp_path):
     """``deploy.ort_model``: the zoo entry's ``evaluate`` on the ONNX graph run by ONNX Runtime
     gives the torch compressed model's metrics (the graph's outputs are within 1e-5)."""

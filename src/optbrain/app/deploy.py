@@ -103,6 +103,22 @@ def positional(model: Any, x: Any) -> tuple[Any, ...]:
     return tuple(x.get(p) for p in params[: last + 1])
 
 
+def onnx_inputs(model: Any, x: Any) -> tuple[Any, ...]:
+    """``positional(model, x)`` for tracing or running an ONNX graph: a dict of token ids
+    without an ``attention_mask`` gets an all-ones one when ``model.forward`` takes it (a
+    causal LM's outputs are the same; transformers' mask code without one is not traceable)."""
+    import torch
+
+    if (
+        isinstance(x, dict)
+        and "input_ids" in x
+        and "attention_mask" not in x
+        and "attention_mask" in _names(model)
+    ):
+        x = {**x, "attention_mask": torch.ones_like(x["input_ids"])}
+    return positional(model, x)
+
+
 def update_deployment(run: Path, section: str, key: str, value: dict[str, Any]) -> None:
     """Put ``value`` at ``metadata.deployment[section][key]`` of the run's report.json."""
     from ..io.checkpoint import REPORT
@@ -141,7 +157,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         )
     out = Path(args.out)
     _, _, model = load_run(run, name)
-    example = positional(model, example_batch(entry, 1)) if fmt == "onnx" else None
+    example = onnx_inputs(model, example_batch(entry, 1)) if fmt == "onnx" else None
     kw: dict[str, Any] = {}
     if act != "float":
         kw = {"activations": act, "calibration": calibration_args(entry, model, args.samples)}
@@ -239,8 +255,8 @@ def ort_model(path: Path, like: Any, qdq: bool, threads: int = 1) -> Any:
             self.config = getattr(like, "config", None)
 
         def forward(self, *args: Any, **kwargs: Any) -> Any:
-            if kwargs:
-                args = positional(like, {**dict(zip(_names(like), args, strict=False)), **kwargs})
+            given = {**dict(zip(_names(like), args, strict=False)), **kwargs}
+            args = onnx_inputs(like, {k: v for k, v in given.items() if torch.is_tensor(v)})
             out = torch.from_numpy(sess.run(None, _ort_feed(sess, args))[0])
             if not hf:
                 return out
@@ -298,7 +314,7 @@ def bench(
     name = run_model_name(run)
     entry, dense, model = load_run(run, name)
     x = example_batch(entry, batch, seq_len=seq_len)
-    args = positional(model, x)
+    args = onnx_inputs(model, x) if runtime == "onnxruntime" else positional(model, x)
     out: dict[str, Any] = {"runtime": runtime, "batch": batch, "threads": threads}
     if seq_len is not None:
         out["seq_len"] = seq_len
