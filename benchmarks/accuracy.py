@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py                          # every installed zoo model
     python benchmarks/accuracy.py --models digits-cnn fashion-cnn --out table.md
     python benchmarks/accuracy.py --models smollm2-135m --methods auto sparsegpt --budgets 50%
+    python benchmarks/accuracy.py --models fashion-cnn --samples 512 --targets dense
 
 Each cell compresses a fresh copy of the dense model with one method at one budget (same
 calibration samples for every method) and evaluates the zoo model's primary metric. Methods
@@ -21,6 +22,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see optbrai
 
 from optbrain.app import zoo  # noqa: E402
 from optbrain.app.runs import run_zoo  # noqa: E402
+from optbrain.core.targets import NO_REFIT_METHODS  # noqa: E402
 
 BUDGETS = {
     "50%": {"sparsity": 0.5},
@@ -79,6 +81,13 @@ def main() -> None:
     )
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     ap.add_argument(
+        "--targets",
+        choices=["compressed", "dense"],
+        help="calibration targets: 'dense' = sequential mode, each layer's inputs from the "
+        "compressed model and its outputs from the dense one (GPTAQ-style; methods that do "
+        "not refit from H, magnitude / wanda / obd / rtn, run sequential with their own)",
+    )
+    ap.add_argument(
         "--option",
         action="append",
         default=[],
@@ -131,7 +140,12 @@ def main() -> None:
                 if args.samples:
                     recipe["calibration"] = {"samples": args.samples}
                 elif entry.recipe.get("calibration"):
-                    recipe["calibration"] = entry.recipe["calibration"]
+                    recipe["calibration"] = dict(entry.recipe["calibration"])
+                if args.targets:  # methods that do not refit from H have no targets to take
+                    calib = recipe.setdefault("calibration", {})
+                    calib["mode"] = "sequential"
+                    if method not in NO_REFIT_METHODS:
+                        calib["targets"] = args.targets
                 _, report = run_zoo(
                     name,
                     recipe,

@@ -22,8 +22,9 @@ from optbrain import compress_layer, quantize_layer
 from optbrain.core.patterns import blocks_ok, nm_ok
 
 F64 = torch.float64
-# the naive references are the plain greedy: no per-row guard (core.methods.guard), no slack
-EXACT = {"damp": 0.0, "dtype": F64, "guard": False, "slack": 0.0}
+# the naive references are the plain greedy: no per-row guard (core.methods.guard), no slack, no
+# scale refit (core.grid.refit_scales)
+EXACT = {"damp": 0.0, "dtype": F64, "guard": False, "slack": 0.0, "refit_scales": False}
 
 
 def _naive_quant_row(W, H, grid, row, fixed=None, outliers=True):

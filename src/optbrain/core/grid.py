@@ -197,3 +197,62 @@ def _fit(
             scale = torch.where(better, s, scale)
             zero = torch.where(better, z, zero)
     return QuantGrid(scale=scale, zero=zero, bits=bits, sym=sym, group_size=group_size)
+
+
+def refit_scales(
+    W: torch.Tensor, W_hat: torch.Tensor, grid: QuantGrid, H: torch.Tensor, chunk: int = 64
+) -> tuple[torch.Tensor, QuantGrid, torch.Tensor]:
+    """The least-squares scales of fixed codes: ``(W_hat', grid', taken (rows,) bool)``.
+
+    ``W_hat (rows, cols)`` lies on ``grid`` with integer offsets ``c = q − zero`` (pruned
+    weights: ``c = 0``). With the codes fixed, the layer loss of row ``r`` is quadratic in the
+    row's scales ``s_r (groups,)``: ``ŵ_r = C_r s_r`` with ``C_r = diag(c_r) E`` (``E (cols,
+    groups)`` the one-hot group of each column), so::
+
+        s_r* = argmin (w_r − C_r s)ᵀ H (w_r − C_r s) = (C_rᵀ H C_r)⁻¹ C_rᵀ H w_r
+
+    (``groups × groups`` per row; per output channel ``s_r* = c_rᵀ H w_r / c_rᵀ H c_r``). The
+    current scales are feasible, so the optimum is never worse; a row takes it only where every
+    new scale is positive and its loss measured under ``H`` is lower (``taken``), else it keeps
+    its own. Zero points and codes are unchanged, so ``grid'.codes(W_hat') = grid.codes(W_hat)``
+    and the new weights are ``scale' · (q − zero)`` exactly as ``quantize_values`` writes them.
+    Cost ``Θ(rows · cols² · groups)`` (``chunk`` rows at a time, ``(chunk, cols, groups)``
+    float64 temporaries), per channel ``Θ(rows · cols²)``."""
+    from .hessian import row_losses
+
+    rows, cols = W.shape
+    dev = W_hat.device
+    scale_c, zero_c = grid.columns(cols)
+    q = torch.clamp(torch.round(W_hat / scale_c.to(W_hat)) + zero_c.to(W_hat), 0, grid.maxq)
+    c = (q - zero_c.to(W_hat)).double()  # (rows, cols) integer offsets
+    Hd = H.to(dev).double()
+    Wd = W.to(dev).double()
+    G = grid.scale.shape[1]
+    gs = cols // G
+    b = (c * (Wd @ Hd)).reshape(rows, G, gs).sum(-1)  # C_rᵀ H w_r  (rows, G)
+    if G == 1:
+        A = ((c @ Hd) * c).sum(1, keepdim=True).unsqueeze(-1)  # (rows, 1, 1)
+    else:
+        A = torch.empty(rows, G, G, dtype=torch.float64, device=dev)
+        E = torch.zeros(cols, G, dtype=torch.float64, device=dev)
+        E[torch.arange(cols, device=dev), torch.arange(cols, device=dev) // gs] = 1.0
+        for i in range(0, rows, chunk):
+            C = c[i : i + chunk, :, None] * E  # (b, cols, G)
+            A[i : i + chunk] = C.transpose(1, 2) @ (Hd @ C)
+    old = grid.scale.to(dev).double()
+    empty = torch.diagonal(A, dim1=1, dim2=2) <= 0  # a group of zero codes: keep its scale
+    eye = torch.eye(G, dtype=torch.float64, device=dev).expand_as(A)
+    A = torch.where(empty[:, :, None] | empty[:, None, :], eye * empty[:, :, None], A)
+    b = torch.where(empty, old, b)
+    s, info = torch.linalg.solve_ex(A, b.unsqueeze(-1))
+    s = s.squeeze(-1)
+    ok = (info == 0) & (s > 0).all(1) & torch.isfinite(s).all(1)
+    new_scale = torch.where(ok[:, None], s, old).to(grid.scale.dtype)
+    cand = QuantGrid(new_scale, grid.zero, grid.bits, grid.sym, grid.group_size)
+    sc, zc = cand.columns(cols)
+    W_new = (sc.to(W_hat) * (q - zc.to(W_hat))).to(W_hat.dtype)
+    taken = ok & (row_losses(W, W_new, H).to(dev) < row_losses(W, W_hat, H).to(dev))
+    t = taken[:, None]
+    scale = torch.where(t, new_scale, grid.scale.to(dev)).to(grid.scale)
+    out = QuantGrid(scale, grid.zero, grid.bits, grid.sym, grid.group_size)
+    return torch.where(t, W_new, W_hat), out, taken.cpu()
