@@ -167,10 +167,11 @@ def test_refit_scales_is_the_least_squares_optimum_of_the_codes(group_size, sym)
 def test_refit_scales_keeps_a_group_without_codes():
     from optbrain.core.grid import refit_scales
 
-    W = torch.randn(4, 16)
+    W = torch.randn(4, 16, generator=torch.Generator().manual_seed(3))
     grid = fit_grid(W, 4, group_size=8)
     Wq = grid.quantize(W)
     Wq[0, :8] = 0.0  # row 0's first group: every code at the zero point
-    new, g2, _ = refit_scales(W, Wq, grid, _ill_conditioned(16, 2))
+    new, g2, taken = refit_scales(W, Wq, grid, _ill_conditioned(16, 2))
+    assert bool(taken[0]) and g2.scale[0, 1] != grid.scale[0, 1]  # its other group refitted
     assert g2.scale[0, 0] == grid.scale[0, 0] and bool((new[0, :8] == 0).all())
     assert bool(torch.isfinite(g2.scale).all()) and bool((g2.scale > 0).all())

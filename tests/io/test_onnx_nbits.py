@@ -82,6 +82,31 @@ def test_matmul_nbits_matches_the_compressed_model(
     np.testing.assert_allclose(_run(tmp_path / "m.onnx", x), ref, atol=ATOL, rtol=RTOL)
 
 
+@pytest.mark.parametrize(
+    ("features", "rule"),
+    [(384, {"bits": 4}), (96, {"bits": 4, "sym": False, "group_size": 32})],
+    ids=["per-channel-3-blocks", "g32-3-blocks"],
+)
+def test_odd_block_counts_and_repeated_channel_scales(tmp_path: Path, features, rule) -> None:
+    """K = 384 per channel: one scale repeated over 3 blocks of 128; K = 96 in groups of 32:
+    3 blocks, so the packed zero points of every row end in half a byte of padding."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(features, 24), nn.ReLU(), nn.Linear(24, 8)).eval()
+    calib = batches((16, features))
+    rules = [{"targets": ["0"], "method": "gptq", **rule}]
+    compress(model, calib, {"rules": rules}, quiet=True)
+    export_onnx(model, tmp_path / "m.onnx", example_inputs=calib[0], matmul_nbits=True)
+    graph = onnx.load(str(tmp_path / "m.onnx")).graph
+    (node,) = [n for n in graph.node if n.op_type == "MatMulNBits"]
+    attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+    assert attrs["K"] // attrs["block_size"] == 3
+    assert np.array_equal(_decode(graph, node), model[0].weight.detach().numpy())
+    x = batches((5, features), n=1, seed=9)[0]
+    with torch.no_grad():
+        ref = model(x).numpy()
+    np.testing.assert_allclose(_run(tmp_path / "m.onnx", x), ref, atol=ATOL, rtol=RTOL)
+
+
 def _decode(graph: onnx.GraphProto, node: onnx.NodeProto) -> np.ndarray:
     """The float weight ``(N, K)`` a MatMulNBits node computes with, decoded from its
     initializers as the operator's specification reads them (low nibble first)."""

@@ -246,6 +246,7 @@ def ort_model(path: Path, like: Any, qdq: bool, threads: int = 1) -> Any:
     from torch import nn
 
     sess = _ort_session(path, threads, qdq=qdq)
+    graph_inputs = [i.name for i in sess.get_inputs()]
     hf = getattr(like, "config", None) is not None
     key = "last_hidden_state" if getattr(like, "base_model", None) is like else "logits"
 
@@ -256,8 +257,14 @@ def ort_model(path: Path, like: Any, qdq: bool, threads: int = 1) -> Any:
 
         def forward(self, *args: Any, **kwargs: Any) -> Any:
             given = {**dict(zip(_names(like), args, strict=False)), **kwargs}
-            args = onnx_inputs(like, {k: v for k, v in given.items() if torch.is_tensor(v)})
-            out = torch.from_numpy(sess.run(None, _ort_feed(sess, args))[0])
+            tensors = {k: v for k, v in given.items() if torch.is_tensor(v)}
+            if "attention_mask" in graph_inputs:
+                tensors = dict(zip(_names(like), onnx_inputs(like, tensors), strict=False))
+            if all(n in tensors for n in graph_inputs):  # by name: the graph's own inputs
+                feed = {n: tensors[n].numpy() for n in graph_inputs}
+            else:  # a graph with generic names (input_0, ...): the forward's order
+                feed = _ort_feed(sess, positional(like, tensors))
+            out = torch.from_numpy(sess.run(None, feed)[0])
             if not hf:
                 return out
             from transformers import modeling_outputs as mo

@@ -200,7 +200,7 @@ def _fit(
 
 
 def refit_scales(
-    W: torch.Tensor, W_hat: torch.Tensor, grid: QuantGrid, H: torch.Tensor, chunk: int = 64
+    W: torch.Tensor, W_hat: torch.Tensor, grid: QuantGrid, H: torch.Tensor, chunk: int = 1 << 23
 ) -> tuple[torch.Tensor, QuantGrid, torch.Tensor]:
     """The least-squares scales of fixed codes: ``(W_hat', grid', taken (rows,) bool)``.
 
@@ -216,12 +216,13 @@ def refit_scales(
     new scale is positive and its loss measured under ``H`` is lower (``taken``), else it keeps
     its own. Zero points and codes are unchanged, so ``grid'.codes(W_hat') = grid.codes(W_hat)``
     and the new weights are ``scale' · (q − zero)`` exactly as ``quantize_values`` writes them.
-    Cost ``Θ(rows · cols² · groups)`` (``chunk`` rows at a time, ``(chunk, cols, groups)``
-    float64 temporaries), per channel ``Θ(rows · cols²)``."""
+    Cost ``Θ(rows · cols²)``; grouped grids build ``C_rᵀ H C_r`` as block sums of
+    ``(c_r c_rᵀ) ∘ H`` over as many rows at a time as fit ``chunk`` float64 entries (64 MiB)."""
     from .hessian import row_losses
 
     rows, cols = W.shape
     dev = W_hat.device
+    grid = grid.to(dev)
     scale_c, zero_c = grid.columns(cols)
     q = torch.clamp(torch.round(W_hat / scale_c.to(W_hat)) + zero_c.to(W_hat), 0, grid.maxq)
     c = (q - zero_c.to(W_hat)).double()  # (rows, cols) integer offsets
@@ -234,11 +235,11 @@ def refit_scales(
         A = ((c @ Hd) * c).sum(1, keepdim=True).unsqueeze(-1)  # (rows, 1, 1)
     else:
         A = torch.empty(rows, G, G, dtype=torch.float64, device=dev)
-        E = torch.zeros(cols, G, dtype=torch.float64, device=dev)
-        E[torch.arange(cols, device=dev), torch.arange(cols, device=dev) // gs] = 1.0
-        for i in range(0, rows, chunk):
-            C = c[i : i + chunk, :, None] * E  # (b, cols, G)
-            A[i : i + chunk] = C.transpose(1, 2) @ (Hd @ C)
+        step = max(1, chunk // cols**2)
+        for i in range(0, rows, step):  # A_r = block sums of (c_r c_rᵀ) ∘ H
+            ci = c[i : i + step]
+            P = ci[:, :, None] * Hd[None] * ci[:, None, :]  # (step, cols, cols)
+            A[i : i + step] = P.reshape(-1, G, gs, G, gs).sum((2, 4))
     old = grid.scale.to(dev).double()
     empty = torch.diagonal(A, dim1=1, dim2=2) <= 0  # a group of zero codes: keep its scale
     eye = torch.eye(G, dtype=torch.float64, device=dev).expand_as(A)
@@ -246,8 +247,9 @@ def refit_scales(
     b = torch.where(empty, old, b)
     s, info = torch.linalg.solve_ex(A, b.unsqueeze(-1))
     s = s.squeeze(-1)
+    s = s.to(grid.scale.dtype)  # positive in the grid's own dtype (float16 may underflow)
     ok = (info == 0) & (s > 0).all(1) & torch.isfinite(s).all(1)
-    new_scale = torch.where(ok[:, None], s, old).to(grid.scale.dtype)
+    new_scale = torch.where(ok[:, None], s, grid.scale)
     cand = QuantGrid(new_scale, grid.zero, grid.bits, grid.sym, grid.group_size)
     sc, zc = cand.columns(cols)
     W_new = (sc.to(W_hat) * (q - zc.to(W_hat))).to(W_hat.dtype)

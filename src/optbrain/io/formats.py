@@ -115,8 +115,8 @@ OPTION_FORMAT = {
 
 
 def check_options(format: str, **options: Any) -> str:
-    """Check ``format`` and the format-specific ``options`` of ``export`` (given = not None;
-    ``activations="float"`` is the default) before any work; returns the activations
+    """Check ``format`` and the format-specific ``options`` of ``export`` (given = not None,
+    False, 0 or ``activations="float"``, the defaults) before any work; returns the activations
     (one of ``onnx_int8.ACTIVATIONS``). A ValueError names the option and the format it
     belongs to."""
     from .hf import check_dtype
@@ -127,7 +127,7 @@ def check_options(format: str, **options: Any) -> str:
     check_dtype(options.get("dtype"))
     for key, value in options.items():
         owner = OPTION_FORMAT[key]
-        if value is not None and value != "float" and format != owner:
+        if value not in (None, False, "float") and format != owner:  # given, not a default
             raise ValueError(f"option {key}= applies to format={owner!r} only, not {format!r}")
     from .onnx_nbits import check_nbits
 
