@@ -6,6 +6,8 @@ variances log-spaced from 1 to 10⁻², shuffled) and only 32 tokens (H rank def
 space held by the damping). There plain greedy OBQ loses to GPTQ on many rows.
 """
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 from obs_reference import constrained_optimum, grid_columns, make_problem, round_to_grid
@@ -13,6 +15,7 @@ from obs_reference import constrained_optimum, grid_columns, make_problem, round
 from optbrain import compress_layer, quantize_layer
 from optbrain.core.hessian import prepare_hessian, prepare_layer, row_losses
 from optbrain.core.methods.guard import guard
+from optbrain.core.methods.obc import solve_obc_levels
 from optbrain.core.patterns import nm_ok
 from optbrain.core.spec import make_spec
 
@@ -241,17 +244,24 @@ def test_slack_rule_beats_plain_greedy_and_gptq_on_ill_conditioned_layers(bits):
     "kw", [{"bits": 4}, {"bits": 3, "group_size": 16}, {"pattern": "2:4", "bits": 4}]
 )
 def test_scale_refit_lowers_the_loss_and_keeps_the_codes(kw):
-    """``refit_scales`` (default): the least-squares scales of the solved codes; never a row
-    above the unrefitted result, lower in total, predicted loss == measured."""
+    """``refit_scales=True``: the least-squares scales of the solved codes; never a row above
+    the default (unrefitted) result, lower in total, predicted loss == measured; the budget
+    levels (``solve_obc_levels(scale_refit=True)``) give the same weights."""
     total_on = total_off = 0.0
     for seed in SEEDS:
         W, H = ill_conditioned(seed)
-        on = compress_layer(W, H, **kw)
-        off = compress_layer(W, H, refit_scales=False, **kw)
+        on = compress_layer(W, H, refit_scales=True, **kw)
+        off = compress_layer(W, H, **kw)
         ron, roff = _rows(W, H, on), _rows(W, H, off)
         assert bool((ron <= roff * (1 + 1e-5) + 1e-7).all())
         assert on.info["scale_refit"]["loss_after"] <= on.info["scale_refit"]["loss_before"]
         assert "scale_refit" not in off.info
         assert on.loss == pytest.approx(float(ron.sum()), rel=1e-4)
         total_on, total_off = total_on + float(ron.sum()), total_off + float(roff.sum())
+        if seed == SEEDS[0]:
+            level = SimpleNamespace(sparsity=0.0, pattern=kw.get("pattern"), bits=kw["bits"])
+            (lv,) = solve_obc_levels(
+                W, H, [level], group_size=kw.get("group_size"), scale_refit=True
+            )
+            torch.testing.assert_close(lv[0], on.weight, rtol=1e-5, atol=1e-6)
     assert total_on < 0.995 * total_off, (total_on, total_off)

@@ -5,11 +5,13 @@ Options (``prune_layer(..., lazy=32)`` etc.): ``lazy``, ``shrink``, ``memory``, 
 ``max_sparsity`` (how far the unstructured/block trace runs, default 1.0: every level),
 ``per_row`` (same sparsity in every row instead of the layer-wide selection), ``guard`` (default
 True: never worse per row than GPTQ / SparseGPT on the same problem, see ``core.methods.guard``;
-False: the greedy alone), ``refit_scales`` (default True: after the solve, every quantized row
-takes the least-squares scales of its codes where that lowers its loss, ``core.grid.refit_scales``;
-never worse, measured 1% lower loss per channel and 5% in groups of 32 on an ill-conditioned
-64×128 layer), ``slack`` (OBQ's choice rule, default ``SLACK`` = ¼; 0: plain greedy
-OBQ; see ``core.obq``).
+False: the greedy alone), ``refit_scales`` (default False; True: after the solve, every
+quantized row takes the least-squares scales of its codes where that lowers its loss,
+``core.grid.refit_scales``, before the guard, whose references are refitted too; never worse on
+the layer loss: 1% lower per channel, 5% in groups of 32 on an ill-conditioned 64×128 layer —
+but smollm2-135m 4-bit per channel asymmetric came out at perplexity 18.69 with it vs 18.62
+without, so it is not the default), ``slack`` (OBQ's choice rule, default ``SLACK`` = ¼; 0:
+plain greedy OBQ; see ``core.obq``).
 
 The per-part solves (``exact_nm``, ``exact_prune``, ``exact_quantize``) are public so that
 ``solve_obc_levels`` (the budget database: many levels of one layer) runs the same arithmetic,
@@ -125,7 +127,7 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
         predicted = predicted + step_loss.sum(1).cpu()
     measured = row_losses(Wc, weight, prep.H).cpu()
     info: dict[str, Any] = {}
-    refits = grid is not None and option_bool("obc", spec.options, "refit_scales", True)
+    refits = grid is not None and option_bool("obc", spec.options, "refit_scales", False)
     if refits:
         assert grid is not None
         weight, grid, predicted, measured, info["scale_refit"] = refit(
@@ -235,11 +237,13 @@ def solve_obc_levels(
     sym: bool = True,
     group_size: int | None = None,
     guard_levels: bool = True,
+    scale_refit: bool = False,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None, QuantGrid | None, float]]:
     """Every (non-dense) level of one layer with the exact solver, float32:
     ``[(weight, keep, grid, predicted loss)]`` in the order of ``levels``.
 
-    The arithmetic of ``compress_layer(method="obc")`` for each level, but the ExactOBS trace
+    The arithmetic of ``compress_layer(method="obc")`` for each level (``scale_refit``: its
+    ``refit_scales`` option), but the ExactOBS trace
     and the N:M solutions are computed once and shared by all levels that start from them.
     """
     spec = make_spec(W.shape[1], damp=damp, dtype=torch.float32)
@@ -270,14 +274,14 @@ def solve_obc_levels(
             weight, grid, step_loss = exact_quantize(weight, keep, prep, lspec)
             loss = loss + float(step_loss.sum())
         measured = row_losses(Wc, weight, prep.H).cpu()
-        if grid is not None:  # as method "obc" does (its default refit_scales=True)
+        if grid is not None and scale_refit:  # as method "obc" does with refit_scales=True
             weight, grid, _, after, _ = refit(Wc, prep, weight, grid, measured, measured)
             loss, measured = loss - float((measured - after).sum()), after
         if guard_levels and (lspec.prunes or lspec.quantizes):  # as method "obc" does
             tr = trace if lv.sparsity else None
             weight, keep, grid, pred, _, _ = guarded(
                 W, H, Wc, prep, lspec, (weight, keep, grid, measured), measured, tr,
-                grid is not None,
+                grid is not None and scale_refit,
             )  # fmt: skip
             if not torch.equal(pred, measured):  # rows from the reference: their measured loss
                 loss = loss + float((pred - measured).sum())
