@@ -308,6 +308,31 @@ class _Tokens:
         return [{"input_ids": ids, "attention_mask": torch.ones_like(ids)}]
 
 
+def test_ort_model_of_a_causal_lm_called_with_ids_alone(tmp_path):
+    """A causal LM is traced with an all-ones mask (``onnx_inputs``); its ``ort_model``, called
+    as the zoo's perplexity calls it (``input_ids=``, ``use_cache=False``), adds the mask the
+    graph takes and feeds the inputs by name."""
+    pytest.importorskip("onnxruntime")
+    transformers = pytest.importorskip("transformers")
+    from optbrain.io.onnx import export_dense_onnx
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+    )  # fmt: skip
+    lm = transformers.LlamaForCausalLM(cfg).eval()
+    ids = torch.randint(0, 50, (1, 9))
+    example = deploy.onnx_inputs(lm, {"input_ids": ids})
+    path = export_dense_onnx(lm, tmp_path / "lm.onnx", example_inputs=example)
+    m = deploy.ort_model(path, lm, qdq=False)
+    x = torch.randint(0, 50, (2, 5))
+    with torch.no_grad():
+        want = lm(input_ids=x, use_cache=False).logits
+    got = m(input_ids=x, use_cache=False).logits
+    np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-5, atol=1e-5)
+
+
 def test_example_batch_seq_len_lays_windows_along_the_sequence():
     x = deploy.example_batch(_Tokens(), 2, seq_len=10)
     assert x["input_ids"].shape == x["attention_mask"].shape == (2, 10)
