@@ -279,7 +279,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     html = Path(args.html) if args.html else path.with_name("report.html")
     report.to_html(html)
     if not args.quiet:
-        from .deploy import deployment_table
+        from .deploy_text import deployment_table
         from .text import print_metrics
 
         print(render_table(report))
