@@ -103,10 +103,10 @@ def positional(model: Any, x: Any) -> tuple[Any, ...]:
     return tuple(x.get(p) for p in params[: last + 1])
 
 
-def onnx_inputs(model: Any, x: Any) -> tuple[Any, ...]:
-    """``positional(model, x)`` for tracing or running an ONNX graph: a dict of token ids
-    without an ``attention_mask`` gets an all-ones one when ``model.forward`` takes it (a
-    causal LM's outputs are the same; transformers' mask code without one is not traceable)."""
+def with_mask(model: Any, x: Any) -> Any:
+    """``x``, and for a dict of token ids without an ``attention_mask`` an all-ones one when
+    ``model.forward`` takes it (a causal LM's outputs are the same; transformers' mask code
+    without one is not traceable to ONNX)."""
     import torch
 
     if (
@@ -115,8 +115,13 @@ def onnx_inputs(model: Any, x: Any) -> tuple[Any, ...]:
         and "attention_mask" not in x
         and "attention_mask" in _names(model)
     ):
-        x = {**x, "attention_mask": torch.ones_like(x["input_ids"])}
-    return positional(model, x)
+        return {**x, "attention_mask": torch.ones_like(x["input_ids"])}
+    return x
+
+
+def onnx_inputs(model: Any, x: Any) -> tuple[Any, ...]:
+    """``positional(model, with_mask(model, x))``: the inputs to trace or run an ONNX graph."""
+    return positional(model, with_mask(model, x))
 
 
 def update_deployment(run: Path, section: str, key: str, value: dict[str, Any]) -> None:
@@ -141,7 +146,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         fmt,
         activations=args.activations,
         dtype=args.dtype,
-        matmul_nbits=args.matmul_nbits or None,
+        matmul_nbits=args.matmul_nbits,
         accuracy_level=args.accuracy_level,
     )
     if args.samples < 1:
@@ -261,7 +266,7 @@ def ort_model(path: Path, like: Any, qdq: bool, threads: int = 1) -> Any:
             given = {**dict(zip(_names(like), args, strict=False)), **kwargs}
             tensors = {k: v for k, v in given.items() if torch.is_tensor(v)}
             if "attention_mask" in graph_inputs:
-                tensors = dict(zip(_names(like), onnx_inputs(like, tensors), strict=False))
+                tensors = with_mask(like, tensors)
             if all(n in tensors for n in graph_inputs):  # by name: the graph's own inputs
                 feed = {n: tensors[n].numpy() for n in graph_inputs}
             else:  # a graph with generic names (input_0, ...): the forward's order

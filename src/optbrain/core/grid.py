@@ -200,9 +200,16 @@ def _fit(
 
 
 def refit_scales(
-    W: torch.Tensor, W_hat: torch.Tensor, grid: QuantGrid, H: torch.Tensor, chunk: int = 1 << 23
-) -> tuple[torch.Tensor, QuantGrid, torch.Tensor]:
-    """The least-squares scales of fixed codes: ``(W_hat', grid', taken (rows,) bool)``.
+    W: torch.Tensor,
+    W_hat: torch.Tensor,
+    grid: QuantGrid,
+    H: torch.Tensor,
+    before: torch.Tensor | None = None,
+    chunk: int = 1 << 23,
+) -> tuple[torch.Tensor, QuantGrid, torch.Tensor, torch.Tensor]:
+    """The least-squares scales of fixed codes: ``(W_hat', grid', taken (rows,) bool, row
+    losses of W_hat' (rows,) float64)``; ``before``: the row losses of ``W_hat`` when the
+    caller has them (``row_losses(W, W_hat, H)``, computed here otherwise).
 
     ``W_hat (rows, cols)`` lies on ``grid`` with integer offsets ``c = q − zero`` (pruned
     weights: ``c = 0``). With the codes fixed, the layer loss of row ``r`` is quadratic in the
@@ -240,7 +247,7 @@ def refit_scales(
             ci = c[i : i + step]
             P = ci[:, :, None] * Hd[None] * ci[:, None, :]  # (step, cols, cols)
             A[i : i + step] = P.reshape(-1, G, gs, G, gs).sum((2, 4))
-    old = grid.scale.to(dev).double()
+    old = grid.scale.double()
     empty = torch.diagonal(A, dim1=1, dim2=2) <= 0  # a group of zero codes: keep its scale
     eye = torch.eye(G, dtype=torch.float64, device=dev).expand_as(A)
     A = torch.where(empty[:, :, None] | empty[:, None, :], eye * empty[:, :, None], A)
@@ -253,8 +260,13 @@ def refit_scales(
     cand = QuantGrid(new_scale, grid.zero, grid.bits, grid.sym, grid.group_size)
     sc, zc = cand.columns(cols)
     W_new = (sc.to(W_hat) * (q - zc.to(W_hat))).to(W_hat.dtype)
-    taken = ok & (row_losses(W, W_new, H).to(dev) < row_losses(W, W_hat, H).to(dev))
+    if before is None:
+        before = row_losses(W, W_hat, H)
+    before = before.to(dev)
+    cand_loss = row_losses(W, W_new, H).to(dev)
+    taken = ok & (cand_loss < before)
     t = taken[:, None]
-    scale = torch.where(t, new_scale, grid.scale.to(dev)).to(grid.scale)
+    scale = torch.where(t, new_scale, grid.scale)
     out = QuantGrid(scale, grid.zero, grid.bits, grid.sym, grid.group_size)
-    return torch.where(t, W_new, W_hat), out, taken.cpu()
+    after = torch.where(taken, cand_loss, before)
+    return torch.where(t, W_new, W_hat), out, taken.cpu(), after

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import numpy as np
 import torch
 
 from . import packing
@@ -158,7 +157,7 @@ def rewrite(proto: Any, layer: CompressedLayer, init: Any, plan: dict, accuracy_
     names = {k: f"{base}_nbits_{k}" for k in ("b", "scales", "zp")}
     inits = [
         numpy_helper.from_array(codes.numpy(), names["b"]),
-        numpy_helper.from_array(scale.reshape(-1).numpy().astype(np.float32), names["scales"]),
+        numpy_helper.from_array(scale.reshape(-1).numpy(), names["scales"]),
         numpy_helper.from_array(packing.pack_int4(zero).reshape(-1).numpy(), names["zp"]),
     ]
     out = node.output[0]

@@ -153,8 +153,8 @@ def refit(
 ) -> tuple[torch.Tensor, QuantGrid, torch.Tensor, torch.Tensor, dict[str, Any]]:
     """``refit_scales`` of a solved layer → ``(weight, grid, predicted, measured, info)``; a
     refitted row's predicted loss drops by exactly its measured gain."""
-    weight, grid, taken = refit_scales(Wc, weight, grid, prep.H)
-    after = row_losses(Wc, weight, prep.H).cpu()
+    weight, grid, taken, after = refit_scales(Wc, weight, grid, prep.H, before=measured)
+    after = after.cpu()
     predicted = torch.where(taken, predicted - (measured - after), predicted)
     info = {"rows": int(taken.sum()), "loss_before": float(measured.sum())}
     info["loss_after"] = float(after.sum())
