@@ -8,7 +8,8 @@ For every level and method (obc, magnitude, obd) one ``run_zoo`` with ``pattern:
 (and ``heads`` on the ``--heads`` layers), then ``optbrain.shrink``: the table gives the
 model's metrics, parameters, MACs and measured torch CPU latency (batch 1 and the throughput
 batch, median of repeats, warm-up excluded) as ratios to the dense model timed in the same
-run. Prints markdown.
+run. Prints markdown. ``--mode sequential`` calibrates block by block on the already
+compressed model (``sequential+dense``: with dense targets); the default is independent.
 """
 
 from __future__ import annotations
@@ -22,12 +23,17 @@ from optbrain.app import zoo  # noqa: E402
 from optbrain.app.runs import run_zoo  # noqa: E402
 
 
-def recipe(method: str, level: float, targets: list[str], heads: list[str], samples: int) -> dict:
+def recipe(
+    method: str, level: float, targets: list[str], heads: list[str], samples: int, mode: str
+) -> dict:
     rules = [{"targets": targets, "ignore": heads, "method": method, "pattern": "channels",
               "sparsity": level}]  # fmt: skip
     if heads:
         rules.append({"targets": heads, "method": method, "pattern": "heads", "sparsity": level})
-    return {"rules": rules, "calibration": {"samples": samples}}
+    calibration: dict = {"samples": samples, "mode": mode.split("+")[0]}
+    if mode == "sequential+dense":
+        calibration["targets"] = "dense"
+    return {"rules": rules, "calibration": calibration}
 
 
 def main() -> None:
@@ -38,6 +44,12 @@ def main() -> None:
     ap.add_argument("--targets", nargs="+", default=["*"], help="layers pruned by channels")
     ap.add_argument("--heads", nargs="*", default=[], help="layers pruned by heads")
     ap.add_argument("--samples", type=int, default=128, help="calibration samples")
+    ap.add_argument(
+        "--mode",
+        default="independent",
+        choices=["independent", "sequential", "sequential+dense"],
+        help="calibration mode (sequential+dense: dense targets, GPTAQ-style)",
+    )
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     args = ap.parse_args()
     entry = zoo.get(args.model)
@@ -46,7 +58,7 @@ def main() -> None:
     rows = []
     for level in args.levels:
         for m in args.methods:
-            rec = recipe(m, level, args.targets, args.heads, args.samples)
+            rec = recipe(m, level, args.targets, args.heads, args.samples, args.mode)
             _, r = run_zoo(args.model, rec, None, quiet=True, dense=dense, dense_metrics=dm,
                            limit=args.limit)  # fmt: skip
             rows.append((level, m, r.metrics, r.metadata.get("shrink", {})))

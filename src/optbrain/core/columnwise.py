@@ -33,15 +33,13 @@ Tiny example: ``H = [[2, 1], [1, 2]]``, ``w = (1, 1)``, prune column 0.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
 from .grid import QuantGrid, fit_grid
-from .hessian import prepare_layer
 from .patterns import Pattern, pruned_count
-from .result import LayerResult, layer_result
-from .spec import CompressSpec, all_finite
+from .spec import all_finite
 
 DEFAULT_BLOCK = 128
 MICRO = 16  # inner block width of the two-level lazy updates
@@ -140,6 +138,7 @@ def column_solve(
     pattern: Pattern | None = None,
     sparsity: float | None = None,
     scope: str = "layer",
+    grid: QuantGrid | None = None,
 ) -> ColumnOut:
     """Fix every column of ``W (R, C)`` in order ``perm`` (default natural), pruning and/or
     quantizing, with the exact OBS update of the later columns (see the module docstring).
@@ -148,6 +147,8 @@ def column_solve(
     ``fit_grid`` on ``W`` up front (Hessian-weighted search, like OBQ); otherwise a group's grid
     is fitted when its first column (in processing order) is reached, from the current (already
     compensated) values of all its columns — the same grid the returned ``QuantGrid`` holds.
+    ``grid``: a given static grid (per row, or static groups; original column layout) used
+    instead of fitting one (``core.clip_search`` runs candidates through it).
 
     Pruning (``pattern``/``sparsity``, natural order only): masks are chosen per lazy block from
     the block-start values with the OBS saliency ``w_p² / U_pp²`` (unstructured: the
@@ -195,10 +196,22 @@ def column_solve(
     maxq = 2**bits - 1 if quant else 0
     gs = group_size if (group_size is not None and group_size < C) else None
     dynamic = quant and gs is not None and not static_groups
-    St = Lo = Hi = grid = None
+    St = Lo = Hi = None
     fit_at: dict[int, int] = {}
+    if grid is not None and (
+        dynamic
+        or not quant
+        or grid.scale.shape[0] != R
+        or (grid.bits, grid.group_size) != (bits, gs)
+    ):
+        raise ValueError(
+            f"a given grid must match bits={bits}, group_size={gs} (static: per row or "
+            f"static_groups) and the {R} rows; got bits={grid.bits}, group_size="
+            f"{grid.group_size}, scale {tuple(grid.scale.shape)}"
+        )
     if quant and not dynamic:
-        grid = fit_grid(Wg, bits, sym=sym, group_size=gs, search=search, weight=diagH)
+        if grid is None:
+            grid = fit_grid(Wg, bits, sym=sym, group_size=gs, search=search, weight=diagH)
         s, z = grid.columns(C)
         if perm is not None:
             s, z = s[:, perm], z[:, perm]
@@ -358,62 +371,3 @@ def _select_block(
         if k:
             sel.view(-1).copy_(smallest(score.reshape(-1), k))
     P1.copy_(sel.repeat_interleave(g, 0) if g > 1 else sel)
-
-
-def column_method(
-    method: str,
-    W: torch.Tensor,
-    H: torch.Tensor,
-    spec: CompressSpec,
-    *,
-    static_groups: bool,
-    act_order: bool = False,
-    scope: str | None = None,
-    info: dict | None = None,
-) -> LayerResult:
-    """The one driver of GPTQ and SparseGPT: prepare H, run ``column_solve`` with the spec's
-    grid (and, given a ``scope``, its pruning pattern), build the result. ``act_order``: columns
-    by descending ``diag H``. Reads the ``block_size`` and ``search`` options."""
-    block = option_block(method, spec.options)
-    search = option_bool(method, spec.options, "search", True)
-    # Memory: only diag H and U (the upper factor of H⁻¹) are read by the solve, so without
-    # act_order H⁻¹ is made over the copy of H and U over H⁻¹ (one (C, C) buffer throughout);
-    # H is kept only where a fallback or the permutation needs it.
-    Wc, prep = prepare_layer(W, H, spec, keep_hessian=act_order, column_major=True)
-    perm = None
-    if act_order:
-        perm = torch.argsort(prep.diagonal, descending=True, stable=True)
-    if perm is None:
-        U, chol_fallback = upper_inverse_factor(None, prep.Hinv, overwrite=True)
-        if U is None:  # H⁻¹ not positive definite in the compute dtype: U from H instead
-            Wc, prep = prepare_layer(W, H, spec)
-            U, chol_fallback = upper_inverse_factor(prep.H)
-    else:
-        Hp, Hip = prep.H[perm][:, perm], prep.Hinv[perm][:, perm]
-        prep = replace(prep, Hinv=None)
-        U, chol_fallback = upper_inverse_factor(Hp, Hip, overwrite=True)
-        del Hp, Hip
-    diagH = prep.diagonal
-    prep = replace(prep, H=None, Hinv=None)
-    prune = scope is not None
-    out = column_solve(
-        Wc,
-        diagH,
-        U,
-        perm=perm,
-        block_size=block,
-        bits=spec.bits,
-        sym=spec.sym,
-        group_size=spec.group_size,
-        static_groups=static_groups,
-        search=search,
-        pattern=spec.pattern if prune and spec.prunes else None,
-        sparsity=spec.sparsity if prune else None,
-        scope=scope or "layer",
-    )
-    info = {**(info or {}), **out.info}
-    if chol_fallback:
-        info["cholesky"] = chol_fallback
-    return layer_result(
-        method, spec, out.weight, out.keep, out.row_loss, prep=prep, grid=out.grid, info=info
-    )

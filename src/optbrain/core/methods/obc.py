@@ -27,7 +27,8 @@ from typing import Any, Protocol
 import torch
 
 from .. import ticks
-from ..columnwise import option_bool
+from ..clip_search import clip_search
+from ..columnwise import option_bool, upper_inverse_factor
 from ..grid import QuantGrid, fit_layer_grid, refit_scales
 from ..hessian import PreparedHessian, prepare_layer, row_losses
 from ..obq import obq
@@ -37,13 +38,14 @@ from ..result import LayerResult, layer_result, unchanged
 from ..spec import DEFAULT_DAMP, CompressSpec, check_options, make_spec
 from ..structured import solve_structured_spec
 from ..trace import PruneTrace, obs_trace, prune_nm
+from .column import check_clip_search
 from .gptq import solve_gptq
 from .guard import guard
 from .sparsegpt import solve_sparsegpt
 
 OPTIONS = (
     *("lazy", "shrink", "memory", "kernel"),
-    *("max_sparsity", "per_row", "outliers", "guard", "slack", "refit_scales"),
+    *("max_sparsity", "per_row", "outliers", "guard", "slack", "refit_scales", "clip_search"),
 )
 #: OBQ's slack ``c`` by default (``core.obq``: the fix of greedy OBQ on ill-conditioned H).
 SLACK = 0.25
@@ -88,11 +90,28 @@ def exact_quantize(
     engine: EngineConfig = DEFAULT_ENGINE,
     outliers: bool = True,
     slack: float = SLACK,
+    grid: QuantGrid | None = None,
 ) -> tuple[torch.Tensor, QuantGrid, torch.Tensor]:
-    """OBQ of the (kept) weights on ``fit_layer_grid`` → ``(weight, grid, step_loss)``."""
-    grid = fit_layer_grid(weight, prep.H, spec)
+    """OBQ of the (kept) weights on ``grid`` (None: ``fit_layer_grid``) → ``(weight, grid,
+    step_loss)``."""
+    if grid is None:
+        grid = fit_layer_grid(weight, prep.H, spec)
     out = obq(weight, prep, grid, keep=keep, engine=engine, outliers=outliers, slack=slack)
     return out.weight, grid, out.step_loss
+
+
+def clip_reference(Wc: torch.Tensor, prep: PreparedHessian, spec: CompressSpec) -> LayerResult:
+    """``clip_search`` for OBQ: GPTQ over the candidate grids (``core.clip_search``) →
+    the GPTQ result on the chosen grids (its ``grid`` is the one OBQ then quantizes on; the
+    result is also a reference of the guard)."""
+    check_clip_search("obc", spec, static_groups=True)
+    assert spec.bits is not None
+    U, _ = upper_inverse_factor(prep.H, prep.Hinv)
+    out = clip_search(
+        Wc, torch.diagonal(prep.H), U, spec.bits, sym=spec.sym, group_size=spec.group_size
+    )
+    loss = float(out.row_loss.sum())
+    return LayerResult(out.weight, None, loss, "gptq", grid=out.grid, info=out.info)
 
 
 def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
@@ -103,6 +122,9 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
     engine = engine_config(spec.options)
     if not spec.prunes and not spec.quantizes:  # nothing asked: W unchanged, exactly
         return unchanged(W, "obc", spec, with_pattern=False)
+    clips = option_bool("obc", spec.options, "clip_search", False)
+    if clips:
+        check_clip_search("obc", spec, static_groups=True)
     Wc, prep = prepare_layer(W, H, spec)
     keep, trace = None, None
     weight = Wc
@@ -113,6 +135,7 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
         slack = spec.options.get("slack", SLACK)
         if isinstance(slack, bool) or not isinstance(slack, int | float) or not slack >= 0:
             raise ValueError(f"method 'obc': slack must be a number >= 0, got {slack!r}")
+    clip = clip_reference(Wc, prep, spec) if clips else None
     # progress: a compound's two greedy passes cost about the same (methods.auto.COST)
     half = 0.5 if spec.prunes and spec.quantizes else 1.0
     if spec.prunes:
@@ -121,7 +144,7 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
     if spec.quantizes:
         with ticks.part(1.0 - half, 1.0):
             weight, grid, step_loss = exact_quantize(
-                weight, keep, prep, spec, engine, outliers, float(slack)
+                weight, keep, prep, spec, engine, outliers, float(slack), clip and clip.grid
             )
         # the pruned state is the optimum on {Ŵ_S = 0}, so the losses add (Pythagoras)
         predicted = predicted + step_loss.sum(1).cpu()
@@ -135,8 +158,11 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
         )
     if option_bool("obc", spec.options, "guard", True):
         weight, keep, grid, predicted, measured, info["guard"] = guarded(
-            W, H, Wc, prep, spec, (weight, keep, grid, measured), predicted, trace, refits
-        )
+            W, H, Wc, prep, spec, (weight, keep, grid, measured), predicted, trace, refits,
+            extra=[("gptq clip_search", clip)] if clip else [],
+        )  # fmt: skip
+    if clip:
+        info["clip_search"] = clip.info["clip_search"]
     info["measured_loss"] = float(measured.sum())
     return layer_result(
         "obc", spec, weight, keep, predicted, prep=prep, grid=grid, trace=trace, info=info
@@ -171,6 +197,7 @@ def guarded(
     predicted: torch.Tensor,
     trace: PruneTrace | None,
     refits: bool = False,
+    extra: Sequence[tuple[str, LayerResult]] = (),
 ) -> tuple[Any, ...]:
     """``core.methods.guard`` against the fast solvers of ``spec`` → ``(weight, keep, grid,
     predicted row loss, measured row loss, guard info)``; rows taken from a reference have
@@ -178,11 +205,12 @@ def guarded(
     with ``act_order``; pruning: SparseGPT. ``refits``: each reference gets ``refit`` too (as
     the exact result did), so the guard compares refitted rows with refitted rows and the
     result stays ≤ the refitted exact one row by row. ``info["rows_from_reference"]`` counts
-    the rows finally taken from any reference (``info["references"]``: per reference)."""
+    the rows finally taken from any reference (``info["references"]``: per reference).
+    ``extra``: more ``(name, result)`` references after those (``clip_reference``)."""
     cur = exact
     info: dict[str, Any] = {}
     per: dict[str, int] = {}
-    for ref_name, ref in _references(W, H, spec):
+    for ref_name, ref in [*_references(W, H, spec), *extra]:
         ref_w, ref_grid = ref.weight.to(Wc), ref.grid
         rl = row_losses(Wc, ref_w, prep.H).cpu()
         if refits and ref_grid is not None:

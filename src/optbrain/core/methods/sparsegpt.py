@@ -24,9 +24,10 @@ from __future__ import annotations
 
 import torch
 
-from ..columnwise import column_method, option_bool, option_scope
+from ..columnwise import option_bool, option_scope
 from ..result import LayerResult, unchanged
 from ..spec import CompressSpec, check_options
+from .column import column_method
 
 SPARSEGPT_OPTIONS = ("block_size", "scope", "static_groups", "search")
 
