@@ -16,7 +16,8 @@ budget DP's sparsity per layer (``optbrain.budget.nonuniform.dp_sparsities``: a 
 SparseGPT levels s ± 0.1, ± 0.2 with model-level errors on 16 samples, then the recipe run as
 usual; its time is included in the cell's); they combine.
 Calibration: the zoo entry's (smollm2: sequential, 128 × 128 tokens; minilm: its default);
-``--samples N`` changes the number of samples (smollm2: windows of 128 tokens).
+``--samples N`` changes the number of samples (smollm2: windows of 128 tokens), ``--damp`` the
+relative damping of every layer's H, ``--calib-len L`` (smollm2) the calibration windows' length.
 SmolLM2's weights sit on a 4-bit grid in blocks of 32 (GGUF Q4_1): 4-bit group-32 results are
 flattering. Each cell: the metric(s) and the compression wall time.
 """
@@ -75,6 +76,10 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, dest="group_size")
     ap.add_argument("--asym", action="store_true", help="asymmetric grids (sym: false)")
     ap.add_argument("--samples", type=int, help="calibration samples (default: the entry's)")
+    ap.add_argument(
+        "--calib-len", type=int, help="smollm2: calibration window length (default 128 tokens)"
+    )
+    ap.add_argument("--damp", type=float, help="relative damping of H (default 0.01)")
     ap.add_argument("--windows", type=int, default=16, help="windows of the second text")
     ap.add_argument("--option", action="append", default=[], metavar="METHOD:KEY=VALUE")
     ap.add_argument("--json", help="append every cell as a JSON line here")
@@ -102,6 +107,8 @@ def main() -> None:
                 if "bits" in settings and args.asym:
                     settings["sym"] = False
                 rule = {"method": method, **settings}
+                if args.damp is not None:
+                    rule["damp"] = args.damp
                 if method in options:
                     rule["options"] = options[method]
                 calib = dict(entry.recipe.get("calibration", {}))
@@ -132,8 +139,12 @@ def main() -> None:
                     recipe = with_sparsities(recipe, per).to_dict()
                     t_dp = time.perf_counter() - t_dp
                 t0 = time.perf_counter()
+                batches = None
+                if args.calib_len and lm:
+                    n = calib.get("samples", 128)
+                    batches = entry.calibration(n, 0, length=args.calib_len)  # type: ignore[call-arg]
                 model, report = run_zoo(
-                    name, recipe, None, quiet=True, dense=dense, dense_metrics=dm
+                    name, recipe, None, quiet=True, dense=dense, dense_metrics=dm, batches=batches
                 )
                 metrics = {
                     k: v["compressed"] for k, v in report.metrics.items() if "compressed" in v

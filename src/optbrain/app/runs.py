@@ -54,17 +54,20 @@ def _run(
     limit: int | None,
     dense: nn.Module | None,
     dense_metrics: dict[str, float] | None,
+    batches: list[Any] | None = None,
 ) -> tuple[nn.Module, Report]:
     """The sequence both runners share: load and evaluate the dense model (unless given),
     compress a copy on ``entry.calibration(*calib)`` with ``run(model, batches)``,
     evaluate it, put the metrics (``metrics[k] = {"dense": x, "compressed": y}``), the time
     and the entry's notes into the report; with ``out``, save the run there and write
-    ``files(report)`` (name: text) beside it."""
+    ``files(report)`` (name: text) beside it. ``batches``: calibration batches to use instead
+    of the entry's."""
     dense = entry.load() if dense is None else dense
     if dense_metrics is None:
         dense_metrics = entry.evaluate(dense, limit=limit)
     model = copy.deepcopy(dense)
-    batches = entry.calibration(*calib)
+    if batches is None:
+        batches = entry.calibration(*calib)
     t0 = time.perf_counter()
     report = run(model, batches)
     example = example_input(batches[0], entry.inputs)
@@ -105,9 +108,11 @@ def run_zoo(
     dense: nn.Module | None = None,
     dense_metrics: dict[str, float] | None = None,
     executor: Any = None,
+    batches: list[Any] | None = None,
 ) -> tuple[nn.Module, Report]:
     """Compress zoo model ``name`` with ``recipe`` (``executor``: where the layers are solved,
-    ``optbrain.pipeline.executor``); metrics of dense and compressed go into the
+    ``optbrain.pipeline.executor``; ``batches``: calibration batches instead of the entry's
+    ``calibration(samples, seed)``); metrics of dense and compressed go into the
     report (``metrics[k] = {"dense": x, "compressed": y}``). Writes ``out`` when given:
     the saved run, ``report.html`` and ``recipe.yaml``."""
     from . import zoo
@@ -127,7 +132,15 @@ def run_zoo(
 
     calib = (rec.calibration.samples, rec.seed)
     return _run(
-        entry, run, calib, out, files, limit=limit, dense=dense, dense_metrics=dense_metrics
+        entry,
+        run,
+        calib,
+        out,
+        files,
+        limit=limit,
+        dense=dense,
+        dense_metrics=dense_metrics,
+        batches=batches,
     )
 
 

@@ -54,6 +54,12 @@ def test_data_split(entry):
     assert smollm.eval_tokens().shape == (smollm.EVAL_WINDOWS, smollm.SEQ_LEN)
     cal = entry.calibration(16, 0)
     assert [tuple(b["input_ids"].shape) for b in cal] == [(8, 128), (8, 128)]
+    long = entry.calibration(3, 0, length=512)  # longer windows of the same token stream
+    assert [tuple(b["input_ids"].shape) for b in long] == [(3, 512)]
+    stream = smollm.calibration_tokens().flatten()
+    w = long[0]["input_ids"][0]
+    starts = [i for i in range(0, len(stream) - 511, 128) if torch.equal(stream[i : i + 512], w)]
+    assert starts and starts[0] % 512 == 0
 
 
 def test_compress_and_perplexity(entry, dense, changes):

@@ -44,21 +44,24 @@ def test_obc_clip_search_beats_its_references(seed):
     assert clip.grid.on_grid(clip.weight)
 
 
-def test_obc_clip_search_against_default_obc():
-    """The grids are chosen by GPTQ's loss, a proxy for OBQ's, so OBQ on them is not always
-    better. Measured on these six heavy-tailed 16×32 layers: 4-bit 0.92–0.98 of default OBC's
-    loss (every seed lower), 3-bit 0.92–1.009 (mean 0.98); asserted: every 4-bit seed lower,
-    3-bit mean lower and no seed over 1.02."""
-    ratio = {3: [], 4: []}
+@pytest.mark.parametrize("bits,group_size", [(3, None), (4, None), (3, 8)])
+def test_obc_clip_search_is_never_worse_than_default_obc_per_row(bits, group_size):
+    """Rows whose chosen grid differs from the searched one are also solved by OBQ on the
+    searched grid (a guard reference), so every row is ≤ default OBC's. Measured on these six
+    heavy-tailed 16×32 layers: 0.91–0.98 of default OBC's layer loss per channel at 3 and 4
+    bits (groups of 8: equal on some seeds); asserted: per row never worse, and below 0.99 on
+    every seed per channel."""
     for seed in range(6):
         W, H = _problem(seed)
-        for bits in (3, 4):
-            kw = {"bits": bits, "sym": False, "method": "obc"}
-            a = compress_layer(W, H, **kw).info["measured_loss"]
-            b = compress_layer(W, H, clip_search=True, **kw).info["measured_loss"]
-            ratio[bits].append(b / a)
-    assert max(ratio[4]) < 1.0
-    assert sum(ratio[3]) / 6 < 1.0 and max(ratio[3]) < 1.02
+        Hd = prepare_hessian(H, 0.01).H
+        kw = {"bits": bits, "sym": False, "method": "obc", "group_size": group_size}
+        a = row_losses(W, compress_layer(W, H, **kw).weight, Hd)
+        clip = compress_layer(W, H, clip_search=True, **kw)
+        b = row_losses(W, clip.weight, Hd)
+        assert bool((b <= a * (1 + 1e-6) + 1e-9).all())
+        assert b.sum() <= (0.99 if group_size is None else 1.0) * a.sum()
+        assert clip.grid.on_grid(clip.weight)
+        assert "obc searched grid" in clip.info["guard"]["references"]
 
 
 def test_clip_search_bad_requests_fail_before_work():

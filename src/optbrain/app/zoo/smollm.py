@@ -166,17 +166,20 @@ def eval_tokens() -> torch.Tensor:
     return ids[: k * SEQ_LEN].view(k, SEQ_LEN)
 
 
-@lru_cache(maxsize=1)
-def calibration_tokens() -> torch.Tensor:
-    """``(windows, CALIB_LEN)``: the calibration articles cut into consecutive windows."""
+@lru_cache(maxsize=4)
+def calibration_tokens(length: int = CALIB_LEN) -> torch.Tensor:
+    """``(windows, length)``: the calibration articles cut into consecutive windows."""
     ids = _tokens(split()[0])
-    k = len(ids) // CALIB_LEN
-    return ids[: k * CALIB_LEN].view(k, CALIB_LEN)
+    k = len(ids) // length
+    return ids[: k * length].view(k, length)
 
 
-def calibration(n: int = 128, seed: int = 0, batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
-    """``n`` distinct random windows of ``CALIB_LEN`` tokens from the calibration articles."""
-    return window_batches(calibration_tokens(), n, seed, batch_size, lambda x: {"input_ids": x})
+def calibration(
+    n: int = 128, seed: int = 0, batch_size: int = 8, length: int = CALIB_LEN
+) -> list[dict[str, torch.Tensor]]:
+    """``n`` distinct random windows of ``length`` tokens from the calibration articles."""
+    windows = calibration_tokens(length)
+    return window_batches(windows, n, seed, batch_size, lambda x: {"input_ids": x})
 
 
 @torch.no_grad()

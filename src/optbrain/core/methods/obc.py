@@ -10,8 +10,12 @@ quantized row takes the least-squares scales of its codes where that lowers its 
 ``core.grid.refit_scales``, before the guard, whose references are refitted too; never worse on
 the layer loss: 1% lower per channel, 5% in groups of 32 on an ill-conditioned 64×128 layer —
 but smollm2-135m 4-bit per channel asymmetric came out at perplexity 18.69 with it vs 18.62
-without, so it is not the default), ``slack`` (OBQ's choice rule, default ``SLACK`` = ¼; 0:
-plain greedy OBQ; see ``core.obq``).
+without, so it is not the default), ``clip_search`` (default False; True: every row's grid is
+chosen among the searched grid and shrunk min-max ranges by its loss after GPTQ's compensation,
+``core.clip_search``, then OBQ runs on the chosen grids and GPTQ's result on them is one more
+reference of the guard; quantization without pruning only; the budget database's levels keep
+the default grids), ``slack`` (OBQ's choice rule, default ``SLACK`` = ¼; 0: plain greedy OBQ;
+see ``core.obq``).
 
 The per-part solves (``exact_nm``, ``exact_prune``, ``exact_quantize``) are public so that
 ``solve_obc_levels`` (the budget database: many levels of one layer) runs the same arithmetic,
@@ -103,8 +107,7 @@ def exact_quantize(
 def clip_reference(Wc: torch.Tensor, prep: PreparedHessian, spec: CompressSpec) -> LayerResult:
     """``clip_search`` for OBQ: GPTQ over the candidate grids (``core.clip_search``) →
     the GPTQ result on the chosen grids (its ``grid`` is the one OBQ then quantizes on; the
-    result is also a reference of the guard)."""
-    check_clip_search("obc", spec, static_groups=True)
+    result is also a reference of the guard). The request is checked by ``solve_obc``."""
     assert spec.bits is not None
     U, _ = upper_inverse_factor(prep.H, prep.Hinv)
     out = clip_search(
@@ -112,6 +115,36 @@ def clip_reference(Wc: torch.Tensor, prep: PreparedHessian, spec: CompressSpec) 
     )
     loss = float(out.row_loss.sum())
     return LayerResult(out.weight, None, loss, "gptq", grid=out.grid, info=out.info)
+
+
+def searched_grid_reference(
+    Wc: torch.Tensor,
+    prep: PreparedHessian,
+    spec: CompressSpec,
+    clip: LayerResult,
+    weight: torch.Tensor,
+    obq_args: tuple[EngineConfig, bool, float],
+) -> LayerResult | None:
+    """``clip_search``'s second OBQ: the rows whose chosen grid is not ``fit_layer_grid``'s
+    searched one, quantized on the searched grid; the other rows keep ``weight`` (OBQ on the
+    chosen grids). None when no row's grid changed. As a guard reference it makes every row's
+    result the better of OBQ on either grid, so never worse than default OBC per row."""
+    g0 = fit_layer_grid(Wc, prep.H, spec)
+    cg = clip.grid
+    assert cg is not None
+    scale, zero = g0.scale.to(cg.scale), g0.zero.to(cg.zero)
+    rows = ((scale != cg.scale) | (zero != cg.zero)).any(1).nonzero().squeeze(1)
+    if rows.numel() == 0:
+        return None
+    engine, outliers, slack = obq_args
+    sub = QuantGrid(scale[rows], zero[rows], cg.bits, cg.sym, cg.group_size)
+    out = obq(Wc[rows], prep, sub, engine=engine, outliers=outliers, slack=slack)
+    w = weight.clone()
+    w[rows] = out.weight.to(w)
+    s2, z2 = cg.scale.clone(), cg.zero.clone()
+    s2[rows], z2[rows] = scale[rows], zero[rows]
+    grid = QuantGrid(s2, z2, cg.bits, cg.sym, cg.group_size)
+    return LayerResult(w, None, 0.0, "obc", grid=grid)
 
 
 def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
@@ -136,6 +169,7 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
         if isinstance(slack, bool) or not isinstance(slack, int | float) or not slack >= 0:
             raise ValueError(f"method 'obc': slack must be a number >= 0, got {slack!r}")
     clip = clip_reference(Wc, prep, spec) if clips else None
+    extra: list[tuple[str, LayerResult]] = []
     # progress: a compound's two greedy passes cost about the same (methods.auto.COST)
     half = 0.5 if spec.prunes and spec.quantizes else 1.0
     if spec.prunes:
@@ -144,8 +178,20 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
     if spec.quantizes:
         with ticks.part(1.0 - half, 1.0):
             weight, grid, step_loss = exact_quantize(
-                weight, keep, prep, spec, engine, outliers, float(slack), clip and clip.grid
+                weight,
+                keep,
+                prep,
+                spec,
+                engine,
+                outliers,
+                float(slack),
+                clip.grid if clip else None,
             )
+            if clip:
+                alt = searched_grid_reference(
+                    Wc, prep, spec, clip, weight, (engine, outliers, float(slack))
+                )
+                extra = [("gptq clip_search", clip)] + ([("obc searched grid", alt)] if alt else [])
         # the pruned state is the optimum on {Ŵ_S = 0}, so the losses add (Pythagoras)
         predicted = predicted + step_loss.sum(1).cpu()
     measured = row_losses(Wc, weight, prep.H).cpu()
@@ -159,7 +205,7 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
     if option_bool("obc", spec.options, "guard", True):
         weight, keep, grid, predicted, measured, info["guard"] = guarded(
             W, H, Wc, prep, spec, (weight, keep, grid, measured), predicted, trace, refits,
-            extra=[("gptq clip_search", clip)] if clip else [],
+            extra=extra,
         )  # fmt: skip
     if clip:
         info["clip_search"] = clip.info["clip_search"]
