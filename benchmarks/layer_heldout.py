@@ -6,9 +6,10 @@
 
 Every chosen layer's H from the entry's calibration (seed 0) and a second H from a second random
 draw of windows (seed 1, ``--samples`` each, one pass of the dense model: independent
-mode). Each solver compresses the layer at each damping on the first H; the table gives the
-layer loss ``½ Σ_r δ_r H δ_rᵀ`` under the undamped calibration H and under the held-out H, as
-ratios to the first damping's. A solver that fits the calibration inputs more closely
+mode). Each solver (``METHOD`` or ``METHOD+clip``: with ``clip_search``) compresses the layer
+at each damping on the first H; the table gives the layer loss ``½ Σ_r δ_r H δ_rᵀ`` under the
+undamped calibration H and under the held-out H, as ratios to the layer's first cell (first
+method, first damping). A solver that fits the calibration inputs more closely
 (lower calibration loss) while the held-out loss rises is overfitting them.
 """
 
@@ -58,22 +59,21 @@ def main() -> None:
         W = adapter.weight.detach()
         H = calib[name][0].hessian().double()
         T = held[name][0].hessian().double()
-        for method in args.methods:
+        first = None
+        for spec in args.methods:
+            method, _, variant = spec.partition("+")
+            opts = {**options.get(method, {}), **({"clip_search": True} if variant else {})}
             cells = []
             for damp in args.damps:
                 r = compress_layer(
                     W.float(), H.float(), bits=args.bits, sym=not args.asym, method=method,
-                    damp=damp, **options.get(method, {}),
+                    damp=damp, **opts,
                 )  # fmt: skip
-                cells.append(
-                    (
-                        float(row_losses(W, r.weight, H).sum()),
-                        float(row_losses(W, r.weight, T).sum()),
-                    )
-                )
-            c0, h0 = cells[0]
+                loss = (row_losses(W, r.weight, H).sum(), row_losses(W, r.weight, T).sum())
+                cells.append(tuple(float(x) for x in loss))
+            c0, h0 = first = first or cells[0]
             row = " | ".join(f"{c / c0:.3f} / {h / h0:.3f}" for c, h in cells)
-            print(f"| {name} | {method} | {row} |", flush=True)
+            print(f"| {name} | {spec} | {row} |", flush=True)
 
 
 if __name__ == "__main__":
