@@ -43,10 +43,9 @@ def test_each_row_takes_the_best_candidate(group_size, sym, act_order):
     perm = torch.argsort(d, descending=True) if act_order else None
     U = _factor(H, perm)
     kw = {"sym": sym, "group_size": group_size}
-    out = clip_search(W, d, U, 3, perm=perm, chunk=3 * W.numel(), **kw)
-    grids = [fit_grid(W, 3, weight=d, **kw)] + [
-        fit_grid(W * p, 3, search=False, **kw) for p in SHRINKS
-    ]
+    base = fit_grid(W, 3, weight=d, **kw)
+    out = clip_search(W, d, U, 3, base, perm=perm, chunk=3 * W.numel(), **kw)
+    grids = [base] + [fit_grid(W * p, 3, search=False, **kw) for p in SHRINKS]
     each = [
         column_solve(W.clone(), d, U, perm=perm, bits=3, static_groups=True, grid=g, **kw)
         for g in grids
@@ -68,7 +67,7 @@ def test_never_worse_than_the_searched_grid_and_better_on_heavy_tails(seed):
     d = H.diagonal()
     U = _factor(H)
     base = column_solve(W.clone(), d, U, bits=3, sym=False)
-    out = clip_search(W, d, U, 3, sym=False)
+    out = clip_search(W, d, U, 3, fit_grid(W, 3, sym=False, weight=d), sym=False)
     assert bool((out.row_loss <= base.row_loss * (1 + 1e-12)).all())
     assert out.row_loss.sum() < 0.9 * base.row_loss.sum()
     # the predicted (accumulated) loss is the loss measured from the weights

@@ -6,7 +6,7 @@ an error on one weight is partly undone by the others, so a tighter range (more 
 steps) is often better than the rounding error says. Candidates, for one row ``w`` of
 ``W (rows, cols)``:
 
-    g_0 = fit_grid(W, weight=diag H)              (the usual searched grid)
+    g_0 = the caller's base grid                  (the solver's own: fit_grid(W, weight=diag H))
     g_k = min-max grid of p_k · [min w, max w]    p_k ∈ SHRINKS = 1.0, 0.975, …, 0.5
 
 Each candidate is run through the GPTQ engine (``column_solve`` with the grid given) and every
@@ -27,7 +27,7 @@ import torch
 from .columnwise import DEFAULT_BLOCK, ColumnOut, column_solve
 from .grid import QuantGrid, fit_grid
 
-#: the range shrink factors tried besides the searched grid (1.0 = plain min-max)
+#: the range shrink factors tried besides the base grid (1.0 = plain min-max)
 SHRINKS = tuple(1.0 - 0.025 * i for i in range(21))
 
 
@@ -36,6 +36,7 @@ def clip_search(
     diagH: torch.Tensor,
     U: torch.Tensor,
     bits: int,
+    base: QuantGrid,
     *,
     sym: bool = True,
     group_size: int | None = None,
@@ -47,15 +48,15 @@ def clip_search(
     """GPTQ of ``W (R, C)`` on the best candidate grid of every row (module docstring).
 
     ``diagH (C,)``, ``U (C, C)``, ``perm``: as ``column_solve`` (``U`` in processing order).
-    ``group_size``: static groups (every candidate's groups fitted on ``W``). Returns the
-    ``ColumnOut`` of the chosen candidates (weights, per-row loss, their grid), with
-    ``info["clip_search"]``: how many rows took each candidate (``"searched"``, then the
-    shrink factors)."""
+    ``base``: the first candidate, the grid the solver would use without the search (its
+    layout: ``bits``, ``sym``, ``group_size``). ``group_size``: static groups (every
+    candidate's groups fitted on ``W``). Returns the ``ColumnOut`` of the chosen candidates
+    (weights, per-row loss, their grid), with ``info["clip_search"]``: how many rows took each
+    candidate (``"base"``, then the shrink factors)."""
     R, C = W.shape
     gs = group_size if (group_size is not None and group_size < C) else None
     kw = {"sym": sym, "group_size": gs}
-    grids = [fit_grid(W, bits, search=True, weight=diagH, **kw)]
-    grids += [fit_grid(W * p, bits, search=False, **kw) for p in shrinks]
+    grids = [base, *(fit_grid(W * p, bits, search=False, **kw) for p in shrinks)]
     scale = torch.stack([g.scale.to(W.dtype) for g in grids])  # (k, R, groups)
     zero = torch.stack([g.zero.to(W.dtype) for g in grids])
     k = len(grids)
@@ -89,6 +90,6 @@ def clip_search(
     sel = (pick.to(W.device), torch.arange(R, device=W.device))
     grid = QuantGrid(scale[sel], zero[sel], bits, sym, gs)
     counts = torch.bincount(pick, minlength=k).tolist()
-    names = ["searched", *(f"{p:g}" for p in shrinks)]
+    names = ["base", *(f"{p:g}" for p in shrinks)]
     info = {**info, "clip_search": {n: c for n, c in zip(names, counts, strict=True) if c}}
     return ColumnOut(weight=best_w, keep=None, row_loss=best_l, grid=grid, info=info)

@@ -15,7 +15,10 @@ def _problem(seed: int, rows: int = 16, cols: int = 32):
     return W, 2 * X.T @ X / X.shape[0]
 
 
-@pytest.mark.parametrize("kw", [{}, {"act_order": True}, {"group_size": 8, "static_groups": True}])
+@pytest.mark.parametrize(
+    "kw",
+    [{}, {"act_order": True}, {"group_size": 8, "static_groups": True}, {"search": False}],
+)
 def test_gptq_clip_search_is_never_worse_per_row(kw):
     W, H = _problem(0)
     Hd = prepare_hessian(H, 0.01).H

@@ -8,6 +8,7 @@ import torch
 
 from ..clip_search import clip_search
 from ..columnwise import column_solve, option_block, option_bool, upper_inverse_factor
+from ..grid import fit_grid
 from ..hessian import prepare_layer
 from ..result import LayerResult, layer_result
 from ..spec import CompressSpec
@@ -70,9 +71,12 @@ def column_method(
     prep = replace(prep, H=None, Hinv=None)
     prune = scope is not None
     kw = {"perm": perm, "block_size": block, "sym": spec.sym, "group_size": spec.group_size}
-    if clip:
+    if clip:  # the base candidate: the grid column_solve would fit (``search`` honoured)
         assert spec.bits is not None
-        out = clip_search(Wc, diagH, U, spec.bits, **kw)
+        base = fit_grid(
+            Wc, spec.bits, sym=spec.sym, group_size=spec.group_size, search=search, weight=diagH
+        )
+        out = clip_search(Wc, diagH, U, spec.bits, base, **kw)
     else:
         out = column_solve(
             Wc,

@@ -23,10 +23,10 @@ Options (``spec.options``):
   so ``grid.on_grid(weight)`` holds.
 * ``search`` (bool, default True): Hessian-weighted MSE scale search in ``fit_grid`` (the same
   grid as OBQ/OBC and RTN). ``False`` is plain min-max (faster on very large layers).
-* ``clip_search`` (bool, default False): every row's grid chosen among the searched grid and
-  min-max grids of shrunk ranges by its loss after compensation (``core.clip_search``; 22 GPTQ
-  passes; never worse per row than the searched grid). Per output channel or with
-  ``static_groups``.
+* ``clip_search`` (bool, default False): every row's grid chosen among GPTQ's own grid (the
+  searched one, min-max with ``search=False``) and min-max grids of shrunk ranges by its loss
+  after compensation (``core.clip_search``; 22 GPTQ passes; never worse per row than GPTQ's own
+  grid). Per output channel or with ``static_groups``.
 
 Without groups the grid is fitted on the original weights, exactly as OBQ does, so GPTQ, OBC and
 RTN compare on the same grid; with ``H = c·I`` GPTQ reduces to round-to-nearest.

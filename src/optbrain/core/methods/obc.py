@@ -104,15 +104,17 @@ def exact_quantize(
     return out.weight, grid, out.step_loss
 
 
-def clip_reference(Wc: torch.Tensor, prep: PreparedHessian, spec: CompressSpec) -> LayerResult:
-    """``clip_search`` for OBQ: GPTQ over the candidate grids (``core.clip_search``) →
-    the GPTQ result on the chosen grids (its ``grid`` is the one OBQ then quantizes on; the
-    result is also a reference of the guard). The request is checked by ``solve_obc``."""
+def clip_reference(
+    Wc: torch.Tensor, prep: PreparedHessian, spec: CompressSpec, base: QuantGrid
+) -> LayerResult:
+    """``clip_search`` for OBQ from ``base`` (``fit_layer_grid``'s grid): GPTQ over the
+    candidate grids (``core.clip_search``) → the GPTQ result on the chosen grids (its ``grid``
+    is the one OBQ then quantizes on; the result is also a reference of the guard). The
+    request is checked by ``solve_obc``."""
     assert spec.bits is not None
     U, _ = upper_inverse_factor(prep.H, prep.Hinv)
-    out = clip_search(
-        Wc, torch.diagonal(prep.H), U, spec.bits, sym=spec.sym, group_size=spec.group_size
-    )
+    kw = {"sym": spec.sym, "group_size": spec.group_size}
+    out = clip_search(Wc, torch.diagonal(prep.H), U, spec.bits, base, **kw)
     loss = float(out.row_loss.sum())
     return LayerResult(out.weight, None, loss, "gptq", grid=out.grid, info=out.info)
 
@@ -120,16 +122,16 @@ def clip_reference(Wc: torch.Tensor, prep: PreparedHessian, spec: CompressSpec) 
 def searched_grid_reference(
     Wc: torch.Tensor,
     prep: PreparedHessian,
-    spec: CompressSpec,
+    g0: QuantGrid,
     clip: LayerResult,
     weight: torch.Tensor,
     obq_args: tuple[EngineConfig, bool, float],
 ) -> LayerResult | None:
-    """``clip_search``'s second OBQ: the rows whose chosen grid is not ``fit_layer_grid``'s
-    searched one, quantized on the searched grid; the other rows keep ``weight`` (OBQ on the
-    chosen grids). None when no row's grid changed. As a guard reference it makes every row's
-    result the better of OBQ on either grid, so never worse than default OBC per row."""
-    g0 = fit_layer_grid(Wc, prep.H, spec)
+    """``clip_search``'s second OBQ: the rows whose chosen grid is not the searched one ``g0``
+    (``fit_layer_grid``'s, the search's base), quantized on ``g0``; the other rows keep
+    ``weight`` (OBQ on the chosen grids). None when no row's grid changed. As a guard reference
+    it makes every row's result the better of OBQ on either grid, so never worse than default
+    OBC per row."""
     cg = clip.grid
     assert cg is not None
     scale, zero = g0.scale.to(cg.scale), g0.zero.to(cg.zero)
@@ -168,7 +170,8 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
         slack = spec.options.get("slack", SLACK)
         if isinstance(slack, bool) or not isinstance(slack, int | float) or not slack >= 0:
             raise ValueError(f"method 'obc': slack must be a number >= 0, got {slack!r}")
-    clip = clip_reference(Wc, prep, spec) if clips else None
+    g0 = fit_layer_grid(Wc, prep.H, spec) if clips else None
+    clip = clip_reference(Wc, prep, spec, g0) if g0 is not None else None
     extra: list[tuple[str, LayerResult]] = []
     # progress: a compound's two greedy passes cost about the same (methods.auto.COST)
     half = 0.5 if spec.prunes and spec.quantizes else 1.0
@@ -188,8 +191,9 @@ def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
                 clip.grid if clip else None,
             )
             if clip:
+                assert g0 is not None
                 alt = searched_grid_reference(
-                    Wc, prep, spec, clip, weight, (engine, outliers, float(slack))
+                    Wc, prep, g0, clip, weight, (engine, outliers, float(slack))
                 )
                 extra = [("gptq clip_search", clip)] + ([("obc searched grid", alt)] if alt else [])
         # the pruned state is the optimum on {Ŵ_S = 0}, so the losses add (Pythagoras)
