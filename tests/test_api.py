@@ -317,6 +317,46 @@ def test_recipe_typos_name_the_key_or_pattern():
     assert_same_state(model, mlp(0))
 
 
+class Counted:
+    """Calibration batches that count how often they are read."""
+
+    def __init__(self, batches):
+        self.batches, self.reads = batches, 0
+
+    def __iter__(self):
+        self.reads += 1
+        return iter(self.batches)
+
+    def __len__(self):
+        return len(self.batches)
+
+
+@pytest.mark.parametrize(
+    "recipe,match",
+    [
+        ({"sparsity": 0.5, "options": {"guard": "x"}}, r"rules\[0\] on layer '0'.*guard"),
+        ({"sparsity": 0.5, "method": "auto", "options": {"scope": "column"}}, "auto.*scope"),
+        ({"bits": 4, "method": "obd"}, "obd.*cannot quantize"),
+        ({"bits": 4, "group_size": 8, "method": "gptq", "options": {"clip_search": True}},
+         "static_groups"),
+        ({"bits": 1}, "bits=1 needs sym: false"),
+        ({"pattern": "block2", "sparsity": 0, "bits": 4}, "needs a sparsity > 0"),
+    ],
+)  # fmt: skip
+def test_bad_method_options_fail_before_any_calibration_pass(recipe, match):
+    """A wrong option value (or a method that cannot take the settings) is an error naming the
+    rule and the layer before the calibration data are read, and the model is unchanged."""
+    model = mlp(0)
+    calib, _ = mlp_data(0, 64)
+    data = Counted(list(calib))
+    with pytest.raises(ValueError, match=match):
+        compress(model, data, recipe, quiet=True)
+    assert data.reads == 0
+    assert_same_state(model, mlp(0))
+    compress(model, data, {"sparsity": 0.5}, quiet=True)  # the count sees a real run
+    assert data.reads > 0
+
+
 def test_recipe_not_fitting_a_layer_is_skipped_with_reason_others_compressed():
     """2:4 on a Linear with 9 input columns cannot be done: that layer stays dense and says why,
     the next layer (16 columns) gets an exact 2:4 pattern."""

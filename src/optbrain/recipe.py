@@ -301,7 +301,8 @@ class Recipe:
         sp = merged["sparsity"]
         if not (sp or pat.kind == "nm" or merged["bits"] is not None):
             return None
-        check_merged(merged["pattern"], sp, f"module {name!r} (rules {applied})")
+        where = f"module {name!r} (rules {applied})"
+        check_merged(merged["pattern"], sp, where, merged["bits"], merged["sym"])
         return LayerPlan(
             method=merged["method"],
             sparsity=sp,

@@ -24,6 +24,7 @@ from .core.spec import (
     PatternSparsityError,
     SettingError,
     check_bits,
+    check_bits_sym,
     check_damp,
     check_dtype,
     check_group_size,
@@ -160,9 +161,9 @@ def expand_preset(value: object, path: tuple, root: str = "recipe") -> dict[str,
         if value in PRESETS:
             return dict(PRESETS[value])
         m = _PERCENT.match(value.strip())
-        if m:
-            return {"sparsity": float(m[1]) / 100}
-    raise _fail(path, "preset", f"one of {[*PRESETS, '50%']} (any N%)", value, root)
+        if m and 0 <= float(m[1]) < 100:
+            return {"sparsity": check_sparsity(float(m[1]) / 100)}
+    raise _fail(path, "preset", f"one of {[*PRESETS, '50%']} (any N% below 100%)", value, root)
 
 
 def _check_patterns(value: object, path: tuple, key: str, root: str, empty_ok: bool) -> list[str]:
@@ -270,7 +271,9 @@ def _normalize_rule(d: Mapping, path: tuple, root: str = "recipe") -> dict:
         else:
             out[key] = _check_setting(key, d[key], path, root)
     pat = out.get("pattern")
-    if pat is not None and out.get("sparsity") is not None:
+    # N:M against a sparsity in the same rule; the other combinations are checked once the
+    # rules are merged (``check_merged``), as another rule may set the sparsity
+    if pat is not None and out.get("sparsity") is not None and parse_pattern(pat).kind == "nm":
         try:
             check_pattern_sparsity(parse_pattern(pat), out["sparsity"])
         except PatternSparsityError as e:
@@ -282,21 +285,26 @@ def _normalize_rule(d: Mapping, path: tuple, root: str = "recipe") -> dict:
     return out
 
 
-def check_merged(pattern: str, sparsity: float | None, where: str) -> None:
-    """The pattern/sparsity combination of merged settings (``Recipe.plan``), via the spec's
-    one check, re-worded with the module and the rules applied (``where``)."""
+def check_merged(
+    pattern: str, sparsity: float | None, where: str, bits: int | None = None, sym: bool = True
+) -> None:
+    """The combinations of merged settings (``Recipe.plan``): pattern/sparsity and bits/sym,
+    via the spec's one check of each, re-worded with the module and the rules applied
+    (``where``)."""
     pat = parse_pattern(pattern)
     try:
-        check_pattern_sparsity(pat, sparsity or None)
+        check_pattern_sparsity(pat, sparsity)
     except PatternSparsityError as e:
         if e.fixed is None:
-            raise RecipeError(
-                f"{where}: pattern {pat} needs a sparsity > 0 (fraction of blocks)"
-            ) from None
+            raise RecipeError(f"{where}: {e}") from None
         raise RecipeError(
             f"{where}: sparsity {sparsity:g} contradicts pattern {pat} (which fixes sparsity "
             f"{e.fixed:g}); set 'sparsity: null' in the rule that sets the pattern"
         ) from None
+    try:
+        check_bits_sym(bits, sym)
+    except SettingError as e:
+        raise RecipeError(f"{where}: {e}") from None
 
 
 # ----------------------------------------------------------------------------- data classes

@@ -299,6 +299,25 @@ BAD = [
     (prune_layer, (W8, H8, 0.5), {"lazzy": 4}, "lazzy"),
     (prune_layer, (W8, H8, 0.5), {"lazy": 0}, "lazy"),
     (prune_layer, (W8, H8, 0.5), {"max_sparsity": 1.5}, "max_sparsity"),
+    # every option of obc is checked before any work, on every path (N:M, no grid, pruning)
+    (prune_layer, (W8, H8), {"pattern": "2:4", "max_sparsity": 5}, "max_sparsity"),
+    (prune_layer, (W8, H8, 0.5), {"slack": "x"}, "slack"),
+    (quantize_layer, (W8, H8, 4), {"slack": float("nan")}, "slack"),
+    (prune_layer, (W8, H8, 0.5), {"refit_scales": "yes"}, "refit_scales"),
+    (prune_layer, (W8, H8, 0.5), {"per_row": "no"}, "per_row"),
+    (quantize_layer, (W8, H8, 4), {"outliers": "false"}, "outliers"),
+    (quantize_layer, (W8, H8, 4), {"kernel": "cuda-only"}, "obc.*kernel"),
+    # bits / group_size: inf and NaN are a ValueError naming the setting, not an OverflowError
+    (quantize_layer, (W8, H8, float("inf")), {}, "bits"),
+    (quantize_layer, (W8, H8, float("nan")), {}, "bits"),
+    (quantize_layer, (W8, H8, 4), {"group_size": float("inf")}, "group_size"),
+    # a symmetric 1-bit grid has the levels {-scale, 0} only: every weight would collapse
+    (quantize_layer, (W8, H8, 1), {}, r"bits=1 needs sym: false"),
+    (quantize_layer, (W8, H8, 1), {"method": "rtn"}, r"bits=1 needs sym: false"),
+    (compress_layer, (W8, H8, 0.0), {"pattern": "block2", "bits": 4}, "sparsity > 0"),
+    (prune_layer, (W8, H8, 0.5), {"method": "magnitude", "scope": "column"}, "scope"),
+    (prune_layer, (W8, H8, 0.5), {"method": "wanda", "search": 1}, "search"),
+    (prune_layer, (W8, H8, 0.5), {"method": "sparsegpt", "static_groups": "no"}, "static"),
 ]
 
 

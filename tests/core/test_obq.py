@@ -57,7 +57,7 @@ def _check_row(r, row, ref):
         (3, False, None, 8, 1),
         (2, True, 4, 8, 2),
         (4, False, 3, 9, 3),
-        (1, True, None, 6, 4),
+        (1, False, None, 6, 4),
     ],
 )
 @pytest.mark.parametrize(

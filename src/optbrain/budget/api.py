@@ -28,6 +28,8 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for, find_layers
+from ..core.methods.auto import DATABASE_TIME_BUDGET
+from ..core.spec import DEFAULT_DAMP
 from ..pipeline.batchnorm import recalibrate_batchnorm
 from ..pipeline.compress import WeightBackup, sort_records
 from ..pipeline.data import Forward, iter_batches, take_samples
@@ -292,10 +294,10 @@ def compress_to_budget(
     model_level: bool = False,
     model_level_samples: int | None = None,
     solver: str = "auto",
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     sym: bool = True,
     group_size: int | None = None,
-    time_budget: float = 300.0,
+    time_budget: float = DATABASE_TIME_BUDGET,
     samples: int | None = None,
     seed: int | None = None,
     timing: Mapping[str, Mapping[str, float]] | str | Path | None = None,

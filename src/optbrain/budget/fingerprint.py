@@ -16,6 +16,8 @@ import torch
 from torch import nn
 
 from ..adapters import find_layers
+from ..core.methods.auto import DATABASE_TIME_BUDGET
+from ..core.spec import DEFAULT_DAMP
 from .levels import Level
 from .store import FORMAT, VERSION, DatabaseMismatchError
 
@@ -36,11 +38,11 @@ class DbSettings:
     all); one forward over them per (layer, level), so this bounds the cost on big models.
     """
 
-    damp: float = 0.01
+    damp: float = DEFAULT_DAMP
     sym: bool = True
     group_size: int | None = None
     solver: str = "auto"
-    time_budget: float = 300.0
+    time_budget: float = DATABASE_TIME_BUDGET
     model_level: bool = False
     model_level_samples: int | None = None
 

@@ -73,6 +73,11 @@ def _is_int(v: object) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def _is_whole(v: object) -> bool:
+    """A finite number with no fractional part (``4.0``; not inf / NaN)."""
+    return _is_number(v) and math.isfinite(v) and int(v) == v  # type: ignore[arg-type]
+
+
 def first_nonfinite(x: torch.Tensor, block: int = 256) -> tuple[int, ...] | None:
     """The index of the first NaN / Inf of ``x`` (row-major), or None when all are finite.
 
@@ -172,7 +177,7 @@ def check_pattern(pattern: object, plain: bool = False) -> Pattern:
 
 def check_bits(bits: object, plain: bool = False) -> int:
     """Bit width: an integer in [1, 16] (a whole float is accepted unless ``plain``)."""
-    ok = _is_int(bits) or (not plain and _is_number(bits) and int(bits) == bits)  # type: ignore[arg-type]
+    ok = _is_int(bits) or (not plain and _is_whole(bits))
     if not ok or not (1 <= int(bits) <= MAX_BITS):  # type: ignore[arg-type]
         raise SettingError(
             "bits", f"an integer in [1, {MAX_BITS}] (or null for no quantization)", bits
@@ -187,10 +192,23 @@ def check_sym(sym: object) -> bool:
     return sym
 
 
+def check_bits_sym(bits: int | None, sym: bool) -> None:
+    """A symmetric grid needs 2 bits or more: with ``maxq = 1`` its zero point is 1, so its
+    only levels are ``{−scale, 0}`` and every weight rounds to 0 or to one sign."""
+    if bits == 1 and sym:
+        raise SettingError(
+            "sym",
+            "false for bits=1",
+            sym,
+            detail="bits=1 needs sym: false (a symmetric 1-bit grid has only the levels "
+            "-scale and 0); use an asymmetric grid or 2 bits or more",
+        )
+
+
 def check_group_size(group_size: object, cols: int | None = None, plain: bool = False) -> int:
     """Columns per quantization group: a positive integer (dividing ``cols`` when given)."""
     g = group_size
-    ok = _is_int(g) or (not plain and _is_number(g) and int(g) == g)  # type: ignore[arg-type]
+    ok = _is_int(g) or (not plain and _is_whole(g))
     if not ok or int(group_size) < 1:  # type: ignore[arg-type]
         raise SettingError("group_size", "a positive integer (or null for per-channel)", group_size)
     g = int(group_size)  # type: ignore[arg-type]
@@ -254,14 +272,12 @@ def check_pattern_sparsity(pattern: Pattern, sparsity: float | None) -> float | 
                 f"{fixed:g}); leave sparsity unset for N:M",
             )
         return fixed
-    if pattern.kind == "block" and sparsity is None:
+    if (pattern.kind == "block" or pattern.structured) and not sparsity:
+        what = "blocks" if pattern.kind == "block" else pattern.kind
         raise PatternSparsityError(
-            pattern, None, f"pattern {pattern} needs a sparsity (fraction of blocks to remove)"
-        )
-    if pattern.structured and sparsity is None:
-        raise PatternSparsityError(
-            pattern, None, f"pattern {pattern} needs a sparsity (the fraction of {pattern.kind})"
-        )
+            pattern, None, f"pattern {pattern} needs a sparsity > 0 (the fraction of {what} to "
+            "remove)",
+        )  # fmt: skip
     return sparsity
 
 
@@ -380,11 +396,13 @@ def make_spec(
         sparsity = check_sparsity(sparsity)
     sparsity = check_pattern_sparsity(pat, sparsity)
     channel_size = check_structured(pat, cols, sparsity, bits, kernel_positions, layer_groups)
+    bits = None if bits is None else check_bits(bits)
+    check_bits_sym(bits, check_sym(sym))
     return CompressSpec(
         sparsity=sparsity,
         pattern=pat,
-        bits=None if bits is None else check_bits(bits),
-        sym=check_sym(sym),
+        bits=bits,
+        sym=sym,
         group_size=None if group_size is None else check_group_size(group_size, cols),
         damp=check_damp(damp),
         dtype=check_dtype(dtype),

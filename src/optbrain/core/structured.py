@@ -29,7 +29,7 @@ import torch
 from .hessian import PreparedHessian, prepare_layer, row_losses
 from .patterns import StructuredPattern, parse_structured, structured_group_size  # noqa: F401
 from .result import LayerResult
-from .spec import CompressSpec, check_damp, check_dtype, check_weight_hessian
+from .spec import DEFAULT_DAMP, CompressSpec, check_damp, check_dtype, check_weight_hessian
 from .structured_engine import DEFAULT_LAZY, gram, greedy_groups
 
 STRUCTURED_METHODS = ("obc", "magnitude", "obd")
@@ -209,7 +209,7 @@ def structured_obs(
     group_size: int = 1,
     *,
     dtype: torch.dtype = torch.float32,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     on_singular: str = "damp",
     max_fraction: float = 1.0,
     lazy: int = DEFAULT_LAZY,
@@ -308,7 +308,7 @@ def solve_structured(
     method: str = "obc",
     *,
     dtype: torch.dtype = torch.float32,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     on_singular: str = "damp",
     lazy: int = DEFAULT_LAZY,
 ) -> StructuredResult:
@@ -353,17 +353,22 @@ def solve_structured(
     )
 
 
+def check_structured_spec(method: str, spec: CompressSpec) -> None:
+    """Structured OBS and its baselines take no options: any is a ValueError naming them."""
+    if spec.options:
+        raise ValueError(
+            f"method {method!r} with pattern {spec.pattern} takes no options, got "
+            f"{sorted(spec.options)}"
+        )
+
+
 def solve_structured_spec(
     method: str, W: torch.Tensor, H: torch.Tensor, spec: CompressSpec
 ) -> LayerResult:
     """The registry's entry for ``channels`` / ``heads`` (``obc``, ``magnitude``, ``obd``):
     ``solve_structured`` with the spec's group size (``spec.channel_size``), fraction, dtype,
     damping and singular policy, as a ``LayerResult`` (mask ``(rows, cols)``, whole columns)."""
-    if spec.options:
-        raise ValueError(
-            f"method {method!r} with pattern {spec.pattern} takes no options, got "
-            f"{sorted(spec.options)}"
-        )
+    check_structured_spec(method, spec)
     res = solve_structured(
         W, H, spec.channel_size, spec.sparsity or 0.0, method,
         dtype=spec.dtype, damp=spec.damp, on_singular=spec.on_singular,

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from .hessian import PreparedHessian, row_losses
+from .spec import DEFAULT_DAMP
 from .structured import (
     STRUCTURED_METHODS,
     RemovalOrder,
@@ -118,7 +119,7 @@ def group_obs(
     group_sizes: Sequence[int],
     *,
     dtype: torch.dtype = torch.float32,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     on_singular: str = "damp",
     max_fraction: float = 1.0,
 ) -> GroupTrace:
@@ -196,7 +197,7 @@ def solve_group(
     method: str = "obc",
     *,
     dtype: torch.dtype = torch.float32,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     on_singular: str = "damp",
 ) -> GroupResult:
     """Remove ``round(fraction · n)`` channels of a tied group from all its layers.

@@ -32,6 +32,7 @@ from ..adapters import LayerAdapter, adapter_for, find_layers
 from ..core import ticks
 from ..core.hessian import HessianAccumulator, row_losses
 from ..core.layer import compress_layer
+from ..core.methods import check_spec
 from ..core.methods.auto import predicted_seconds
 from ..core.patterns import parse_pattern
 from ..core.result import LayerResult
@@ -153,10 +154,15 @@ def plan_layers(model: nn.Module, rec: Recipe) -> tuple[Plans, Adapters, list[La
             continue
         adapter = adapter_for(module)
         try:
-            make_spec(adapter.cols, **layer_kwargs(model, adapter, plan))
+            spec = make_spec(adapter.cols, **layer_kwargs(model, adapter, plan))
         except ValueError as e:
             records.append(skip_record(lname, module, f"recipe does not fit this layer: {e}"))
             continue
+        try:  # the method's options: a user error, before any calibration pass
+            check_spec(plan.method, spec)
+        except ValueError as e:
+            rules = ", ".join(f"rules[{i}]" for i in plan.rules)
+            raise ValueError(f"recipe {rules} on layer {lname!r}: {e}") from None
         plans[lname] = plan
         adapters[lname] = adapter
     return plans, adapters, records

@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from ..adapters import adapter_for
+from ..core.spec import DEFAULT_DAMP
 from ..core.structured_group import GroupResult, solve_group
 from .data import Forward, take_samples
 from .hessians import collect_hessians
@@ -111,7 +112,7 @@ def compress_groups(
     *,
     inputs: str = "all",
     forward: Forward | None = None,
-    damp: float = 0.01,
+    damp: float = DEFAULT_DAMP,
     groups: list[TiedGroup] | None = None,
 ) -> dict[str, GroupResult]:
     """Remove ``fraction`` of the channels of every tied group of ``model`` (in place).

@@ -80,3 +80,41 @@ def test_invalid_options_name_the_method(call):
     W, H, _ = make_problem(0, rows=4, cols=8)
     with pytest.raises(ValueError, match="auto"):
         call(W, H)
+
+
+AUTO_BAD = [
+    # (settings, options, what the error names): each is wrong for one of the two solvers auto
+    # may pick, so it must fail whatever the layer's size (time_budget inside and outside)
+    ({"pattern": "2:4", "bits": 4}, {"clip_search": True}, "clip_search"),  # obc rejects
+    ({"bits": 4, "group_size": 8}, {"clip_search": True}, "static_groups"),  # gptq rejects
+    ({"bits": 4}, {"guard": "x"}, "guard"),  # an obc option, only obc reads it
+    ({"bits": 4}, {"act_order": "garbage"}, "act_order"),  # a gptq option
+    ({"bits": 4}, {"block_size": -3}, "block_size"),
+    ({"sparsity": 0.5}, {"scope": "column"}, "scope"),  # a sparsegpt option
+    ({"sparsity": 0.25, "pattern": "channels"}, {"lazy": 0}, "takes no options"),
+]
+
+
+@pytest.mark.parametrize("kw,options,what", AUTO_BAD)
+@pytest.mark.parametrize("budget", [0.0, 1e-9, DEFAULT_BUDGET])
+def test_auto_option_errors_do_not_depend_on_the_layer_size(kw, options, what, budget):
+    """One answer per recipe: an option a possible solver rejects is an error before any work,
+    whichever solver this layer's size would pick (time_budget 0: the fast solver only)."""
+    W, H, _ = make_problem(0, rows=8, cols=32)
+    W, H = W.float(), H.float()
+    fast_only = budget == 0.0 and "guard" in options  # obc can never run: its options unread
+    if fast_only or (budget == 0.0 and what == "clip_search"):
+        compress_layer(W, H, method="auto", time_budget=budget, **kw, **options)
+        return
+    with pytest.raises(ValueError, match=what) as e:
+        compress_layer(W, H, method="auto", time_budget=budget, **kw, **options)
+    assert "auto" in str(e.value) or "takes no options" in str(e.value)
+
+
+def test_auto_infinite_budget_checks_obc_only():
+    """time_budget=inf always runs OBC: a GPTQ-only restriction does not apply."""
+    W, H, _ = make_problem(0, rows=8, cols=32)
+    W, H = W.float(), H.float()
+    r = quantize_layer(W, H, 4, group_size=8, method="auto", time_budget=float("inf"),
+                       clip_search=True)  # fmt: skip
+    assert r.method == "obc" and "clip_search" in r.info

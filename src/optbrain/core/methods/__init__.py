@@ -15,11 +15,20 @@ import torch
 from ..result import LayerResult
 from ..spec import DEFAULT_METHOD, CompressSpec, SettingError, check_weight_hessian
 from ..structured import STRUCTURED_METHODS
-from .auto import solve_auto
-from .baselines import solve_magnitude, solve_obd, solve_rtn, solve_wanda
-from .gptq import solve_gptq
-from .obc import solve_obc
-from .sparsegpt import solve_sparsegpt
+from .auto import check_auto, solve_auto
+from .baselines import (
+    check_magnitude,
+    check_obd,
+    check_rtn,
+    check_wanda,
+    solve_magnitude,
+    solve_obd,
+    solve_rtn,
+    solve_wanda,
+)
+from .gptq import check_gptq, solve_gptq
+from .obc import check_obc, solve_obc
+from .sparsegpt import check_sparsegpt, solve_sparsegpt
 
 Solver = Callable[[torch.Tensor, torch.Tensor, CompressSpec], LayerResult]
 
@@ -36,11 +45,32 @@ METHODS: dict[str, Solver] = {
 }
 
 
-def register(name: str) -> Callable[[Solver], Solver]:
-    """Decorator adding a user's solver under ``name`` (then usable as ``method=name``)."""
+#: name -> the solver's check of a spec's options (no compute): what ``check_spec`` runs before
+#: any work, the same check the solver itself starts with.
+CHECKS: dict[str, Callable[[CompressSpec], object]] = {
+    "obc": check_obc,
+    "gptq": check_gptq,
+    "sparsegpt": check_sparsegpt,
+    "magnitude": check_magnitude,
+    "wanda": check_wanda,
+    "obd": check_obd,
+    "rtn": check_rtn,
+    "auto": check_auto,
+}
+
+
+def register(
+    name: str, check: Callable[[CompressSpec], object] | None = None
+) -> Callable[[Solver], Solver]:
+    """Decorator adding a user's solver under ``name`` (then usable as ``method=name``);
+    ``check(spec)``: its option check, run by ``check_spec`` before any work."""
 
     def deco(fn: Solver) -> Solver:
         METHODS[name] = fn
+        if check is not None:
+            CHECKS[name] = check
+        else:
+            CHECKS.pop(name, None)
         return fn
 
     return deco
@@ -53,6 +83,19 @@ def check_method(method: str) -> str:
     return method
 
 
+def check_spec(method: str, spec: CompressSpec) -> None:
+    """``method`` is registered and takes ``spec`` (its options, their values and the
+    pattern/bits it needs): a ValueError naming what is wrong, before any work."""
+    check_method(method)
+    if spec.pattern.structured and method not in (*STRUCTURED_METHODS, "auto"):
+        raise ValueError(
+            f"pattern {spec.pattern} (whole channels / heads) is solved by methods "
+            f"{list(STRUCTURED_METHODS)}, not {method!r}"
+        )
+    if method in CHECKS:
+        CHECKS[method](spec)
+
+
 def solve(
     W: torch.Tensor, H: torch.Tensor, spec: CompressSpec, method: str = DEFAULT_METHOD
 ) -> LayerResult:
@@ -63,13 +106,8 @@ def solve(
     weights set to 0 by every solver; the mask then marks them pruned, so ``sparsity`` is the
     fraction actually zero, and ``info["dead_inputs"]`` counts those columns.
     """
-    check_method(method)
+    check_spec(method, spec)
     check_weight_hessian(W, H)
-    if spec.pattern.structured and method not in (*STRUCTURED_METHODS, "auto"):
-        raise ValueError(
-            f"pattern {spec.pattern} (whole channels / heads) is solved by methods "
-            f"{list(STRUCTURED_METHODS)}, not {method!r}"
-        )
     dtype = safe_dtype(W, H, spec.dtype)
     if dtype != spec.dtype:
         spec = replace(spec, dtype=dtype)
@@ -124,4 +162,14 @@ def safe_dtype(W: torch.Tensor, H: torch.Tensor, dtype: torch.dtype) -> torch.dt
     return dtype
 
 
-__all__ = ["FLOAT32_LIMIT", "METHODS", "Solver", "check_method", "register", "safe_dtype", "solve"]
+__all__ = [
+    "CHECKS",
+    "FLOAT32_LIMIT",
+    "METHODS",
+    "Solver",
+    "check_method",
+    "check_spec",
+    "register",
+    "safe_dtype",
+    "solve",
+]

@@ -19,25 +19,31 @@ does not depend on the sparsity (the exact solver records the full trace). On a 
 idle machine the estimate is pessimistic, i.e. auto errs towards the fast solver.
 
 Options: ``time_budget`` (seconds per layer, default 30; 0 always picks the fast solver,
-``float("inf")`` always OBC), plus the options of the solvers it may run (those of the solver
-not chosen are ignored). The result's ``method`` says which solver ran and
-``info["auto"]`` records the decision: ``{"solver", "estimated_obc_seconds", "time_budget"}``.
+``float("inf")`` always OBC), plus the options of the solvers it may run: each solver
+receives its own, and all are checked against every solver auto may pick (``check_auto``), so
+whether a recipe is valid does not depend on a layer's size. The result's ``method`` says
+which solver ran and ``info["auto"]`` records the decision: ``{"solver",
+"estimated_obc_seconds", "time_budget"}``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
 from ..result import LayerResult
 from ..spec import CompressSpec
-from .gptq import GPTQ_OPTIONS, solve_gptq
+from .gptq import GPTQ_OPTIONS, check_gptq, solve_gptq
 from .obc import OPTIONS as OBC_OPTIONS
-from .obc import LevelLike, solve_obc
-from .sparsegpt import SPARSEGPT_OPTIONS, solve_sparsegpt
+from .obc import LevelLike, check_obc, solve_obc
+from .sparsegpt import SPARSEGPT_OPTIONS, check_sparsegpt, solve_sparsegpt
+
+Solver = Callable[[torch.Tensor, torch.Tensor, CompressSpec], LayerResult]
+Check = Callable[[CompressSpec], Any]
 
 #: ``method="auto"``: seconds of modelled exact solving allowed per layer and spec.
 DEFAULT_BUDGET = 30.0
@@ -105,10 +111,22 @@ def _budget(options: dict) -> float:
     return float(v)
 
 
-def solve_auto(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
-    """Run OBC if its modelled time fits ``time_budget``, else GPTQ (quantization only) or
-    SparseGPT (pruning, or pruning + quantization); ``channels`` / ``heads``: always OBC
-    (structured OBS)."""
+def _fast(spec: CompressSpec) -> tuple[str, Solver, Check, tuple[str, ...]]:
+    if spec.prunes:
+        return "sparsegpt", solve_sparsegpt, check_sparsegpt, SPARSEGPT_OPTIONS
+    return "gptq", solve_gptq, check_gptq, GPTQ_OPTIONS
+
+
+def _sub(spec: CompressSpec, keys: Iterable[str]) -> CompressSpec:
+    keys = set(keys)
+    return dataclasses.replace(spec, options={k: v for k, v in spec.options.items() if k in keys})
+
+
+def check_auto(spec: CompressSpec) -> float:
+    """Every option of ``method="auto"`` for ``spec``, checked before any work → the time
+    budget. The options go to every solver auto may pick on some layer size (exact OBC and
+    GPTQ / SparseGPT, only one of them with ``time_budget`` 0 or ∞), so a recipe is valid or
+    not whatever the layer's size; ``channels`` / ``heads``: structured OBS, no options."""
     allowed = {"time_budget", *OBC_OPTIONS, *GPTQ_OPTIONS, *SPARSEGPT_OPTIONS}
     bad = sorted(set(spec.options) - allowed)
     if bad:
@@ -116,18 +134,43 @@ def solve_auto(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerRes
             f"method 'auto' does not take option(s) {bad}; its options are {sorted(allowed)}"
         )
     budget = _budget(spec.options)
+    if spec.pattern.structured:
+        check_obc(_sub(spec, set(spec.options) - {"time_budget"}))
+        return budget
+    fast, _, fast_check, fast_keys = _fast(spec)
+    runs: list[tuple[str, Check, tuple[str, ...]]] = [
+        ("obc", check_obc, OBC_OPTIONS),
+        (fast, fast_check, fast_keys),
+    ]
+    if budget == 0:
+        runs = runs[1:]
+    elif budget == math.inf:
+        runs = runs[:1]
+    for name, check, keys in runs:
+        try:
+            check(_sub(spec, keys))
+        except ValueError as e:
+            which = "within" if name == "obc" else "over"
+            raise ValueError(
+                f"method 'auto' runs {name} on layers {which} its time budget: {e}"
+            ) from None
+    return budget
+
+
+def solve_auto(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
+    """Run OBC if its modelled time fits ``time_budget``, else GPTQ (quantization only) or
+    SparseGPT (pruning, or pruning + quantization); ``channels`` / ``heads``: always OBC
+    (structured OBS)."""
+    budget = check_auto(spec)
     rows, cols = W.shape
     est = 0.0 if spec.pattern.structured else estimate_obc_seconds(rows, cols, spec)
     if spec.pattern.structured:  # structured OBS shares one H⁻¹ per layer: always affordable
         name, fn, keys = "obc", solve_obc, ()
     elif est <= budget:
         name, fn, keys = "obc", solve_obc, OBC_OPTIONS
-    elif spec.prunes:
-        name, fn, keys = "sparsegpt", solve_sparsegpt, SPARSEGPT_OPTIONS
     else:
-        name, fn, keys = "gptq", solve_gptq, GPTQ_OPTIONS
-    sub = dataclasses.replace(spec, options={k: v for k, v in spec.options.items() if k in keys})
-    res = fn(W, H, sub)
+        name, fn, _, keys = _fast(spec)
+    res = fn(W, H, _sub(spec, keys))
     res.info["auto"] = {
         "solver": name,
         "estimated_obc_seconds": est,

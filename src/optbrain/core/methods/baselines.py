@@ -36,7 +36,7 @@ from ..hessian import PreparedHessian, prepare_layer, row_losses
 from ..patterns import Pattern, pruned_count
 from ..result import LayerResult, layer_result, unchanged
 from ..spec import CompressSpec, check_options
-from ..structured import solve_structured_spec
+from ..structured import check_structured_spec, solve_structured_spec
 
 
 def prune_mask(
@@ -119,47 +119,71 @@ def _obd_score(Wc: torch.Tensor, prep: PreparedHessian) -> torch.Tensor:
     return 0.5 * Wc * Wc * torch.diagonal(prep.H).unsqueeze(0)
 
 
-def solve_magnitude(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
-    """Magnitude pruning (and round-to-nearest of the kept weights when ``bits`` is set)."""
+def check_magnitude(spec: CompressSpec) -> tuple[str, bool] | None:
+    """Magnitude's options, checked before any work → ``(scope, search)``; None for the
+    structured patterns (no options)."""
     if spec.pattern.structured:
-        return solve_structured_spec("magnitude", W, H, spec)
+        check_structured_spec("magnitude", spec)
+        return None
     check_options("magnitude", spec.options, ("scope", "search"))
     scope = option_scope("magnitude", spec.options)
-    search = option_bool("magnitude", spec.options, "search", True)
+    return scope, option_bool("magnitude", spec.options, "search", True)
+
+
+def solve_magnitude(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
+    """Magnitude pruning (and round-to-nearest of the kept weights when ``bits`` is set)."""
+    opt = check_magnitude(spec)
+    if opt is None:
+        return solve_structured_spec("magnitude", W, H, spec)
+    scope, search = opt
     if not spec.prunes and not spec.quantizes:
         return unchanged(W, "magnitude", spec)
     return _prune_then_round("magnitude", W, H, spec, _magnitude_score, search, scope)
 
 
+def check_wanda(spec: CompressSpec) -> tuple[str, bool]:
+    """Wanda's options, checked before any work → ``(scope, search)`` (scope "row" by
+    default: Wanda compares weights within an output row)."""
+    check_options("wanda", spec.options, ("scope", "search"))
+    scope = option_scope("wanda", {"scope": spec.options.get("scope", "row")})
+    return scope, option_bool("wanda", spec.options, "search", True)
+
+
 def solve_wanda(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
     """Wanda: prune by ``|w_rj| · ‖X_j‖`` per output row, no update (and round with ``bits``)."""
-    check_options("wanda", spec.options, ("scope", "search"))
-    scope = spec.options.get("scope", "row")
-    scope = option_scope("wanda", {"scope": scope})
-    search = option_bool("wanda", spec.options, "search", True)
+    scope, search = check_wanda(spec)
     if not spec.prunes and not spec.quantizes:
         return unchanged(W, "wanda", spec)
     return _prune_then_round("wanda", W, H, spec, _wanda_score, search, scope)
 
 
-def solve_obd(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
-    """Optimal Brain Damage: prune by ``w_p² H_pp / 2`` without updating the other weights."""
+def check_obd(spec: CompressSpec) -> str | None:
+    """OBD's options, checked before any work → its scope; None for the structured patterns.
+    OBD prunes only: bits are a ValueError."""
     if spec.pattern.structured:
-        return solve_structured_spec("obd", W, H, spec)
+        check_structured_spec("obd", spec)
+        return None
     check_options("obd", spec.options, ("scope",))
     if spec.quantizes:
         raise ValueError(
             f"method 'obd' prunes only; it cannot quantize (got bits={spec.bits}); use 'obc', "
             "'gptq' or 'rtn' for quantization, or 'sparsegpt'/'magnitude' for both"
         )
-    scope = option_scope("obd", spec.options)
+    return option_scope("obd", spec.options)
+
+
+def solve_obd(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
+    """Optimal Brain Damage: prune by ``w_p² H_pp / 2`` without updating the other weights."""
+    scope = check_obd(spec)
+    if scope is None:
+        return solve_structured_spec("obd", W, H, spec)
     if not spec.prunes:
         return unchanged(W, "obd", spec)
     return _prune_then_round("obd", W, H, spec, _obd_score, scope=scope)
 
 
-def solve_rtn(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
-    """Round-to-nearest on the grid ``fit_grid(W, bits, weight=diag H)``; quantization only."""
+def check_rtn(spec: CompressSpec) -> bool:
+    """RTN's options, checked before any work → ``search``; RTN quantizes only."""
     check_options("rtn", spec.options, ("search",))
     if spec.prunes:
         raise ValueError(
@@ -168,5 +192,10 @@ def solve_rtn(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResu
         )
     if not spec.quantizes:
         raise ValueError("method 'rtn' needs bits (it is a quantization method)")
-    search = option_bool("rtn", spec.options, "search", True)
+    return option_bool("rtn", spec.options, "search", True)
+
+
+def solve_rtn(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
+    """Round-to-nearest on the grid ``fit_grid(W, bits, weight=diag H)``; quantization only."""
+    search = check_rtn(spec)
     return _prune_then_round("rtn", W, H, spec, None, search)

@@ -29,6 +29,17 @@ def check_clip_search(method: str, spec: CompressSpec, static_groups: bool) -> N
         )
 
 
+def check_column(method: str, spec: CompressSpec, static_groups: bool) -> tuple[int, bool, bool]:
+    """The options ``column_method`` reads, checked before any work → ``(block_size, search,
+    clip_search)``."""
+    block = option_block(method, spec.options)
+    search = option_bool(method, spec.options, "search", True)
+    clip = option_bool(method, spec.options, "clip_search", False)
+    if clip:
+        check_clip_search(method, spec, static_groups)
+    return block, search, clip
+
+
 def column_method(
     method: str,
     W: torch.Tensor,
@@ -45,11 +56,7 @@ def column_method(
     by descending ``diag H``. Reads the ``block_size``, ``search`` and ``clip_search`` options
     (``clip_search``: each row's grid chosen by its loss after compensation,
     ``core.clip_search``; quantization on a static grid only)."""
-    block = option_block(method, spec.options)
-    search = option_bool(method, spec.options, "search", True)
-    clip = option_bool(method, spec.options, "clip_search", False)
-    if clip:
-        check_clip_search(method, spec, static_groups)
+    block, search, clip = check_column(method, spec, static_groups)
     # Memory: only diag H and U (the upper factor of H⁻¹) are read by the solve, so without
     # act_order H⁻¹ is made over the copy of H and U over H⁻¹ (one (C, C) buffer throughout);
     # H is kept only where a fallback or the permutation needs it.

@@ -39,29 +39,31 @@ import torch
 from ..columnwise import option_bool
 from ..result import LayerResult
 from ..spec import CompressSpec, check_options
-from .column import column_method
+from .column import check_column, column_method
 
 GPTQ_OPTIONS = ("block_size", "act_order", "static_groups", "search", "clip_search")
 
 
-def check_gptq(spec: CompressSpec, method: str = "gptq") -> None:
-    """GPTQ quantizes only: pruning requests and missing bits are a ValueError."""
+def check_gptq(spec: CompressSpec) -> tuple[bool, bool]:
+    """Every option of GPTQ for ``spec``, checked before any work → ``(act_order,
+    static_groups)``; pruning requests and missing bits are a ValueError."""
+    check_options("gptq", spec.options, GPTQ_OPTIONS)
     if spec.prunes:
         raise ValueError(
-            f"method {method!r} quantizes only; it cannot prune (got pattern "
+            f"method 'gptq' quantizes only; it cannot prune (got pattern "
             f"{spec.pattern}, sparsity={spec.sparsity}); use method='sparsegpt' for pruning "
             "or pruning + quantization"
         )
     if not spec.quantizes:
-        raise ValueError(f"method {method!r} needs bits (it is a quantization method)")
+        raise ValueError("method 'gptq' needs bits (it is a quantization method)")
+    act_order = option_bool("gptq", spec.options, "act_order", False)
+    static = option_bool("gptq", spec.options, "static_groups", False)
+    check_column("gptq", spec, static)
+    return act_order, static
 
 
 def solve_gptq(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
     """GPTQ on one layer ``W (rows, cols)`` with ``H (cols, cols)``; see the module docstring."""
-    check_options("gptq", spec.options, GPTQ_OPTIONS)
-    check_gptq(spec)
-    opts = spec.options
-    act_order = option_bool("gptq", opts, "act_order", False)
-    static = option_bool("gptq", opts, "static_groups", False)
+    act_order, static = check_gptq(spec)
     info = {"act_order": act_order, "static_groups": static}
     return column_method("gptq", W, H, spec, static_groups=static, act_order=act_order, info=info)

@@ -25,6 +25,7 @@ sharing one ExactOBS trace and one N:M solve per pattern between all levels buil
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any, Protocol
 
@@ -40,7 +41,7 @@ from ..obs import DEFAULT_ENGINE, EngineConfig
 from ..patterns import Pattern, parse_pattern
 from ..result import LayerResult, layer_result, unchanged
 from ..spec import DEFAULT_DAMP, CompressSpec, check_options, make_spec
-from ..structured import solve_structured_spec
+from ..structured import check_structured_spec, solve_structured_spec
 from ..trace import PruneTrace, obs_trace, prune_nm
 from .column import check_clip_search
 from .gptq import solve_gptq
@@ -57,7 +58,51 @@ SLACK = 0.25
 
 def engine_config(options: dict[str, Any]) -> EngineConfig:
     kw = {k: options[k] for k in ("lazy", "shrink", "memory", "kernel") if k in options}
-    return EngineConfig(**kw)
+    try:
+        return EngineConfig(**kw)
+    except ValueError as e:
+        raise ValueError(f"method 'obc': option {e}") from None
+
+
+@dataclasses.dataclass(frozen=True)
+class ObcOptions:
+    """``method="obc"``'s options, validated (see the module docstring)."""
+
+    engine: EngineConfig
+    max_sparsity: float = 1.0
+    per_row: bool = False
+    outliers: bool = True
+    guard: bool = True
+    slack: float = SLACK
+    refit_scales: bool = False
+    clip_search: bool = False
+
+
+def check_obc(spec: CompressSpec) -> ObcOptions | None:
+    """Every option of ``method="obc"`` for ``spec``, checked before any work: unknown names,
+    wrong values and impossible combinations are a ValueError naming the option. None for the
+    structured patterns (structured OBS takes no options)."""
+    if spec.pattern.structured:
+        check_structured_spec("obc", spec)
+        return None
+    opts = spec.options
+    check_options("obc", opts, OPTIONS)
+    max_sp = opts.get("max_sparsity", 1.0)
+    if isinstance(max_sp, bool) or not isinstance(max_sp, int | float) or not 0 < max_sp <= 1:
+        raise ValueError(f"method 'obc': max_sparsity must be in (0, 1], got {max_sp!r}")
+    slack = opts.get("slack", SLACK)
+    if (
+        isinstance(slack, bool)
+        or not isinstance(slack, int | float)
+        or not (math.isfinite(slack) and slack >= 0)
+    ):
+        raise ValueError(f"method 'obc': slack must be a number >= 0, got {slack!r}")
+    defaults = {"per_row": False, "outliers": True, "guard": True}
+    defaults |= {"refit_scales": False, "clip_search": False}
+    flags = {k: option_bool("obc", opts, k, d) for k, d in defaults.items()}
+    if flags["clip_search"]:
+        check_clip_search("obc", spec, static_groups=True)
+    return ObcOptions(engine_config(opts), float(max_sp), slack=float(slack), **flags)
 
 
 def exact_nm(
@@ -71,18 +116,23 @@ def exact_nm(
 
 
 def exact_prune(
-    Wc: torch.Tensor, prep: PreparedHessian, spec: CompressSpec, engine: EngineConfig
+    Wc: torch.Tensor,
+    prep: PreparedHessian,
+    spec: CompressSpec,
+    engine: EngineConfig,
+    *,
+    max_sparsity: float = 1.0,
+    per_row: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, PruneTrace | None]:
-    """Prune with ExactOBS → ``(weight, keep, row_loss, trace or None)``, compute dtype."""
+    """Prune with ExactOBS → ``(weight, keep, row_loss, trace or None)``, compute dtype; the
+    unstructured/block trace runs to ``max_sparsity`` (at least ``spec.sparsity``)."""
     pat = spec.pattern
     if pat.kind == "nm":
         weight, keep, step_loss = exact_nm(Wc, prep, pat.n, pat.m, engine)
         return weight, keep, step_loss.sum(1).cpu(), None
-    max_sp = float(spec.options.get("max_sparsity", 1.0))
-    if not (0.0 < max_sp <= 1.0):
-        raise ValueError(f"max_sparsity must be in (0, 1], got {max_sp!r}")
-    trace = obs_trace(Wc, prep, pat, max_sparsity=max(max_sp, spec.sparsity or 0.0), engine=engine)
-    weight, keep, rl = trace.at(spec.sparsity or 0.0, per_row=bool(spec.options.get("per_row")))
+    max_sp = max(max_sparsity, spec.sparsity or 0.0)
+    trace = obs_trace(Wc, prep, pat, max_sparsity=max_sp, engine=engine)
+    weight, keep, rl = trace.at(spec.sparsity or 0.0, per_row=per_row)
     return weight, keep, rl, trace
 
 
@@ -151,65 +201,51 @@ def searched_grid_reference(
 
 def solve_obc(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
     """Exact OBS/OBQ/OBC for one layer; ``loss`` is the greedy's predicted loss."""
-    if spec.pattern.structured:
+    opt = check_obc(spec)
+    if opt is None:
         return solve_structured_spec("obc", W, H, spec)
-    check_options("obc", spec.options, OPTIONS)
-    engine = engine_config(spec.options)
+    engine = opt.engine
     if not spec.prunes and not spec.quantizes:  # nothing asked: W unchanged, exactly
         return unchanged(W, "obc", spec, with_pattern=False)
-    clips = option_bool("obc", spec.options, "clip_search", False)
-    if clips:
-        check_clip_search("obc", spec, static_groups=True)
     Wc, prep = prepare_layer(W, H, spec)
     keep, trace = None, None
     weight = Wc
     predicted = torch.zeros(W.shape[0], dtype=torch.float64)
     grid = None
-    if spec.quantizes:
-        outliers = bool(spec.options.get("outliers", True))
-        slack = spec.options.get("slack", SLACK)
-        if isinstance(slack, bool) or not isinstance(slack, int | float) or not slack >= 0:
-            raise ValueError(f"method 'obc': slack must be a number >= 0, got {slack!r}")
-    g0 = fit_layer_grid(Wc, prep.H, spec) if clips else None
+    obq_args = (engine, opt.outliers, opt.slack)
+    g0 = fit_layer_grid(Wc, prep.H, spec) if opt.clip_search else None
     clip = clip_reference(Wc, prep, spec, g0) if g0 is not None else None
     extra: list[tuple[str, LayerResult]] = []
     # progress: a compound's two greedy passes cost about the same (methods.auto.COST)
     half = 0.5 if spec.prunes and spec.quantizes else 1.0
     if spec.prunes:
         with ticks.part(0.0, half):
-            weight, keep, predicted, trace = exact_prune(Wc, prep, spec, engine)
+            weight, keep, predicted, trace = exact_prune(
+                Wc, prep, spec, engine, max_sparsity=opt.max_sparsity, per_row=opt.per_row
+            )
     if spec.quantizes:
         with ticks.part(1.0 - half, 1.0):
             weight, grid, step_loss = exact_quantize(
-                weight,
-                keep,
-                prep,
-                spec,
-                engine,
-                outliers,
-                float(slack),
-                clip.grid if clip else None,
+                weight, keep, prep, spec, *obq_args, clip.grid if clip else None
             )
             if clip:
                 assert g0 is not None
-                alt = searched_grid_reference(
-                    Wc, prep, g0, clip, weight, (engine, outliers, float(slack))
-                )
+                alt = searched_grid_reference(Wc, prep, g0, clip, weight, obq_args)
                 extra = [("gptq clip_search", clip)] + ([("obc searched grid", alt)] if alt else [])
         # the pruned state is the optimum on {Ŵ_S = 0}, so the losses add (Pythagoras)
         predicted = predicted + step_loss.sum(1).cpu()
     measured = row_losses(Wc, weight, prep.H).cpu()
     info: dict[str, Any] = {}
-    refits = grid is not None and option_bool("obc", spec.options, "refit_scales", False)
+    refits = grid is not None and opt.refit_scales
     if refits:
         assert grid is not None
         weight, grid, predicted, measured, info["scale_refit"] = refit(
             Wc, prep, weight, grid, predicted, measured
         )
-    if option_bool("obc", spec.options, "guard", True):
+    if opt.guard:
         weight, keep, grid, predicted, measured, info["guard"] = guarded(
             W, H, Wc, prep, spec, (weight, keep, grid, measured), predicted, trace, refits,
-            extra=extra,
+            extra=extra, per_row=opt.per_row,
         )  # fmt: skip
     if clip:
         info["clip_search"] = clip.info["clip_search"]
@@ -248,6 +284,7 @@ def guarded(
     trace: PruneTrace | None,
     refits: bool = False,
     extra: Sequence[tuple[str, LayerResult]] = (),
+    per_row: bool = False,
 ) -> tuple[Any, ...]:
     """``core.methods.guard`` against the fast solvers of ``spec`` → ``(weight, keep, grid,
     predicted row loss, measured row loss, guard info)``; rows taken from a reference have
@@ -260,7 +297,7 @@ def guarded(
     cur = exact
     info: dict[str, Any] = {}
     per: dict[str, int] = {}
-    for ref_name, ref in [*_references(W, H, spec), *extra]:
+    for ref_name, ref in [*_references(W, H, spec, per_row), *extra]:
         ref_w, ref_grid = ref.weight.to(Wc), ref.grid
         rl = row_losses(Wc, ref_w, prep.H).cpu()
         if refits and ref_grid is not None:
@@ -284,13 +321,13 @@ def guarded(
 
 
 def _references(
-    W: torch.Tensor, H: torch.Tensor, spec: CompressSpec
+    W: torch.Tensor, H: torch.Tensor, spec: CompressSpec, per_row: bool = False
 ) -> list[tuple[str, LayerResult]]:
     """The fast solvers of the same problem, default options: GPTQ (natural order, then act
     order) for quantization only; SparseGPT for pruning, with or without quantization (row
     scope when ``per_row``)."""
     if spec.prunes:  # per_row: the same count in every row, as SparseGPT's row scope
-        opts = {"scope": "row"} if spec.options.get("per_row") else {}
+        opts = {"scope": "row"} if per_row else {}
         return [("sparsegpt", solve_sparsegpt(W, H, dataclasses.replace(spec, options=opts)))]
     natural = solve_gptq(W, H, dataclasses.replace(spec, options={}))
     act = solve_gptq(W, H, dataclasses.replace(spec, options={"act_order": True}))

@@ -27,17 +27,24 @@ import torch
 from ..columnwise import option_bool, option_scope
 from ..result import LayerResult, unchanged
 from ..spec import CompressSpec, check_options
-from .column import column_method
+from .column import check_column, column_method
 
 SPARSEGPT_OPTIONS = ("block_size", "scope", "static_groups", "search")
 
 
+def check_sparsegpt(spec: CompressSpec) -> tuple[str, bool]:
+    """Every option of SparseGPT for ``spec``, checked before any work → ``(scope,
+    static_groups)``."""
+    check_options("sparsegpt", spec.options, SPARSEGPT_OPTIONS)
+    scope = option_scope("sparsegpt", spec.options)
+    static = option_bool("sparsegpt", spec.options, "static_groups", False)
+    check_column("sparsegpt", spec, static)
+    return scope, static
+
+
 def solve_sparsegpt(W: torch.Tensor, H: torch.Tensor, spec: CompressSpec) -> LayerResult:
     """SparseGPT on one layer ``W (rows, cols)``; see the module docstring."""
-    check_options("sparsegpt", spec.options, SPARSEGPT_OPTIONS)
-    opts = spec.options
-    scope = option_scope("sparsegpt", opts)
-    static = option_bool("sparsegpt", opts, "static_groups", False)
+    scope, static = check_sparsegpt(spec)
     if not spec.prunes and not spec.quantizes:
         return unchanged(W, "sparsegpt", spec)
     info = {"scope": scope}
