@@ -26,6 +26,7 @@ import optbrain.app.demo
 from optbrain.app import zoo
 from optbrain.app.cli import main
 from optbrain.io import load
+from optbrain.pipeline.data import CalibrationError
 from optbrain.recipe import Recipe
 
 RUN_FILES = {"manifest.json", "compressed.safetensors", "report.json", "report.html", "recipe.yaml"}
@@ -417,8 +418,18 @@ def test_limit_must_be_positive(limit, capsys):
 @pytest.mark.parametrize(
     "exc, code, message",
     [
-        (KeyboardInterrupt(), 130, "interrupted; rerun the same command to resume"),
+        (
+            KeyboardInterrupt(),
+            130,
+            "interrupted; nothing was written (an earlier run in --out "
+            "is kept); rerun to start again",
+        ),
         (OSError(28, "No space left on device"), 1, "No space left on device"),
+        (
+            CalibrationError("calibration batch 0 failed in forward: TypeError: bad input", 0),
+            2,
+            "error: calibration batch 0 failed in forward: TypeError: bad input",
+        ),
     ],
 )
 def test_interrupt_and_os_errors_are_messages(exc, code, message, tmp_path, monkeypatch, capsys):
@@ -432,6 +443,20 @@ def test_interrupt_and_os_errors_are_messages(exc, code, message, tmp_path, monk
     assert main(argv) == code
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
+
+
+def test_interrupted_budget_run_says_resume(tmp_path, monkeypatch, capsys):
+    """A --target run keeps its layer database: the interrupt says a rerun resumes."""
+    import optbrain.app.runs as runs
+
+    def raise_(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(runs, "run_zoo_budget", raise_)
+    argv = ["compress", "--model", "digits-mlp", "--target", "flops=0.5", "--out",
+            str(tmp_path / "r")]  # fmt: skip
+    assert main(argv) == 130
+    assert "rerun the same command to resume" in capsys.readouterr().err
 
 
 def test_no_layer_compressed_exits_1_with_reason(tmp_path, capsys):
@@ -475,3 +500,35 @@ def test_compress_channels_writes_a_shrunk_run(tmp_path, capsys):
     assert got["compressed"]["params"] == metrics["params"]["compressed"]
     assert got["compressed"]["accuracy"] == pytest.approx(metrics["accuracy"]["compressed"])
     assert got["dense"]["params"] == metrics["params"]["dense"]
+
+
+def test_bad_preset_refused_even_with_flags_and_a_flag_over_a_preset_said(tmp_path, capsys):
+    """--preset 150% is an error even when --sparsity would override it; a flag that overrides a
+    preset's setting runs, with a note naming both."""
+    argv = ["compress", "--model", "digits-mlp", "--sparsity", "0.5", "--preset", "150%",
+            "--out", str(tmp_path / "r")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "preset must be one of" in err and "'150%'" in err and "Traceback" not in err
+    argv = ["compress", "--model", "digits-mlp", "--preset", "w8a16", "--bits", "4",
+            "--samples", "16", "--limit", "20", "--quiet",
+            "--out", str(tmp_path / "r2")]  # fmt: skip
+    assert main(argv) == 0
+    assert "note: --bits 4 overrides --preset w8a16's bits=8" in capsys.readouterr().err
+    report = json.loads((tmp_path / "r2" / "report.json").read_text())
+    assert {r["bits"] for r in report["layers"] if r["status"] == "compressed"} == {4}
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--sparsity", "1.5"], "--sparsity must be a number in [0, 1)"),
+        (["--bits", "99"], "--bits must be an integer in [1, 16]"),
+        (["--bits", "4", "--group-size", "0"], "--group-size must be a positive integer"),
+    ],
+)
+def test_flag_errors_name_the_flag(flags, message, tmp_path, capsys):
+    argv = ["compress", "--model", "digits-mlp", *flags, "--out", str(tmp_path / "r")]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"error: {message}" in err and "rules[0]" not in err, err

@@ -103,6 +103,34 @@ def test_hf_directory_compress_then_eval(tmp_path, text_file, kind, capsys):
         assert "perplexity" not in m["dense"]
 
 
+@pytest.mark.parametrize("method", ["obc", "magnitude"])
+def test_own_llama_channels_are_shrunk_and_eval_loads_the_shrunk_run(
+    tmp_path, text_file, method, capsys
+):
+    """``--pattern channels`` on your own model: the FFN neurons go for real (as for a zoo
+    model), the attention output projections are skipped with the reason (heads are for
+    that), ``--method obc`` runs (its cost warning has no model for structured OBS), and
+    ``eval`` loads the shrunk run onto the dense directory."""
+    d = _save(tmp_path, "llama", text_file)
+    run = tmp_path / "run"
+    rc = main(["compress", "--model", str(d), "--calibration", str(text_file), "--method",
+               method, "--pattern", "channels", "--sparsity", "0.5", "--samples", "16",
+               "--seq-len", "32", "--out", str(run), "--quiet"])  # fmt: skip
+    assert rc == 0
+    shrunk = json.loads((run / "report.json").read_text())["metadata"]["shrink"]
+    assert shrunk["params_after"] < shrunk["params_before"]
+    assert shrunk["macs_after"] < shrunk["macs_before"]
+    assert shrunk["removed"] == {f"model.layers.{i}.mlp.down_proj": 32 for i in range(2)}
+    assert "use pattern 'heads'" in shrunk["skipped"]["model.layers.0.self_attn.o_proj"]
+    assert shrunk["max_rel_error"] < 1e-5
+    capsys.readouterr()
+    rc = main(["eval", "--model", str(d), "--compressed", str(run), "--data", str(text_file),
+               "--seq-len", "32", "--limit", "4", "--json", "--quiet"])  # fmt: skip
+    assert rc == 0
+    m = json.loads(capsys.readouterr().out)
+    assert 0 < m["compressed"]["rel_error"] < 2
+
+
 CNN_SOURCE = """
 from torch import nn
 
@@ -154,6 +182,15 @@ def test_module_factory_safetensors_and_image_folder(tmp_path, monkeypatch, caps
     for k in ("dense", "compressed"):
         assert round(m[k]["accuracy"] * 12, 6) == int(round(m[k]["accuracy"] * 12))
     assert 0 < m["compressed"]["rel_error"] < 1
+    assert "without --weights" not in capsys.readouterr().err
+    # without --weights the factory's own init is used: said, not silent
+    rc = main(["compress", "--model", "mynet:make_cnn", "--calibration", str(images),
+               "--image-size", "16", "--sparsity", "0.5", "--out", str(tmp_path / "r2"),
+               "--quiet"])  # fmt: skip
+    assert rc == 0
+    assert "without --weights: the model is used as the factory returns it" in (
+        capsys.readouterr().err
+    )
 
 
 def _err(argv, capsys):
@@ -195,6 +232,14 @@ def test_bad_inputs_are_clear_errors_before_work(tmp_path, text_file, capsys, mo
     assert "--seq-len 65" in err and "64 tokens" in err
     err = _err(["eval", "--model", str(d), "--data", str(noimg)], capsys)
     assert "no images" in err
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    err = _err([*base, "--model", str(d), "--calibration", str(text_file), "--out", str(afile)],
+               capsys)  # fmt: skip
+    assert f"--out {afile} is an existing file" in err
+    err = _err([*base, "--model", str(d), "--calibration", str(text_file), "--out",
+                str(afile / "run")], capsys)  # fmt: skip
+    assert "cannot be created" in err and "is a file" in err
 
 
 def test_calibration_from_formats(tmp_path, text_file):
@@ -339,3 +384,48 @@ def test_hf_image_model_takes_size_and_normalisation_from_its_preprocessor(tmp_p
     first = batches[0]["pixel_values"][0]
     is_bright = bool(first.mean() > 0.5)  # the "dog" images are the bright ones
     assert int(labels[0][0]) == (0 if is_bright else 1)
+
+
+def test_own_model_export_from_the_cli(tmp_path, text_file, capsys):
+    """A run of your own HF model exports from the CLI like a zoo run: compressed-tensors that
+    plain transformers loads (same logits as optbrain's compressed model), packed safetensors,
+    ONNX traced on --calibration inputs (same logits under ONNX Runtime); ONNX without
+    --calibration and bench are clear errors."""
+    import transformers
+
+    from optbrain.io import load
+
+    d = _save(tmp_path, "llama", text_file)
+    run = tmp_path / "run"
+    rc = main(["compress", "--model", str(d), "--calibration", str(text_file), "--method",
+               "gptq", "--bits", "4", "--samples", "16", "--seq-len", "32", "--out", str(run),
+               "--quiet"])  # fmt: skip
+    assert rc == 0
+    assert json.loads((run / "source.json").read_text())["model"] == str(d.resolve())
+    ct = tmp_path / "ct"
+    assert main(["export", str(run), "--format", "compressed-tensors", "--out", str(ct)]) == 0
+    comp = load(transformers.AutoModelForCausalLM.from_pretrained(d).eval(), run)
+    plain = transformers.AutoModelForCausalLM.from_pretrained(ct).eval()
+    ids = torch.randint(0, comp.config.vocab_size, (2, 16))
+    with torch.no_grad():
+        want = comp(input_ids=ids).logits
+        got = plain(input_ids=ids).logits
+    assert float((got - want).abs().max()) <= 1e-4 * float(want.abs().max())
+    assert main(["export", str(run), "--format", "safetensors", "--out", str(tmp_path / "p")]) == 0
+    capsys.readouterr()
+    err = _err(["export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx")], capsys)
+    assert "needs --calibration FILE" in err
+    ort = pytest.importorskip("onnxruntime")
+    onnx_path = tmp_path / "m.onnx"
+    rc = main(["export", str(run), "--format", "onnx", "--calibration", str(text_file),
+               "--seq-len", "16", "--out", str(onnx_path)])  # fmt: skip
+    assert rc == 0
+    opts = ort.SessionOptions()
+    opts.add_session_config_entry("session.disable_quant_qdq", "1")
+    sess = ort.InferenceSession(str(onnx_path), opts, providers=["CPUExecutionProvider"])
+    feed = {i.name: (ids if "ids" in i.name else torch.ones_like(ids)).numpy()
+            for i in sess.get_inputs()}  # fmt: skip
+    out = sess.run(None, feed)[0]
+    assert float(abs(out - want.numpy()).max()) <= 1e-4 * float(want.abs().max())
+    err = _err(["bench", str(run)], capsys)
+    assert "optbrain bench times zoo runs" in err

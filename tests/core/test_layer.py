@@ -297,6 +297,7 @@ BAD = [
     (prune_layer, (W8.to(torch.int64), H8, 0.5), {}, r"\bW\b.*floating"),
     (compress_layer, (W8, H8), {}, "sparsity"),
     (prune_layer, (W8, H8, 0.5), {"lazzy": 4}, "lazzy"),
+    (prune_layer, (W8, H8, 0.5), {"slak": 1}, r"\['slak'\] \(did you mean 'slack'\?\)"),
     (prune_layer, (W8, H8, 0.5), {"lazy": 0}, "lazy"),
     (prune_layer, (W8, H8, 0.5), {"max_sparsity": 1.5}, "max_sparsity"),
     # every option of obc is checked before any work, on every path (N:M, no grid, pruning)

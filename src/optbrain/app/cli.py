@@ -49,6 +49,16 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
             rule[k] = v
     if args.asym:
         rule["sym"] = False
+    if "preset" in rule:  # a flag given with it wins: said, not silent
+        from ..recipe_rules import expand_preset
+
+        preset = expand_preset(rule["preset"], (), "--preset")
+        for k in sorted(set(preset) & set(rule)):
+            flag = "--asym" if k == "sym" else f"--{k.replace('_', '-')}"
+            print(
+                f"note: {flag} {rule[k]} overrides --preset {rule['preset']}'s {k}={preset[k]}",
+                file=sys.stderr,
+            )
     if "pattern" in rule:
         from ..core.spec import check_pattern
 
@@ -69,7 +79,20 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         d["allocation"] = args.allocation
     if getattr(args, "bn_recalibration", False):
         d["bn_recalibration"] = True
-    return Recipe.from_dict(d)
+    from ..recipe import RecipeError
+
+    try:
+        return Recipe.from_dict(d)
+    except RecipeError as e:  # name the flag the user typed, not the recipe field it filled
+        key = e.path[-1] if e.path else None
+        flag = {"sym": "--asym", "samples": "--samples", "mode": "--mode"}.get(
+            str(key), f"--{str(key).replace('_', '-')}"
+        )
+        field = ".".join(str(p) for p in e.path).replace(".0.", "[0].")
+        msg = str(e)
+        if key is not None and field and msg.startswith(field):
+            msg = flag + msg[len(field) :]
+        raise ValueError(msg) from None
 
 
 def cmd_compress(args: argparse.Namespace) -> int:
@@ -189,6 +212,8 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
     out = Path(args.out) if args.out else Path("runs") / args.model
     db = Path(args.db) if getattr(args, "db", None) else None
     _check_out(out, db)
+    from ..core.spec import DEFAULT_DAMP
+
     _, report = run_zoo_budget(
         args.model,
         args.target,
@@ -197,7 +222,7 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
         samples=128 if getattr(args, "samples", None) is None else args.samples,
         quiet=args.quiet,
         limit=args.limit,
-        damp=0.01 if getattr(args, "damp", None) is None else args.damp,
+        damp=DEFAULT_DAMP if getattr(args, "damp", None) is None else args.damp,
         sym=not getattr(args, "asym", False),
         levels=_levels_from_args(getattr(args, "levels", None)),
         bn_recalibration=bool(getattr(args, "bn_recalibration", False)),
@@ -318,6 +343,7 @@ def _positive_int(text: str) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from ..core.methods import METHODS
+    from ..core.spec import DEFAULT_DAMP
     from .own_cmd import add_source_flags
 
     p = argparse.ArgumentParser(
@@ -327,7 +353,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    c = sub.add_parser("compress", help="compress a zoo model and write a run directory")
+    c = sub.add_parser(
+        "compress",
+        help="compress a zoo model or your own (HF directory, module:factory) into a run dir",
+    )
     c.add_argument(
         "--model",
         required=True,
@@ -351,7 +380,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="quantization group size (default: one grid per output channel)",
     )
     c.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
-    c.add_argument("--damp", type=float, help="relative damping of H (default 0.01)")
+    c.add_argument("--damp", type=float, help=f"relative damping of H (default {DEFAULT_DAMP})")
     c.add_argument("--targets", nargs="+", help="module name patterns to compress (glob or re:)")
     c.add_argument("--ignore", nargs="+", help="module name patterns to leave alone")
     c.add_argument(
@@ -413,7 +442,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.set_defaults(func=cmd_compress)
 
-    e = sub.add_parser("eval", help="print a zoo model's metrics, dense and compressed")
+    e = sub.add_parser(
+        "eval", help="print a model's metrics (zoo or your own), dense and compressed"
+    )
     e.add_argument("--model", required=True, help="zoo name, HF directory or module:factory")
     e.add_argument("--data", help="evaluation data for your own model (as --calibration)")
     e.add_argument("--quiet", action="store_true", help="no progress line")
@@ -455,22 +486,35 @@ def main(argv: list[str] | None = None) -> int:
     # another process competes for the cores (shared machines, CI); passive waiting costs little
     # on an idle machine. Set here, in the entry point, before torch is imported.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    parser = build_parser()
+    try:
+        parser = build_parser()  # imports torch: seconds, and Ctrl-C may come meanwhile
+    except KeyboardInterrupt:
+        print("\noptbrain: interrupted", file=sys.stderr)
+        return 130
     args = parser.parse_args(argv)
+    from ..pipeline.data import CalibrationError
+
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError) as e:
+    except (ValueError, FileNotFoundError, ImportError, CalibrationError) as e:
         print(f"optbrain {args.command}: error: {e}", file=sys.stderr)
         return 2
     except OSError as e:  # disk full, permissions: the message, not a traceback
         print(f"optbrain {args.command}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print(
-            f"\noptbrain {args.command}: interrupted; rerun the same command to resume",
-            file=sys.stderr,
-        )
+        print(f"\noptbrain {args.command}: interrupted; {_after_interrupt(args)}", file=sys.stderr)
         return 130
+
+
+def _after_interrupt(args: argparse.Namespace) -> str:
+    """What a rerun of the interrupted command does: only ``--offload`` (its finished blocks)
+    and ``--target`` (its layer database) keep work done; elsewhere nothing was written."""
+    if args.command == "compress" and (getattr(args, "offload", None) or args.target):
+        return "rerun the same command to resume (finished work is kept)"
+    if args.command == "compress":
+        return "nothing was written (an earlier run in --out is kept); rerun to start again"
+    return "nothing was written"
 
 
 if __name__ == "__main__":

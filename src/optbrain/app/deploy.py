@@ -136,6 +136,58 @@ def update_deployment(run: Path, section: str, key: str, value: dict[str, Any]) 
 
 
 # ------------------------------------------------------------------------------ export
+def own_source(run: Path) -> dict[str, Any] | None:
+    """The ``source.json`` of a run of your own model (``optbrain compress --model DIR|mod:fn``),
+    else None (a zoo run)."""
+    path = run / "source.json"
+    if not path.is_file():
+        return None
+    try:
+        src = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); which model is this run?") from None
+    if not isinstance(src, dict) or src.get("kind") not in ("hf", "module"):
+        raise ValueError(f"{path} does not say which model the run is of (kind hf or module)")
+    return src
+
+
+def _own_export_model(args: argparse.Namespace, run: Path, src: dict[str, Any]) -> Any:
+    """(compressed model, example batches or None, loaded) of a run of your own model: the
+    model from ``--model`` (default: the directory or factory the run recorded), the run
+    applied to it; ``--calibration`` read for ONNX (the inputs to trace, and the activation
+    ranges of int8)."""
+    from ..io import load
+    from .own import calibration_for
+    from .sources import load_model
+
+    spec = args.model or src.get("model")
+    if not spec:
+        raise ValueError(
+            f"{run} is a run of your own model {src.get('name')!r} that does not record where "
+            "the model is; pass --model DIR (or module:factory with --weights)"
+        )
+    if args.format == "onnx" and not args.calibration:
+        raise ValueError(
+            "--format onnx of your own model needs --calibration FILE: inputs of the model "
+            "to trace the graph with (the same kind of data as for compress)"
+        )
+    weights = args.weights or src.get("weights")
+    loaded = load_model(spec, task=args.task or src.get("task"), weights=weights)
+    if args.format == "compressed-tensors" and loaded.kind != "hf":
+        raise ValueError(
+            "format 'compressed-tensors' writes Hugging Face transformers models; "
+            f"{spec!r} is a module factory (use --format onnx or --format safetensors)"
+        )
+    model = load(copy.deepcopy(loaded.model), run)
+    batches = None
+    if args.format == "onnx":
+        batches = calibration_for(
+            loaded, args.calibration, samples=args.samples, seq_len=args.seq_len,
+            text_key=args.text_key, image_size=args.image_size, batch_size=1,
+        )  # fmt: skip
+    return model, batches
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from ..io import export
     from ..io.formats import check_options
@@ -151,21 +203,30 @@ def cmd_export(args: argparse.Namespace) -> int:
     )
     if args.samples < 1:
         raise ValueError("--samples must be at least 1")
-    name = run_model_name(run, args.model)
-    from . import zoo
-
-    entry = zoo.get(name)
-    if fmt == "compressed-tensors" and "transformers" not in entry.requires:
-        raise ValueError(
-            f"format 'compressed-tensors' writes Hugging Face transformers models; {name!r} "
-            "is not one (use --format onnx or --format safetensors)"
-        )
+    if not run.is_dir():
+        raise ValueError(f"{run}: no such run directory")
     out = Path(args.out)
-    _, _, model = load_run(run, name)
-    example = onnx_inputs(model, example_batch(entry, 1)) if fmt == "onnx" else None
+    src = own_source(run)
+    if src is not None:
+        model, batches = _own_export_model(args, run, src)
+        example = onnx_inputs(model, batches[0]) if batches else None
+        calib = [positional(model, b) for b in batches] if batches else None
+    else:
+        name = run_model_name(run, args.model)
+        from . import zoo
+
+        entry = zoo.get(name)
+        if fmt == "compressed-tensors" and "transformers" not in entry.requires:
+            raise ValueError(
+                f"format 'compressed-tensors' writes Hugging Face transformers models; {name!r} "
+                "is not one (use --format onnx or --format safetensors)"
+            )
+        _, _, model = load_run(run, name)
+        example = onnx_inputs(model, example_batch(entry, 1)) if fmt == "onnx" else None
+        calib = calibration_args(entry, model, args.samples) if act != "float" else None
     kw: dict[str, Any] = {}
     if act != "float":
-        kw = {"activations": act, "calibration": calibration_args(entry, model, args.samples)}
+        kw = {"activations": act, "calibration": calib}
     if args.dtype is not None:
         kw["dtype"] = args.dtype
     if args.matmul_nbits:
@@ -382,6 +443,13 @@ def bench(
 
 def cmd_bench(args: argparse.Namespace) -> int:
     run = Path(args.run)
+    if run.is_dir() and own_source(run) is not None:
+        raise ValueError(
+            f"optbrain bench times zoo runs (it needs the model's own inputs); for {run}, a run "
+            "of your own model, export it (optbrain export RUN --format onnx --calibration "
+            "FILE --out m.onnx) and time that file with ONNX Runtime, or optbrain.export in "
+            "Python"
+        )
     res = bench(
         run,
         args.runtime,
@@ -419,8 +487,15 @@ def add_parsers(sub: Any) -> None:
     x.add_argument("run", help="run directory written by 'optbrain compress'")
     x.add_argument("--format", required=True, choices=FORMATS, help="what to write")
     x.add_argument("--out", required=True, help="file (onnx) or directory to write")
-    x.add_argument("--model", help="the zoo model the run must be of (default: the run's)")
+    x.add_argument(
+        "--model",
+        help="the zoo model the run must be of, or your own model's directory / module:factory "
+        "(default: the run's)",
+    )
     _activation_args(x)
+    from .own_cmd import add_source_flags
+
+    add_source_flags(x, data_flag=True)  # your own model: --weights, --calibration (onnx), ...
     x.add_argument(
         "--dtype",
         choices=DTYPES,

@@ -61,8 +61,9 @@ def calibration_for(
 def obc_warnings(model: nn.Module, recipe: Any) -> list[str]:
     """One line per layer whose ``method="obc"`` solve the cost model predicts over
     ``auto``'s per-layer budget, with the solver ``auto`` would run instead."""
-    from ..core.methods.auto import DEFAULT_BUDGET, estimate_obc_seconds
-    from ..pipeline.compress import plan_layers
+    from ..core.methods.auto import DEFAULT_BUDGET, predicted_seconds
+    from ..core.spec import make_spec
+    from ..pipeline.compress import layer_kwargs, plan_layers
 
     plans, adapters, _ = plan_layers(model, recipe)
     lines = []
@@ -70,8 +71,9 @@ def obc_warnings(model: nn.Module, recipe: Any) -> list[str]:
         if plan.method != "obc":
             continue
         a = adapters[name]
-        spec = plan.spec(a.cols)
-        secs = estimate_obc_seconds(a.rows, a.cols, spec) * a.groups
+        spec = make_spec(a.cols, **layer_kwargs(model, a, plan))
+        est = predicted_seconds("obc", a.rows, a.cols, spec)  # None: structured OBS, cheap
+        secs = 0.0 if est is None else est * a.groups
         if secs > DEFAULT_BUDGET:
             alt = "sparsegpt" if spec.prunes else "gptq"
             lines.append(
@@ -90,21 +92,29 @@ def compress_own(
     *,
     quiet: bool = False,
     executor: Any = None,
+    source: dict[str, Any] | None = None,
 ) -> Any:
     """Compress ``loaded.model`` in place on ``batches``; write the run directory ``out``
-    (checkpoint, ``report.html``, ``recipe.yaml``, ``source.json``). Returns the report."""
-    from ..api import compress
+    (checkpoint, ``report.html``, ``recipe.yaml``, ``source.json``: the model's kind, name and
+    task, plus ``source`` — where it is, ``{"model": DIR or module:factory, "weights": ...}``,
+    read by ``optbrain export``). Channels / heads are then
+    removed for real (``optbrain.shrink``, as for a zoo model; ``metadata["shrink"]``).
+    Returns the report."""
+    from ..api import compress, shrink
     from ..io import save
+    from ..pipeline.shrink import structured_layers
     from .runs import RUN_FILES
 
     t0 = time.perf_counter()
     report = compress(
         loaded.model, batches, recipe, quiet=quiet, name=loaded.name, executor=executor
     )
+    if structured_layers(loaded.model):  # channels / heads: remove them for real
+        report.metadata["shrink"] = shrink(loaded.model, batches[0]).to_dict()
     report.metadata["compress_seconds"] = time.perf_counter() - t0
     loaded.model.__dict__["_optbrain"]["report"] = report.to_dict()
     save(loaded.model, out)
-    src = {"kind": loaded.kind, "name": loaded.name, "task": loaded.task}
+    src = {"kind": loaded.kind, "name": loaded.name, "task": loaded.task, **(source or {})}
     written = {
         "report.html": report.to_html(),
         "recipe.yaml": recipe.to_yaml(),

@@ -89,6 +89,10 @@ def _compress_own(args: argparse.Namespace, recipe: Any) -> int:
     if getattr(args, "target", None):
         raise ValueError("--target (a global budget) works with zoo models only for now")
     precheck(args.model, args.calibration, "--calibration", args.seq_len)
+    if args.out:  # before the model loads (the default, runs/NAME, needs its name)
+        from .cli import _check_out
+
+        _check_out(Path(args.out))
     loaded = _load(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -106,9 +110,15 @@ def _compress_own(args: argparse.Namespace, recipe: Any) -> int:
     for line in obc_warnings(loaded.model, recipe):  # printed even with --quiet
         print(line, file=sys.stderr)
     out = Path(args.out) if args.out else Path("runs") / loaded.name
+    where = {"model": args.model, "weights": args.weights}
+    if loaded.kind == "hf":
+        where["model"] = str(Path(args.model).expanduser().resolve())
+    if args.weights:
+        where["weights"] = str(Path(args.weights).expanduser().resolve())
     report = compress_own(
-        loaded, batches, recipe, out, quiet=args.quiet, executor=getattr(args, "executor_obj", None)
-    )
+        loaded, batches, recipe, out, quiet=args.quiet,
+        executor=getattr(args, "executor_obj", None), source=where,
+    )  # fmt: skip
     print(render_table(report))
     print(f"\nrun written to {out}/ (report: {out / 'report.html'})")
     return 0

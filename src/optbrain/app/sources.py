@@ -235,7 +235,13 @@ def load_factory(spec: str, weights: str | Path | None) -> LoadedModel:
     if not isinstance(model, nn.Module):
         raise ValueError(f"--model {spec}: the factory returned a {type(model).__name__}, "
                          "not a torch.nn.Module")  # fmt: skip
-    if w is not None:
+    if w is None:
+        print(
+            f"warning: --model {spec} without --weights: the model is used as the factory "
+            "returns it (a random init unless the factory loads trained weights itself)",
+            file=sys.stderr,
+        )
+    else:
         sd = read_state_dict(w)
         missing, unexpected = model.load_state_dict(sd, strict=False)
         if missing or unexpected:

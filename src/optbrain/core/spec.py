@@ -8,6 +8,7 @@ a ``SettingError`` with where the setting is (``rules[1].sparsity must be ...``)
 
 from __future__ import annotations
 
+import difflib
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -328,8 +329,10 @@ def check_options(method: str, options: dict, allowed: Iterable[str]) -> None:
     allowed = sorted(allowed)
     bad = sorted(set(options) - set(allowed))
     if bad:
+        close = [m for b in bad for m in difflib.get_close_matches(b, allowed, n=1)]
+        hint = f" (did you mean {', '.join(map(repr, close))}?)" if close else ""
         raise ValueError(
-            f"method {method!r} does not take option(s) {bad}; its options are {allowed}"
+            f"method {method!r} does not take option(s) {bad}{hint}; its options are {allowed}"
         )
 
 

@@ -360,6 +360,15 @@ def shrink(model: nn.Module, example_inputs: Any, *, tol: float = 1e-4) -> Shrin
                 rep.skipped[name] = "no head can go (k/v shared with kept heads, or not zero)"
         channel_layers = []
         for name in (n for n, k in targets.items() if k == "channels"):
+            if attention_of(model, name) is not None or gpt2_attention_of(model, name) is not None:
+                # its inputs are the heads' outputs (through softmax · V, reshapes, repeated
+                # k/v): not a per-channel tie torch-pruning can follow (its group search does
+                # not end on a Llama attention); heads are removed whole by 'heads'
+                rep.skipped[name] = (
+                    "an attention output projection: its input channels are slices of the "
+                    "heads; use pattern 'heads' to remove whole heads"
+                )
+                continue
             if gpt2_ffn_of(model, name) is None:
                 channel_layers.append(name)
                 continue

@@ -400,8 +400,15 @@ class ReportData:
 
     @classmethod
     def load(cls, path: str | Path) -> ReportData:
-        """Read a report written by ``to_json``."""
-        return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        """Read a report written by ``to_json``; a file that is not one is a ValueError
+        naming it."""
+        try:
+            return cls.from_json(Path(path).read_text(encoding="utf-8"))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:  # JSON, Unicode, keys
+            raise ValueError(
+                f"{path} is not an optbrain report (report.json written by 'optbrain "
+                f"compress'): {type(e).__name__}: {e}"
+            ) from None
 
     # ---------------------------------------------------------------- CSV / markdown / text
 
