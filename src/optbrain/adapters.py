@@ -463,3 +463,16 @@ def find_layers(
         elif _factory(module) is not None:
             targets[name] = module
     return targets, skipped
+
+
+def head_dim_of(model: nn.Module) -> int | None:
+    """The attention head size of a transformers model (``config.head_dim``, else
+    ``hidden_size / num_attention_heads``), None when the model has no such config."""
+    cfg = getattr(model, "config", None)
+    hd = getattr(cfg, "head_dim", None)
+    if isinstance(hd, int) and hd > 0:
+        return hd
+    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
+    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
+        return hidden // heads
+    return None

@@ -156,6 +156,31 @@ def test_save_load_is_bit_exact(kind, tmp_path):
     assert (run / TENSORS).read_bytes() == (again / TENSORS).read_bytes()
 
 
+def test_a_run_refuses_another_model_of_the_same_shapes(tmp_path):
+    """The manifest holds a fingerprint of the weights compression leaves alone: a model of the
+    same architecture with other weights is refused, unchanged; the model it came from loads."""
+    torch.manual_seed(0)
+    dense = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    model = copy.deepcopy(dense)
+    compress(model, [torch.randn(32, 8)], {"rules": [{"targets": ["0"], "sparsity": 0.5}]},
+             quiet=True)  # fmt: skip
+    run = save(model, tmp_path / "run")
+    assert json.loads((run / MANIFEST).read_text())["dense_fingerprint"]
+    other = copy.deepcopy(dense)
+    with torch.no_grad():
+        other[2].bias.add_(1e-3)  # a layer the run did not compress
+    before = copy.deepcopy(other.state_dict())
+    with pytest.raises(CheckpointError, match="made from another model"):
+        load(other, run)
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
+    # the compressed layer's own dense weights may differ (they are replaced): still loads
+    mine = copy.deepcopy(dense)
+    with torch.no_grad():
+        mine[0].weight.mul_(2)
+    out = load(mine, run)
+    assert torch.equal(out[0].weight, model[0].weight)
+
+
 def test_bn_recalibration_is_saved_and_needed(tmp_path):
     """The re-estimated batch-norm statistics differ from the dense ones and are in the file:
     loading the weights alone would not reproduce the outputs."""

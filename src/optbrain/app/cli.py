@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from .paths import check_out
+
 
 def _recipe_from_args(args: argparse.Namespace) -> Any:
     from ..recipe import Recipe
@@ -130,7 +132,7 @@ def _cmd_compress(args: argparse.Namespace) -> int:
         raise ValueError("--calibration is for your own model; zoo models bring their data")
     recipe = _recipe_from_args(args)
     out = Path(args.out) if args.out else Path("runs") / args.model
-    _check_out(out)
+    check_out(out)
     _, report = run_zoo(
         args.model, recipe, out, quiet=args.quiet, limit=args.limit, executor=args.executor_obj
     )
@@ -152,29 +154,6 @@ def _executor_from_args(args: argparse.Namespace) -> Any:
     from ..pipeline.executor import make_executor
 
     return make_executor(name, address=address, workers=workers)
-
-
-def _check_out(out: Path, db: Path | None = None) -> None:
-    """Before any compute: ``out`` (and ``db``) must be, or be creatable as, directories
-    optbrain can write (nothing is created here)."""
-    import tempfile
-
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is an existing file; pass a directory")
-    base = out
-    while not base.exists() and base != base.parent:
-        base = base.parent
-    if not base.is_dir():
-        raise ValueError(f"--out {out} cannot be created: {base} is a file")
-    try:
-        with tempfile.TemporaryFile(dir=base):
-            pass
-    except OSError as e:
-        raise ValueError(f"--out {out} is not writable ({base}: {e.strerror or e})") from None
-    if db is not None:
-        from ..budget.database import check_database_dir
-
-        check_database_dir(db)
 
 
 def _nothing_compressed(report: Any) -> int:
@@ -211,7 +190,7 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
         )
     out = Path(args.out) if args.out else Path("runs") / args.model
     db = Path(args.db) if getattr(args, "db", None) else None
-    _check_out(out, db)
+    check_out(out, db)
     from ..core.spec import DEFAULT_DAMP
 
     _, report = run_zoo_budget(

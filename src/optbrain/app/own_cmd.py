@@ -90,9 +90,9 @@ def _compress_own(args: argparse.Namespace, recipe: Any) -> int:
         raise ValueError("--target (a global budget) works with zoo models only for now")
     precheck(args.model, args.calibration, "--calibration", args.seq_len)
     if args.out:  # before the model loads (the default, runs/NAME, needs its name)
-        from .cli import _check_out
+        from .paths import check_out
 
-        _check_out(Path(args.out))
+        check_out(Path(args.out))
     loaded = _load(args)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")

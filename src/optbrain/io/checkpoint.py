@@ -34,8 +34,9 @@ shapes), the example inputs under ``shrink.example.`` and the shrink operations 
 
 from __future__ import annotations
 
+import hashlib
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,6 +95,27 @@ def _current_tensors_name(d: Path) -> str | None:
         return str(read_manifest(d).get("tensors"))
     except CheckpointError:
         return None
+
+
+def dense_fingerprint(model: nn.Module, compressed: Iterable[str]) -> str | None:
+    """sha256 over the parameters outside the ``compressed`` layers (name, dtype, shape, bytes):
+    what compression leaves as it was, so that a run is applied only to the model it was made
+    from (another model of the same shapes would load silently otherwise). Parameters shared
+    with a compressed layer (tied weights) are left out. None when there is no such parameter.
+    """
+    mods = dict(model.named_modules())
+    names = list(compressed)
+    tied = {p.data_ptr() for n in names if n in mods for p in mods[n].parameters()}
+    skip = tuple(f"{n}." for n in names)
+    h, count = hashlib.sha256(), 0
+    for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+        if name.startswith(skip) or p.data_ptr() in tied:
+            continue
+        t = p.detach().cpu().contiguous().reshape(-1)
+        h.update(f"{name}|{t.dtype}|{tuple(p.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes())
+        count += 1
+    return h.hexdigest() if count else None
 
 
 def save(model: nn.Module, path: str | os.PathLike, packed: bool = False) -> Path:
@@ -167,8 +189,10 @@ def save(model: nn.Module, path: str | os.PathLike, packed: bool = False) -> Pat
         "report": state.report,
         "environment": environment(),
     }
-    if shrink is not None:
+    if shrink is not None:  # it stores the whole shrunk model: nothing else to match
         manifest["shrink"] = shrink
+    else:
+        manifest["dense_fingerprint"] = dense_fingerprint(model, state.layers)
     atomic_json(out / MANIFEST, seal(manifest))  # the commit point
     for old in {TENSORS, TENSORS_B} - {name}:
         (out / old).unlink(missing_ok=True)
@@ -302,6 +326,15 @@ def load(model: nn.Module, path: str | os.PathLike) -> nn.Module:
         raise CheckpointError(
             f"{d / MANIFEST} is malformed (edited?): {type(e).__name__}: {e}"
         ) from None
+    want = manifest.get("dense_fingerprint")
+    if want is not None and not manifest.get("shrink"):
+        got = dense_fingerprint(model, manifest["layers"])
+        if got != want:
+            raise CheckpointError(
+                f"{d} was made from another model: the weights outside its compressed layers "
+                "differ from this model's (same shapes, other values); load it onto the dense "
+                "model it was compressed from"
+            )
     report = manifest.get("report")
     with torch.no_grad():
         for write in plan:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..adapters import LayerAdapter, adapter_for, find_layers
+from ..adapters import LayerAdapter, adapter_for, find_layers, head_dim_of
 from ..core import ticks
 from ..core.hessian import HessianAccumulator, row_losses
 from ..core.layer import compress_layer
@@ -94,19 +94,6 @@ class WeightBackup:
 
 
 # ------------------------------------------------------------------------------ planning ----
-def head_dim_of(model: nn.Module) -> int | None:
-    """The attention head size of a transformers model (``config.head_dim``, else
-    ``hidden_size / num_attention_heads``), None when the model has no such config."""
-    cfg = getattr(model, "config", None)
-    hd = getattr(cfg, "head_dim", None)
-    if isinstance(hd, int) and hd > 0:
-        return hd
-    hidden, heads = getattr(cfg, "hidden_size", None), getattr(cfg, "num_attention_heads", None)
-    if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 and hidden % heads == 0:
-        return hidden // heads
-    return None
-
-
 def layer_kwargs(model: nn.Module, adapter: LayerAdapter, plan: LayerPlan) -> dict[str, Any]:
     """``plan.spec_kwargs()`` plus what a ``channels`` / ``heads`` pattern needs to know of the
     layer: its kernel positions per input channel, its conv groups, and the head size (from
@@ -158,11 +145,8 @@ def plan_layers(model: nn.Module, rec: Recipe) -> tuple[Plans, Adapters, list[La
         except ValueError as e:
             records.append(skip_record(lname, module, f"recipe does not fit this layer: {e}"))
             continue
-        try:  # the method's options: a user error, before any calibration pass
-            check_spec(plan.method, spec)
-        except ValueError as e:
-            rules = ", ".join(f"rules[{i}]" for i in plan.rules)
-            raise ValueError(f"recipe {rules} on layer {lname!r}: {e}") from None
+        rules = ", ".join(f"rules[{i}]" for i in plan.rules)  # options: before calibration
+        check_spec(plan.method, spec, f"recipe {rules} on layer {lname!r}")
         plans[lname] = plan
         adapters[lname] = adapter
     return plans, adapters, records

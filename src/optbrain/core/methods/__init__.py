@@ -83,9 +83,15 @@ def check_method(method: str) -> str:
     return method
 
 
-def check_spec(method: str, spec: CompressSpec) -> None:
+def check_spec(method: str, spec: CompressSpec, where: str = "") -> None:
     """``method`` is registered and takes ``spec`` (its options, their values and the
-    pattern/bits it needs): a ValueError naming what is wrong, before any work."""
+    pattern/bits it needs): a ValueError naming what is wrong (after ``where: ``), before any
+    work."""
+    if where:
+        try:
+            return check_spec(method, spec)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
     check_method(method)
     if spec.pattern.structured and method not in (*STRUCTURED_METHODS, "auto"):
         raise ValueError(

@@ -1,0 +1,63 @@
+"""``optbrain export RUN`` for a run of your own model (``compress --model DIR|mod:fn``): the
+model it was made from (``source.json``, or ``--model``), the run applied to it, and for ONNX
+the inputs to trace read from ``--calibration``."""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+
+def own_source(run: Path) -> dict[str, Any] | None:
+    """The ``source.json`` of a run of your own model (``optbrain compress --model DIR|mod:fn``),
+    else None (a zoo run)."""
+    path = run / "source.json"
+    if not path.is_file():
+        return None
+    try:
+        src = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ValueError(f"{path} cannot be read ({e}); which model is this run?") from None
+    if not isinstance(src, dict) or src.get("kind") not in ("hf", "module"):
+        raise ValueError(f"{path} does not say which model the run is of (kind hf or module)")
+    return src
+
+
+def own_export_model(args: argparse.Namespace, run: Path, src: dict[str, Any]) -> Any:
+    """(compressed model, example batches or None, loaded) of a run of your own model: the
+    model from ``--model`` (default: the directory or factory the run recorded), the run
+    applied to it; ``--calibration`` read for ONNX (the inputs to trace, and the activation
+    ranges of int8)."""
+    from ..io import load
+    from .own import calibration_for
+    from .sources import load_model
+
+    spec = args.model or src.get("model")
+    if not spec:
+        raise ValueError(
+            f"{run} is a run of your own model {src.get('name')!r} that does not record where "
+            "the model is; pass --model DIR (or module:factory with --weights)"
+        )
+    if args.format == "onnx" and not args.calibration:
+        raise ValueError(
+            "--format onnx of your own model needs --calibration FILE: inputs of the model "
+            "to trace the graph with (the same kind of data as for compress)"
+        )
+    weights = args.weights or src.get("weights")
+    loaded = load_model(spec, task=args.task or src.get("task"), weights=weights)
+    if args.format == "compressed-tensors" and loaded.kind != "hf":
+        raise ValueError(
+            "format 'compressed-tensors' writes Hugging Face transformers models; "
+            f"{spec!r} is a module factory (use --format onnx or --format safetensors)"
+        )
+    model = load(copy.deepcopy(loaded.model), run)
+    batches = None
+    if args.format == "onnx":
+        batches = calibration_for(
+            loaded, args.calibration, samples=args.samples, seq_len=args.seq_len,
+            text_key=args.text_key, image_size=args.image_size, batch_size=1,
+        )  # fmt: skip
+    return model, batches
