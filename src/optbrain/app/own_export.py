@@ -5,7 +5,6 @@ the inputs to trace read from ``--calibration``."""
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 from pathlib import Path
 from typing import Any
@@ -26,11 +25,13 @@ def own_source(run: Path) -> dict[str, Any] | None:
     return src
 
 
-def own_export_model(args: argparse.Namespace, run: Path, src: dict[str, Any]) -> Any:
-    """(compressed model, example batches or None, loaded) of a run of your own model: the
-    model from ``--model`` (default: the directory or factory the run recorded), the run
-    applied to it; ``--calibration`` read for ONNX (the inputs to trace, and the activation
-    ranges of int8)."""
+def own_export_model(
+    args: argparse.Namespace, run: Path, src: dict[str, Any]
+) -> tuple[Any, list[Any] | None]:
+    """(compressed model, ONNX example batches or None) of a run of your own model: the model
+    from ``--model`` (default: the directory or factory the run recorded), freshly loaded, with
+    the run applied to it in place; ``--calibration`` read for ONNX (the inputs to trace, and
+    the activation ranges of int8)."""
     from ..io import load
     from .own import calibration_for
     from .sources import load_model
@@ -53,7 +54,7 @@ def own_export_model(args: argparse.Namespace, run: Path, src: dict[str, Any]) -
             "format 'compressed-tensors' writes Hugging Face transformers models; "
             f"{spec!r} is a module factory (use --format onnx or --format safetensors)"
         )
-    model = load(copy.deepcopy(loaded.model), run)
+    model = load(loaded.model, run)  # a fresh load, used for nothing else: no copy
     batches = None
     if args.format == "onnx":
         batches = calibration_for(
