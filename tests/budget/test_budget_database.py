@@ -221,3 +221,28 @@ def test_model_level_samples_bound_the_measurement(tiny, tmp_path):
     assert db.record("fc")["levels"]["s0.75"]["model_loss"] == pytest.approx(mse, rel=1e-9)
     with pytest.raises(ValueError, match="model_level_samples"):
         DbSettings(model_level_samples=0)
+
+
+def test_exact_levels_of_a_huge_layer_are_solved_in_float64(tmp_path):
+    """A layer whose OBS saliencies overflow float32 (|W| ~ 1e17): ``methods.solve`` promotes it
+    to float64, and the database's exact levels do the same, so they stay finite and equal
+    ``compress_layer(method="obc")``'s (in float32 a saliency overflows and one weight of the
+    50% level came out different)."""
+    from optbrain.core.methods import safe_dtype
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(16, 8)).eval()
+    with torch.no_grad():
+        model[0].weight.mul_(1e17)
+    calib = [torch.randn(32, 16) for _ in range(2)]
+    db = build_database(
+        model, calib, tmp_path / "db", ["s0.5", "b4"], settings=DbSettings(solver="obc")
+    )
+    W = model[0].weight.detach()
+    H = collect_hessians(model, {"0": model[0]}, calib)["0"][0].hessian()
+    assert safe_dtype(W, H, torch.float32) == torch.float64
+    for lid, kw in (("s0.5", {"sparsity": 0.5}), ("b4", {"bits": 4})):
+        got = db.level_weights("0", lid)[0]["weight"]
+        ref = compress_layer(W, H, method="obc", **kw)
+        assert bool(torch.isfinite(got).all()) and got.dtype == W.dtype
+        torch.testing.assert_close(got, ref.weight, rtol=1e-5, atol=0.0)

@@ -55,6 +55,7 @@ from .._files import clean_stale
 from ..adapters import LayerAdapter, adapter_for, find_layers
 from ..core.hessian import row_losses
 from ..core.layer import compress_layer
+from ..core.methods import safe_dtype
 from ..core.methods.auto import estimate_levels_seconds
 from ..core.methods.obc import solve_obc_levels
 from ..pipeline import collect_hessians, trace_input_shapes
@@ -99,9 +100,13 @@ def _solve_exact(
     W: torch.Tensor, H: torch.Tensor, levels: Sequence[Level], st: DbSettings
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor | None, Any, float]]:
     """Every level of one group with the exact solver: ``{id: (weight, keep, grid, predicted)}``
-    (``optbrain.core.methods.obc.solve_obc_levels``)."""
+    (``optbrain.core.methods.obc.solve_obc_levels``), in float64 where ``methods.solve`` would
+    promote the layer (``safe_dtype``)."""
     todo = [lv for lv in levels if not lv.is_dense]
-    solved = solve_obc_levels(W, H, todo, damp=st.damp, sym=st.sym, group_size=st.group_size)
+    dtype = safe_dtype(W, H, torch.float32)
+    solved = solve_obc_levels(
+        W, H, todo, damp=st.damp, sym=st.sym, group_size=st.group_size, dtype=dtype
+    )
     return {lv.id: sol for lv, sol in zip(todo, solved, strict=True)}
 
 

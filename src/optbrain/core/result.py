@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,12 @@ from .grid import QuantGrid
 if TYPE_CHECKING:
     from .hessian import PreparedHessian
     from .spec import CompressSpec
+
+
+#: A layer solver: ``(W (rows, cols), H (cols, cols), spec) -> LayerResult`` (``core.methods``).
+Solver = Callable[[torch.Tensor, torch.Tensor, "CompressSpec"], "LayerResult"]
+#: A solver's option check: raises ``SettingError`` on a bad option, before any work.
+Check = Callable[["CompressSpec"], Any]
 
 
 @dataclass

@@ -12,7 +12,7 @@ from dataclasses import replace
 
 import torch
 
-from ..result import LayerResult
+from ..result import Check, LayerResult, Solver
 from ..spec import DEFAULT_METHOD, CompressSpec, SettingError, check_weight_hessian
 from ..structured import STRUCTURED_METHODS
 from .auto import check_auto, solve_auto
@@ -30,8 +30,6 @@ from .gptq import check_gptq, solve_gptq
 from .obc import check_obc, solve_obc
 from .sparsegpt import check_sparsegpt, solve_sparsegpt
 
-Solver = Callable[[torch.Tensor, torch.Tensor, CompressSpec], LayerResult]
-
 #: name -> solver; the built-ins, plus anything added with ``register``.
 METHODS: dict[str, Solver] = {
     "obc": solve_obc,
@@ -47,7 +45,7 @@ METHODS: dict[str, Solver] = {
 
 #: name -> the solver's check of a spec's options (no compute): what ``check_spec`` runs before
 #: any work, the same check the solver itself starts with.
-CHECKS: dict[str, Callable[[CompressSpec], object]] = {
+CHECKS: dict[str, Check] = {
     "obc": check_obc,
     "gptq": check_gptq,
     "sparsegpt": check_sparsegpt,
@@ -59,9 +57,7 @@ CHECKS: dict[str, Callable[[CompressSpec], object]] = {
 }
 
 
-def register(
-    name: str, check: Callable[[CompressSpec], object] | None = None
-) -> Callable[[Solver], Solver]:
+def register(name: str, check: Check | None = None) -> Callable[[Solver], Solver]:
     """Decorator adding a user's solver under ``name`` (then usable as ``method=name``);
     ``check(spec)``: its option check, run by ``check_spec`` before any work."""
 

@@ -30,20 +30,16 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import torch
 
-from ..result import LayerResult
+from ..result import Check, LayerResult, Solver
 from ..spec import CompressSpec
 from .gptq import GPTQ_OPTIONS, check_gptq, solve_gptq
 from .obc import OPTIONS as OBC_OPTIONS
 from .obc import LevelLike, check_obc, solve_obc
 from .sparsegpt import SPARSEGPT_OPTIONS, check_sparsegpt, solve_sparsegpt
-
-Solver = Callable[[torch.Tensor, torch.Tensor, CompressSpec], LayerResult]
-Check = Callable[[CompressSpec], Any]
 
 #: ``method="auto"``: seconds of modelled exact solving allowed per layer and spec.
 DEFAULT_BUDGET = 30.0

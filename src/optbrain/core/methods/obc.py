@@ -353,15 +353,18 @@ def solve_obc_levels(
     group_size: int | None = None,
     guard_levels: bool = True,
     scale_refit: bool = False,
+    dtype: torch.dtype = torch.float32,
 ) -> list[tuple[torch.Tensor, torch.Tensor | None, QuantGrid | None, float]]:
-    """Every (non-dense) level of one layer with the exact solver, float32:
-    ``[(weight, keep, grid, predicted loss)]`` in the order of ``levels``.
+    """Every (non-dense) level of one layer with the exact solver, computed in ``dtype``:
+    ``[(weight, keep, grid, predicted loss)]`` in the order of ``levels``, weights in W's dtype.
 
     The arithmetic of ``compress_layer(method="obc")`` for each level (``scale_refit``: its
     ``refit_scales`` option), but the ExactOBS trace
     and the N:M solutions are computed once and shared by all levels that start from them.
+    ``dtype``: pass ``methods.safe_dtype(W, H, torch.float32)`` to get the float64 promotion
+    that ``methods.solve`` applies to layers whose saliencies would overflow float32.
     """
-    spec = make_spec(W.shape[1], damp=damp, dtype=torch.float32)
+    spec = make_spec(W.shape[1], damp=damp, dtype=dtype)
     Wc, prep = prepare_layer(W, H, spec)
     trace = None
     if any(lv.sparsity for lv in levels):
@@ -383,7 +386,7 @@ def solve_obc_levels(
         weight, keep, loss = pruned[key]
         grid = None
         pat = lv.pattern or "unstructured"
-        lspec = make_spec(W.shape[1], lv.sparsity or None, pat, damp=damp, dtype=torch.float32)
+        lspec = make_spec(W.shape[1], lv.sparsity or None, pat, damp=damp, dtype=dtype)
         if lv.bits is not None:
             lspec = dataclasses.replace(lspec, bits=lv.bits, sym=sym, group_size=group_size)
             weight, grid, step_loss = exact_quantize(weight, keep, prep, lspec)
@@ -400,5 +403,5 @@ def solve_obc_levels(
             )  # fmt: skip
             if not torch.equal(pred, measured):  # rows from the reference: their measured loss
                 loss = loss + float((pred - measured).sum())
-        out.append((weight, keep, grid, loss))
+        out.append((weight.to(W.dtype), keep, grid, loss))
     return out
