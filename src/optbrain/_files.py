@@ -19,6 +19,7 @@ import hashlib
 import json
 import os
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +35,7 @@ __all__ = [
     "UnsealError",
     "atomic_json",
     "atomic_write",
+    "batches_sha256",
     "canonical_json",
     "clean_stale",
     "read_json",
@@ -41,7 +43,9 @@ __all__ = [
     "seal",
     "sha256_bytes",
     "sha256_file",
+    "tensor_bytes",
     "unseal",
+    "update_hash",
 ]
 
 
@@ -180,3 +184,37 @@ def safetensors_bytes(
     hb = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
     hb += b" " * (-len(hb) % 8)  # the data section stays 8-byte aligned
     return len(hb).to_bytes(8, "little") + hb + raw[8 + n :]
+
+
+# ----------------------------------------------------------------------- hashing tensors ----
+def tensor_bytes(t: torch.Tensor) -> bytes:
+    """The raw bytes of ``t`` (CPU, contiguous, flattened; b"" when empty): what a fingerprint
+    hashes, beside its name, dtype and shape."""
+    t = t.detach().cpu().contiguous().reshape(-1)
+    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
+
+
+def update_hash(h: Any, obj: Any) -> None:
+    """Feed ``obj`` into ``hashlib`` object ``h``: tensors by dtype, shape and bytes; dicts by
+    key (in order), tuples / lists by length and item; anything else by ``repr``."""
+    if isinstance(obj, torch.Tensor):
+        h.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
+        h.update(tensor_bytes(obj))
+    elif isinstance(obj, Mapping):
+        for k in obj:
+            h.update(f"K{k!r}".encode())
+            update_hash(h, obj[k])
+    elif isinstance(obj, (tuple, list)):
+        h.update(f"L{len(obj)}".encode())
+        for o in obj:
+            update_hash(h, o)
+    else:
+        h.update(f"V{obj!r}".encode())
+
+
+def batches_sha256(batches: Any) -> str:
+    """Hex SHA-256 of calibration batches (``update_hash`` of each, in order)."""
+    h = hashlib.sha256()
+    for b in batches:
+        update_hash(h, b)
+    return h.hexdigest()

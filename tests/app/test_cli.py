@@ -421,8 +421,7 @@ def test_limit_must_be_positive(limit, capsys):
         (
             KeyboardInterrupt(),
             130,
-            "interrupted; nothing was written (an earlier run in --out "
-            "is kept); rerun to start again",
+            "interrupted; rerun the same command to resume (finished work is kept)",
         ),
         (OSError(28, "No space left on device"), 1, "No space left on device"),
         (

@@ -487,12 +487,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _after_interrupt(args: argparse.Namespace) -> str:
-    """What a rerun of the interrupted command does: only ``--offload`` (its finished blocks)
-    and ``--target`` (its layer database) keep work done; elsewhere nothing was written."""
-    if args.command == "compress" and (getattr(args, "offload", None) or args.target):
-        return "rerun the same command to resume (finished work is kept)"
+    """What a rerun of the interrupted command does: compress keeps its finished work
+    (``--offload``: the blocks; ``--target``: the layer database; else the journal of solved
+    layers in the run directory); other commands write nothing until they finish."""
     if args.command == "compress":
-        return "nothing was written (an earlier run in --out is kept); rerun to start again"
+        return "rerun the same command to resume (finished work is kept)"
     return "nothing was written"
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -103,12 +104,13 @@ def compress_own(
     from ..api import compress, shrink
     from ..io import save
     from ..pipeline.shrink import structured_layers
-    from .runs import RUN_FILES
+    from .runs import JOURNAL, RUN_FILES
 
     t0 = time.perf_counter()
     report = compress(
-        loaded.model, batches, recipe, quiet=quiet, name=loaded.name, executor=executor
-    )
+        loaded.model, batches, recipe, quiet=quiet, name=loaded.name, executor=executor,
+        journal=out / JOURNAL,
+    )  # fmt: skip
     if structured_layers(loaded.model):  # channels / heads: remove them for real
         report.metadata["shrink"] = shrink(loaded.model, batches[0]).to_dict()
     report.metadata["compress_seconds"] = time.perf_counter() - t0
@@ -124,6 +126,7 @@ def compress_own(
         atomic_write(out / fname, text)
     for fname in RUN_FILES - set(written):  # an earlier run's files in a reused --out
         (out / fname).unlink(missing_ok=True)
+    shutil.rmtree(out / JOURNAL, ignore_errors=True)  # the run is saved: not needed
     return report
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import json
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -30,12 +31,15 @@ from ..report import Report
 if TYPE_CHECKING:
     from .zoo import ZooEntry
 
-__all__ = ["RUN_FILES", "example_input", "run_zoo", "run_zoo_budget"]
+__all__ = ["JOURNAL", "RUN_FILES", "example_input", "run_zoo", "run_zoo_budget"]
 
 #: the files a runner writes beside the saved run (a budget run: allocation.json; uniform:
 #: recipe.yaml; an own model: source.json); those a run does not write are deleted from a
 #: reused directory
 RUN_FILES = frozenset({"report.html", "recipe.yaml", "allocation.json", "source.json"})
+#: the compress journal inside a run directory (``optbrain.pipeline.journal``): each solved
+#: layer kept as it finishes, so that an interrupted run resumes; deleted once the run is saved
+JOURNAL = ".journal"
 
 
 def example_input(batch: Any, inputs: str) -> Any:
@@ -94,6 +98,7 @@ def _run(
             atomic_write(out / fname, text)
         for fname in RUN_FILES - set(written):  # an earlier run's files in a reused --out
             (out / fname).unlink(missing_ok=True)
+        shutil.rmtree(out / JOURNAL, ignore_errors=True)  # the run is saved: not needed
     return model, report
 
 
@@ -124,8 +129,9 @@ def run_zoo(
 
     def run(model: nn.Module, batches: list[Any]) -> Report:
         return compress(
-            model, batches, rec, inputs=entry.inputs, quiet=quiet, name=name, executor=executor
-        )
+            model, batches, rec, inputs=entry.inputs, quiet=quiet, name=name, executor=executor,
+            journal=None if out is None else Path(out) / JOURNAL,
+        )  # fmt: skip
 
     def files(report: Report) -> dict[str, str]:
         return {"report.html": report.to_html(), "recipe.yaml": rec.to_yaml()}

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._files import batches_sha256, tensor_bytes
 from ..adapters import find_layers
 from ..core.methods.auto import DATABASE_TIME_BUDGET
 from ..core.spec import DEFAULT_DAMP
@@ -54,27 +55,6 @@ class DbSettings:
             raise ValueError(f"model_level_samples must be a positive integer or None, got {n!r}")
 
 
-def _tensor_bytes(t: torch.Tensor) -> bytes:
-    t = t.detach().cpu().contiguous().reshape(-1)
-    return t.view(torch.uint8).numpy().tobytes() if t.numel() else b""
-
-
-def _hash_batch(h: Any, obj: Any) -> None:
-    if isinstance(obj, torch.Tensor):
-        h.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
-        h.update(_tensor_bytes(obj))
-    elif isinstance(obj, Mapping):
-        for k in obj:
-            h.update(f"K{k!r}".encode())
-            _hash_batch(h, obj[k])
-    elif isinstance(obj, (tuple, list)):
-        h.update(f"L{len(obj)}".encode())
-        for o in obj:
-            _hash_batch(h, o)
-    else:
-        h.update(f"V{obj!r}".encode())
-
-
 def _leading(batch: Any) -> int:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else 1
@@ -102,11 +82,8 @@ def fingerprint(
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(_tensor_bytes(t))
+        h.update(tensor_bytes(t))
     layers, _ = find_layers(model)
-    c = hashlib.sha256()
-    for b in batches:
-        _hash_batch(c, b)
     return {
         "format": FORMAT,
         "version": VERSION,
@@ -117,7 +94,7 @@ def fingerprint(
         "calibration": {
             "samples": sum(_leading(b) for b in batches),
             "batches": len(batches),
-            "sha256": c.hexdigest(),
+            "sha256": batches_sha256(batches),
             "seed": seed,
             "inputs": inputs,
         },

@@ -55,6 +55,7 @@ from .._files import (
     safetensors_bytes,
     seal,
     sha256_bytes,
+    tensor_bytes,
     unseal,
 )
 from ..adapters import adapter_for
@@ -111,9 +112,8 @@ def dense_fingerprint(model: nn.Module, compressed: Iterable[str]) -> str | None
     for name, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
         if name.startswith(skip) or p.data_ptr() in tied:
             continue
-        t = p.detach().cpu().contiguous().reshape(-1)
-        h.update(f"{name}|{t.dtype}|{tuple(p.shape)}|".encode())
-        h.update(t.view(torch.uint8).numpy().tobytes())
+        h.update(f"{name}|{p.dtype}|{tuple(p.shape)}|".encode())
+        h.update(tensor_bytes(p))
         count += 1
     return h.hexdigest() if count else None
 

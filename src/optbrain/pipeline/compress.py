@@ -20,6 +20,7 @@ budget stitcher uses it too).
 from __future__ import annotations
 
 import math
+import os
 import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
@@ -43,8 +44,9 @@ from ..recipe_rules import class_names
 from ..report import LayerRecord, Report, peak_memory_tracker
 from .batchnorm import recalibrate_batchnorm
 from .data import Forward, take_samples
-from .executor import Executor, make_executor, using_executor
+from .executor import Executor, check_executor_mode, using_executor
 from .hessians import collect_hessians
+from .journal import Journal, journal_key, replay_layer
 from .owl import apply_owl, check_owl_plans
 from .progress import Progress, level, reporting, seconds_text
 from .sequential import find_blocks, sequential_compress
@@ -195,6 +197,7 @@ class LayerCompressor:
         self.records: list[LayerRecord] = []
         self.state: dict[str, LayerState] = {}
         self.backup = WeightBackup()  # sequential mode writes block by block
+        self.journal: Journal | None = None  # solved layers kept on disk (pipeline.journal)
         # the cost model's seconds per layer (None: a fast solver), for ETAs
         self.predicted = {n: self._predict(n) for n in plans}
         self.actual: dict[str, float] = {}
@@ -265,6 +268,9 @@ class LayerCompressor:
             self.records.append(rec)
             entry.groups.append(GroupState.from_result(res))
         self.state[name] = entry
+        if self.journal is not None:
+            weights = [adapter.weight(g) for g in range(adapter.groups)]
+            self.journal.write(name, weights, self.records[-len(solved) :], entry)
         secs = sum(r.seconds for r in self.records[-len(solved) :])
         self.actual[name] = secs if seconds is None else seconds
         eta = self.eta()
@@ -272,6 +278,8 @@ class LayerCompressor:
         self.progress.update(f"{name} ({self.records[-1].method}, {secs:.1f} s{rest})")
 
     def __call__(self, name: str, module: nn.Module, hessians: list[HessianAccumulator]) -> None:
+        if replay_layer(self, name):
+            return
         job = self.job(name, hessians)
         t0 = time.perf_counter()
         with self.progress.within(name, self.predicted.get(name)):
@@ -284,6 +292,7 @@ class LayerCompressor:
         """Solve the independent layers ``hessians`` (name -> per-group accumulators) on
         ``executor`` (None: here); records and state end in ``hessians``' order whatever
         order the units finish in."""
+        hessians = {n: hs for n, hs in hessians.items() if not replay_layer(self, n)}
         if executor is None or executor.local:
             for n, hs in hessians.items():
                 self(n, self.adapters[n].module, hs)
@@ -384,20 +393,6 @@ def solve(
             recalibrate_batchnorm(model, batches, forward, inputs=inputs)
 
 
-def check_executor_mode(executor: str | Executor | None, mode: str) -> None:
-    """Validate ``executor`` (``make_executor``'s checks, nothing started) and refuse a
-    distributed one in sequential mode, before any work."""
-    local = executor in (None, "local") or (isinstance(executor, Executor) and executor.local)
-    if not local and not isinstance(executor, Executor):
-        make_executor(executor).close()  # unknown name, Ray not installed: the error, now
-    if not local and mode == "sequential":
-        raise ValueError(
-            "executor 'ray' runs the independent per-layer solves; sequential calibration "
-            "solves each layer on inputs from the layers compressed before it: use "
-            "calibration mode 'independent' with Ray, or the local executor"
-        )
-
-
 # ----------------------------------------------------------------------------- finishing ----
 def sort_records(model: nn.Module, records: list[LayerRecord]) -> list[LayerRecord]:
     """``records`` in module order (groups of one layer in group order), in place."""
@@ -439,6 +434,7 @@ def compress(
     quiet: bool = False,
     name: str | None = None,
     executor: str | Executor | None = None,
+    journal: str | os.PathLike | None = None,
 ) -> Report:
     """Compress ``model`` in place following ``recipe``; returns the per-layer ``Report``.
 
@@ -454,6 +450,10 @@ def compress(
       such as ``RayExecutor(address="head:6379")``; the same weights and report either way.
       Independent mode only: in sequential mode a layer's Hessian depends on the layers
       compressed before it, so Ray is refused there.
+    journal: a directory where each solved layer is kept as it finishes
+      (``optbrain.pipeline.journal``): rerun the same call after a kill or an interrupt and
+      the layers solved before are replayed, not solved again (same weights and report). It
+      is left in place afterwards (delete it when the result is saved).
     If anything fails (a calibration forward, a solver), no hook is left behind and the
     weights written so far are put back: the model is left as it was.
     """
@@ -471,6 +471,10 @@ def compress(
         apply_owl(model, plans, adapters, batches, rec.allocation, forward, inputs)
     progress = Progress(len(plans), "compress", enabled=not quiet)
     comp = LayerCompressor(plans, adapters, progress, model)
+    if journal is not None:
+        comp.journal = Journal(journal, journal_key(model, batches, rec.to_dict(), inputs))
+        for line in comp.journal.notes:
+            progress.note(line)
     slow = [n for n, p in comp.predicted.items() if p]
     total = comp.eta()
     if total is not None and total > NOTE_SOLVING_OVER:

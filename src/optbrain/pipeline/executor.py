@@ -41,6 +41,7 @@ __all__ = [
     "Executor",
     "LocalExecutor",
     "RayExecutor",
+    "check_executor_mode",
     "make_executor",
     "using_executor",
 ]
@@ -234,3 +235,17 @@ def using_executor(executor: str | Executor | None = None, **options: Any) -> It
     finally:
         if ex is not executor:
             ex.close()
+
+
+def check_executor_mode(executor: str | Executor | None, mode: str) -> None:
+    """Validate ``executor`` (``make_executor``'s checks, nothing started) and refuse a
+    distributed one in sequential mode, before any work."""
+    local = executor in (None, "local") or (isinstance(executor, Executor) and executor.local)
+    if not local and not isinstance(executor, Executor):
+        make_executor(executor).close()  # unknown name, Ray not installed: the error, now
+    if not local and mode == "sequential":
+        raise ValueError(
+            "executor 'ray' runs the independent per-layer solves; sequential calibration "
+            "solves each layer on inputs from the layers compressed before it: use "
+            "calibration mode 'independent' with Ray, or the local executor"
+        )

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import ctypes
 import gc
-import hashlib
 import json
 import os
 import shutil
@@ -46,7 +45,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .._files import atomic_json, atomic_write, clean_stale, read_json, sha256_file
+from .._files import atomic_json, atomic_write, batches_sha256, clean_stale, read_json, sha256_file
 from ..adapters import planning_on_meta
 from ..recipe import Recipe
 from ..report import LayerRecord, Report, peak_memory_tracker
@@ -152,15 +151,9 @@ def _by_file(names: list[str], index: dict[str, str]) -> dict[str, list[str]]:
 
 
 def _fingerprint(source: Path, rec: Recipe, batches: list[Any], index: dict[str, str]) -> dict:
-    h = hashlib.sha256()
-    for b in batches:
-        items = b.values() if isinstance(b, dict) else b if isinstance(b, tuple | list) else [b]
-        for t in items:
-            if isinstance(t, torch.Tensor):
-                h.update(t.detach().cpu().contiguous().numpy().tobytes())
     shards = {f: os.path.getsize(source / f) for f in sorted(set(index.values()))}
     return {"source": str(source.resolve()), "shards": shards, "recipe": rec.to_dict(),
-            "calibration_sha256": h.hexdigest(), "samples": len(batches)}  # fmt: skip
+            "calibration_sha256": batches_sha256(batches), "samples": len(batches)}  # fmt: skip
 
 
 def _check_offload_dir(root: Path, fp: dict) -> None:

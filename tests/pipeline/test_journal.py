@@ -1,0 +1,149 @@
+"""The compress journal: a run interrupted after k layers resumes with those k replayed (not
+solved again) and ends bit-identical to an uninterrupted run, in sequential and independent
+mode; a journal of another run is deleted; a damaged layer is solved again."""
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+import optbrain.pipeline.compress as pc
+from optbrain import compress
+from optbrain.pipeline.journal import KEY, Journal
+
+
+class Block(nn.Module):
+    def __init__(self, d: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(d, 2 * d)
+        self.down = nn.Linear(2 * d, d)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.down(torch.relu(self.up(x)))
+
+
+class Net(nn.Module):
+    def __init__(self, d: int = 12, n: int = 3) -> None:
+        super().__init__()
+        self.layers = nn.ModuleList(Block(d) for _ in range(n))
+        self.head = nn.Linear(d, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for b in self.layers:
+            x = b(x)
+        return self.head(x)
+
+
+def make() -> tuple[nn.Module, list[torch.Tensor]]:
+    torch.manual_seed(0)
+    model = Net().eval()
+    g = torch.Generator().manual_seed(1)
+    return model, [torch.randn(16, 12, generator=g) for _ in range(4)]
+
+
+def recipe(mode: str) -> dict:
+    return {"method": "obc", "sparsity": 0.5, "bits": 4, "calibration": {"mode": mode}}
+
+
+class Stop(KeyboardInterrupt):
+    pass
+
+
+@pytest.fixture
+def counting(monkeypatch):
+    """``solve_layer`` counted; ``calls["stop"] = k`` raises an interrupt at the k-th call."""
+    calls = {"n": 0, "stop": None}
+    real = pc.solve_layer
+
+    def solve(*args, **kw):
+        calls["n"] += 1
+        if calls["stop"] is not None and calls["n"] == calls["stop"]:
+            raise Stop
+        return real(*args, **kw)
+
+    monkeypatch.setattr(pc, "solve_layer", solve)
+    return calls
+
+
+def _same(record) -> dict:
+    """A record without what differs between two solves of the same layer (time, memory)."""
+    d = record.to_dict()
+    return {k: v for k, v in d.items() if k not in ("seconds", "peak_memory_mb")}
+
+
+@pytest.mark.parametrize("mode", ["sequential", "independent"])
+def test_interrupted_run_resumes_bit_identical(tmp_path, counting, mode):
+    ref_model, calib = make()
+    ref = compress(ref_model, calib, recipe(mode), quiet=True)
+    layers = len(ref.layers)
+    assert layers == 7 and counting["n"] == 7
+
+    model, _ = make()
+    dense = {k: v.clone() for k, v in model.state_dict().items()}
+    counting.update(n=0, stop=4)
+    with pytest.raises(Stop):
+        compress(model, calib, recipe(mode), quiet=True, journal=tmp_path / "j")
+    for k, v in model.state_dict().items():  # the model is put back as it was
+        assert torch.equal(v, dense[k]), k
+    assert len(list((tmp_path / "j" / "layers").glob("*.json"))) == 3
+
+    counting.update(n=0, stop=None)
+    rep = compress(model, calib, recipe(mode), quiet=True, journal=tmp_path / "j")
+    assert counting["n"] == layers - 3  # the 3 journaled layers are replayed, not solved
+    for k, v in ref_model.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+    assert [_same(r) for r in rep.layers] == [_same(r) for r in ref.layers]
+    mine, theirs = model._optbrain.layers, ref_model._optbrain.layers
+    assert mine.keys() == theirs.keys()
+    for name in mine:
+        assert mine[name].plan == theirs[name].plan
+        for a, b in zip(mine[name].groups, theirs[name].groups, strict=True):
+            assert torch.equal(a.mask, b.mask) and torch.equal(a.scale, b.scale), name
+
+    counting.update(n=0)  # a finished journal: everything replayed
+    again, _ = make()
+    compress(again, calib, recipe(mode), quiet=True, journal=tmp_path / "j")
+    assert counting["n"] == 0
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ref_model.state_dict().items())
+
+
+def test_journal_of_another_run_is_deleted(tmp_path, counting, capsys):
+    model, calib = make()
+    compress(model, calib, recipe("sequential"), quiet=True, journal=tmp_path / "j")
+    other, _ = make()
+    counting.update(n=0)
+    rec = {**recipe("sequential"), "sparsity": 0.25}
+    rep = compress(other, calib, rec, journal=tmp_path / "j")
+    assert counting["n"] == len(rep.layers)  # nothing replayed from the 50% run
+    assert "another recipe, model or calibration; deleted" in capsys.readouterr().err
+    key = json.loads((tmp_path / "j" / KEY).read_text())
+    assert key["recipe"]["rules"][0]["sparsity"] == 0.25
+
+
+def test_damaged_layer_is_solved_again(tmp_path, counting):
+    model, calib = make()
+    compress(model, calib, recipe("independent"), quiet=True, journal=tmp_path / "j")
+    ref = {k: v.clone() for k, v in model.state_dict().items()}
+    first = sorted((tmp_path / "j" / "layers").glob("*.safetensors"))[0]
+    data = bytearray(first.read_bytes())
+    data[-1] ^= 1
+    first.write_bytes(bytes(data))
+    second = sorted((tmp_path / "j" / "layers").glob("*.json"))[1]
+    second.write_text(second.read_text().replace('"sparsity"', '"sparsity_"', 1))
+    again, _ = make()
+    counting.update(n=0)
+    compress(again, calib, recipe("independent"), quiet=True, journal=tmp_path / "j")
+    assert counting["n"] == 2  # the flipped bit and the edited record: solved again
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in ref.items())
+
+
+def test_journal_refuses_a_foreign_directory(tmp_path):
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "mine.txt").write_text("keep")
+    with pytest.raises(ValueError, match="holds no journal"):
+        Journal(tmp_path / "d", {"k": 1})
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="is a file"):
+        Journal(tmp_path / "f", {"k": 1})
+    assert (tmp_path / "d" / "mine.txt").read_text() == "keep"
