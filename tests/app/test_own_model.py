@@ -390,7 +390,8 @@ def test_own_model_export_from_the_cli(tmp_path, text_file, capsys):
     """A run of your own HF model exports from the CLI like a zoo run: compressed-tensors that
     plain transformers loads (same logits as optbrain's compressed model), packed safetensors,
     ONNX traced on --calibration inputs (same logits under ONNX Runtime); ONNX without
-    --calibration and bench are clear errors."""
+    --calibration is a clear error; bench times it on --calibration inputs (torch and ONNX
+    Runtime), and without them is a clear error."""
     import transformers
 
     from optbrain.io import load
@@ -428,4 +429,18 @@ def test_own_model_export_from_the_cli(tmp_path, text_file, capsys):
     out = sess.run(None, feed)[0]
     assert float(abs(out - want.numpy()).max()) <= 1e-4 * float(want.abs().max())
     err = _err(["bench", str(run)], capsys)
-    assert "optbrain bench times zoo runs" in err
+    assert "bench of your own model needs --calibration FILE" in err
+    for runtime in ("torch", "onnxruntime"):
+        argv = ["bench", str(run), "--runtime", runtime, "--calibration", str(text_file),
+                "--seq-len", "16", "--batch", "4", "--repeats", "3", "--warmup", "1"]  # fmt: skip
+        assert main(argv) == 0
+    argv = ["bench", str(run), "--calibration", str(text_file), "--seq-len", "16", "--batch",
+            "2", "--repeats", "3", "--activations", "int8", "--samples", "8"]  # fmt: skip
+    assert main(argv) == 0
+    dep = json.loads((run / "report.json").read_text())["metadata"]["deployment"]["bench"]
+    for key in ("torch-b4-t1-s16", "onnxruntime-b4-t1-s16", "onnxruntime-b2-t1-s16-int8"):
+        assert dep[key]["compressed"]["median_ms"] > 0, dep
+    assert dep["onnxruntime-b2-t1-s16-int8"]["calibration_agreement"] > 50
+    err = _err(["bench", str(run), "--calibration", str(text_file), "--seq-len", "16",
+                "--batch", "100000"], capsys)  # fmt: skip
+    assert "--batch 100000 needs at least as many" in err

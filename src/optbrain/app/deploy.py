@@ -124,17 +124,6 @@ def onnx_inputs(model: Any, x: Any) -> tuple[Any, ...]:
     return positional(model, with_mask(model, x))
 
 
-def update_deployment(run: Path, section: str, key: str, value: dict[str, Any]) -> None:
-    """Put ``value`` at ``metadata.deployment[section][key]`` of the run's report.json."""
-    from ..io.checkpoint import REPORT
-
-    path = run / REPORT
-    report = json.loads(path.read_text())
-    dep = report.setdefault("metadata", {}).setdefault("deployment", {})
-    dep.setdefault(section, {})[key] = value
-    path.write_text(json.dumps(report, indent=1))
-
-
 # ------------------------------------------------------------------------------ export
 def cmd_export(args: argparse.Namespace) -> int:
     from ..io import export
@@ -195,7 +184,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         "seconds": seconds,
         "info": res.info,
     }
-    from .deploy_text import export_key
+    from .deploy_text import export_key, update_deployment
 
     update_deployment(run, "exports", export_key(fmt, act, res.info), info)
     print(
@@ -312,14 +301,16 @@ def bench(
     seq_len: int | None = None,
     matmul_nbits: bool = False,
     accuracy_level: int | None = None,
+    models: tuple[Any, Any, Any, Any] | None = None,
 ) -> dict[str, Any]:
     """Dense fp32 vs the compressed run on ``runtime``, in one process, on ``batch`` inputs.
+    ``models``: ``(dense, compressed, input batch, () -> int8 calibration batches)`` of a run of
+    your own model (``own_export.own_bench_models``); None: the zoo run's.
     ``activations="int8"`` (onnxruntime only): the compressed graph has static int8
     activations calibrated on ``samples`` calibration inputs, ``"int8-dynamic"``: int8
     activations quantized at run time (``optbrain.io.onnx_int8``); ``matmul_nbits``: linear
     layers of up to 4 bits as ``MatMulNBits`` at ``accuracy_level`` (``optbrain.io.onnx_nbits``).
-    ``seq_len``: token models
-    timed on sequences of that length (``example_batch``; default: the calibration windows')."""
+    ``seq_len``: token models timed on sequences that long (default: the calibration windows')."""
     import torch
 
     from ..io.formats import check_options
@@ -336,9 +327,18 @@ def bench(
         raise ValueError(f"--activations {act} needs --runtime onnxruntime (torch runs float)")
     if matmul_nbits and runtime != "onnxruntime":
         raise ValueError("--matmul-nbits needs --runtime onnxruntime (an ONNX Runtime kernel)")
-    name = run_model_name(run)
-    entry, dense, model = load_run(run, name)
-    x = example_batch(entry, batch, seq_len=seq_len)
+    if models is None:
+        entry, dense, model = load_run(run, run_model_name(run))
+        x = example_batch(entry, batch, seq_len=seq_len)
+
+        def calibrate() -> list[Any]:
+            return calibration_args(entry, model, samples)
+    else:
+        dense, model, x, batches = models
+
+        def calibrate() -> list[Any]:
+            return [positional(model, b) for b in batches()]
+
     args = onnx_inputs(model, x) if runtime == "onnxruntime" else positional(model, x)
     out: dict[str, Any] = {"runtime": runtime, "batch": batch, "threads": threads}
     if seq_len is not None:
@@ -360,7 +360,7 @@ def bench(
             if act != "float":
                 from ..io.onnx_int8 import export_onnx_int8
 
-                cal = calibration_args(entry, model, samples)
+                cal = calibrate()
                 res = export_onnx_int8(
                     model, pc, example_inputs=args, calibration=cal, dynamic=act == "int8-dynamic"
                 )
@@ -393,15 +393,12 @@ def bench(
 
 def cmd_bench(args: argparse.Namespace) -> int:
     run = Path(args.run)
-    from .own_export import own_source
+    from .own_export import own_bench_models, own_source
 
-    if run.is_dir() and own_source(run) is not None:
-        raise ValueError(
-            f"optbrain bench times zoo runs (it needs the model's own inputs); for {run}, a run "
-            "of your own model, export it (optbrain export RUN --format onnx --calibration "
-            "FILE --out m.onnx) and time that file with ONNX Runtime, or optbrain.export in "
-            "Python"
-        )
+    src = own_source(run) if run.is_dir() else None
+    models = None if src is None else own_bench_models(args, run, src, args.batch)
+    if src is None and args.model:
+        run_model_name(run, args.model)  # a zoo run: --model must name its model
     res = bench(
         run,
         args.runtime,
@@ -414,6 +411,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
         seq_len=args.seq_len,
         matmul_nbits=args.matmul_nbits,
         accuracy_level=args.accuracy_level,
+        models=models,
     )
     key = f"{args.runtime}-b{args.batch}-t{args.threads}"
     if args.seq_len is not None:
@@ -422,8 +420,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
         key += f"-{res['activations']}"
     if "accuracy_level" in res:
         key += f"-nbits{res['accuracy_level']}"
+    from .deploy_text import bench_table, update_deployment
+
     update_deployment(run, "bench", key, res)
-    from .deploy_text import bench_table
 
     print(bench_table({"bench": {key: res}}))
     return 0
@@ -462,10 +461,9 @@ def add_parsers(sub: Any) -> None:
     b.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1)")
     b.add_argument("--repeats", type=int, default=30, help="timed calls of each (default 30)")
     b.add_argument("--warmup", type=int, default=5, help="untimed calls first (default 5)")
-    b.add_argument(
-        "--seq-len", type=int, dest="seq_len", help="token models: sequence length to time"
-    )
+    b.add_argument("--model", help="your own model's directory / module:factory (default: run's)")
     _activation_args(b)
+    add_source_flags(b, data_flag=True)  # your own model: --calibration (the inputs), --seq-len
     b.set_defaults(func=cmd_bench)
 
 

@@ -1,9 +1,24 @@
-"""The deployment section of a run's report as text: ``optbrain export`` / ``bench`` print it and
-``optbrain report`` shows it (``deployment_table``); ``export_key`` names an export in it."""
+"""The deployment section of a run's report: ``update_deployment`` writes an entry into it,
+``optbrain export`` / ``bench`` print it and ``optbrain report`` shows it (``deployment_table``);
+``export_key`` names an export in it."""
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
 from typing import Any
+
+
+def update_deployment(run: Path, section: str, key: str, value: dict[str, Any]) -> None:
+    """Put ``value`` at ``metadata.deployment[section][key]`` of the run's report.json."""
+    from .._files import atomic_write
+    from ..io.checkpoint import REPORT
+
+    path = run / REPORT
+    report = json.loads(path.read_text())
+    dep = report.setdefault("metadata", {}).setdefault("deployment", {})
+    dep.setdefault(section, {})[key] = value
+    atomic_write(path, json.dumps(report, indent=1))
 
 
 def bench_table(dep: dict[str, Any]) -> str:

@@ -7,18 +7,18 @@ and settings, hashed) and ``check_fingerprint`` (rejects a database built for so
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from .._files import batches_sha256, tensor_bytes
 from ..adapters import find_layers
 from ..core.methods.auto import DATABASE_TIME_BUDGET
 from ..core.spec import DEFAULT_DAMP
+from ..pipeline.data import batch_samples
 from .levels import Level
 from .store import FORMAT, VERSION, DatabaseMismatchError
 
@@ -55,20 +55,6 @@ class DbSettings:
             raise ValueError(f"model_level_samples must be a positive integer or None, got {n!r}")
 
 
-def _leading(batch: Any) -> int:
-    if isinstance(batch, torch.Tensor):
-        return int(batch.shape[0]) if batch.dim() else 1
-    if isinstance(batch, Mapping):
-        for v in batch.values():
-            if isinstance(v, torch.Tensor) and v.dim():
-                return int(v.shape[0])
-    if isinstance(batch, (tuple, list)):
-        for v in batch:
-            if isinstance(v, torch.Tensor) and v.dim():
-                return int(v.shape[0])
-    return 1
-
-
 def fingerprint(
     model: nn.Module,
     batches: Sequence[Any],
@@ -92,7 +78,7 @@ def fingerprint(
             "layers": {n: list(m.weight.shape) for n, m in layers.items()},
         },
         "calibration": {
-            "samples": sum(_leading(b) for b in batches),
+            "samples": sum(batch_samples(b) for b in batches),
             "batches": len(batches),
             "sha256": batches_sha256(batches),
             "seed": seed,

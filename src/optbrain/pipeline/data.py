@@ -266,6 +266,11 @@ def layer_input(args: tuple, kwargs: dict, name: str) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------- samples ----
+def batch_samples(batch: Any) -> int:
+    """Samples in a batch: the leading dimension of its first tensor with one (1 if none)."""
+    return _leading_dim(batch) or 1
+
+
 def _leading_dim(batch: Any) -> int | None:
     if isinstance(batch, torch.Tensor):
         return int(batch.shape[0]) if batch.dim() else None
