@@ -15,6 +15,7 @@ whitespace, with the ``sha256`` field removed); ``unseal`` verifies it, so an ed
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -195,11 +196,23 @@ def tensor_bytes(t: torch.Tensor) -> bytes:
 
 
 def update_hash(h: Any, obj: Any) -> None:
-    """Feed ``obj`` into ``hashlib`` object ``h``: tensors by dtype, shape and bytes; dicts by
-    key (in order), tuples / lists by length and item; anything else by ``repr``."""
+    """Feed ``obj`` into ``hashlib`` object ``h``: tensors and numpy arrays by dtype, shape and
+    bytes; mappings by key (in order), tuples / lists by length and item, dataclasses by field;
+    anything else by ``repr`` (numbers, strings, None)."""
     if isinstance(obj, torch.Tensor):
         h.update(f"T{obj.dtype}{tuple(obj.shape)}".encode())
         h.update(tensor_bytes(obj))
+    elif type(obj).__module__ == "numpy" and hasattr(obj, "tobytes"):  # ndarray / scalar
+        import numpy as np
+
+        arr = np.ascontiguousarray(obj)
+        h.update(f"N{arr.dtype}{arr.shape}".encode())
+        h.update(arr.tobytes())
+    elif dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        h.update(f"D{type(obj).__qualname__}".encode())
+        for f in dataclasses.fields(obj):
+            h.update(f"K{f.name!r}".encode())
+            update_hash(h, getattr(obj, f.name))
     elif isinstance(obj, Mapping):
         for k in obj:
             h.update(f"K{k!r}".encode())

@@ -421,7 +421,7 @@ def test_limit_must_be_positive(limit, capsys):
         (
             KeyboardInterrupt(),
             130,
-            "interrupted; rerun the same command to resume (finished work is kept)",
+            "interrupted; rerun the same command to resume (work finished so far is kept)",
         ),
         (OSError(28, "No space left on device"), 1, "No space left on device"),
         (

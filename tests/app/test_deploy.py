@@ -351,3 +351,12 @@ def test_bench_int8_dynamic_activations(run):
     b = _deployment(run)["bench"]["onnxruntime-b4-t1-int8-dynamic"]
     assert b["activations"] == "int8-dynamic" and b["calibration_agreement"] >= 95.0
     assert "| onnxruntime int8-dynamic activations | 4 | 1 |" in out
+
+
+def test_bench_of_a_zoo_run_refuses_own_model_flags(run, tmp_path):
+    """--calibration / --weights are for runs of your own model: on a zoo run, an error, not
+    silently ignored."""
+    np = pytest.importorskip("numpy")
+    np.save(tmp_path / "x.npy", np.zeros((4, 64), dtype=np.float32))
+    code, _, err = _main(["bench", run, "--runtime", "torch", "--calibration", tmp_path / "x.npy"])
+    assert code == 2 and "--calibration is for runs of your own model" in err, err

@@ -32,7 +32,7 @@ def test_interrupted_compress_resumes_from_the_journal(tmp_path, monkeypatch, ca
     calls.update(n=0, stop=2)
     assert main([*argv.split(), str(out)]) == 130
     assert "rerun the same command to resume" in capsys.readouterr().err
-    assert len(list((out / JOURNAL / "layers").glob("*.json"))) == 1
+    assert len(list((out / JOURNAL).glob("*/layers/*.json"))) == 1
 
     calls.update(n=0, stop=None)
     assert main([*argv.split(), str(out)]) == 0

@@ -1,6 +1,7 @@
 """The compress journal: a run interrupted after k layers resumes with those k replayed (not
 solved again) and ends bit-identical to an uninterrupted run, in sequential and independent
-mode; a journal of another run is deleted; a damaged layer is solved again."""
+mode; another run's journal is kept beside it and never replayed; a damaged layer, a leftover
+without its key and a change of model code are solved again."""
 
 import json
 
@@ -10,7 +11,7 @@ from torch import nn
 
 import optbrain.pipeline.compress as pc
 from optbrain import compress
-from optbrain.pipeline.journal import KEY, Journal
+from optbrain.pipeline.journal import KEY, Journal, discard
 
 
 class Block(nn.Module):
@@ -44,6 +45,12 @@ def make() -> tuple[nn.Module, list[torch.Tensor]]:
 
 def recipe(mode: str) -> dict:
     return {"method": "obc", "sparsity": 0.5, "bits": 4, "calibration": {"mode": mode}}
+
+
+def layers_of(base) -> list:
+    """The layer records of the one run journaled in ``base``."""
+    (run,) = [d for d in base.iterdir() if (d / KEY).is_file()]
+    return sorted((run / "layers").glob("*.json"))
 
 
 class Stop(KeyboardInterrupt):
@@ -86,11 +93,12 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, counting, mode):
         compress(model, calib, recipe(mode), quiet=True, journal=tmp_path / "j")
     for k, v in model.state_dict().items():  # the model is put back as it was
         assert torch.equal(v, dense[k]), k
-    assert len(list((tmp_path / "j" / "layers").glob("*.json"))) == 3
+    assert len(layers_of(tmp_path / "j")) == 3
 
     counting.update(n=0, stop=None)
     rep = compress(model, calib, recipe(mode), quiet=True, journal=tmp_path / "j")
     assert counting["n"] == layers - 3  # the 3 journaled layers are replayed, not solved
+    assert rep.metadata.pop("journal") == str(layers_of(tmp_path / "j")[0].parent.parent)
     for k, v in ref_model.state_dict().items():
         assert torch.equal(model.state_dict()[k], v), k
     assert [_same(r) for r in rep.layers] == [_same(r) for r in ref.layers]
@@ -108,28 +116,66 @@ def test_interrupted_run_resumes_bit_identical(tmp_path, counting, mode):
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ref_model.state_dict().items())
 
 
-def test_journal_of_another_run_is_deleted(tmp_path, counting, capsys):
+def test_another_runs_journal_is_kept_and_not_replayed(tmp_path, counting, capsys):
+    """Another recipe into the same journal directory solves everything, leaves the first run's
+    journal as it was (a rerun of that command still resumes it) and says so; discard removes
+    only its own run, and the directory once empty."""
     model, calib = make()
-    compress(model, calib, recipe("sequential"), quiet=True, journal=tmp_path / "j")
+    first = compress(model, calib, recipe("sequential"), quiet=True, journal=tmp_path / "j")
+    before = sorted(p.read_bytes() for p in layers_of(tmp_path / "j"))
     other, _ = make()
     counting.update(n=0)
     rec = {**recipe("sequential"), "sparsity": 0.25}
     rep = compress(other, calib, rec, journal=tmp_path / "j")
     assert counting["n"] == len(rep.layers)  # nothing replayed from the 50% run
-    assert "another recipe, model or calibration; deleted" in capsys.readouterr().err
-    key = json.loads((tmp_path / "j" / KEY).read_text())
-    assert key["recipe"]["rules"][0]["sparsity"] == 0.25
+    assert "also holds 1 interrupted run(s) of other settings" in capsys.readouterr().err
+    discard(rep.metadata["journal"])
+    assert sorted(p.read_bytes() for p in layers_of(tmp_path / "j")) == before
+    counting.update(n=0)
+    again, _ = make()
+    compress(again, calib, recipe("sequential"), quiet=True, journal=tmp_path / "j")
+    assert counting["n"] == 0
+    discard(first.metadata["journal"])
+    assert not (tmp_path / "j").exists()
+
+
+def test_leftover_without_key_and_changed_code_are_solved_again(tmp_path, counting):
+    """A run subdirectory whose key is gone (a kill before it was written, or mid-discard) is
+    cleared, not refused; the same weights under other model code (ReLU -> GELU in a block's
+    forward) get their own journal, not the other code's layers."""
+    model, calib = make()
+    rep = compress(model, calib, recipe("independent"), quiet=True, journal=tmp_path / "j")
+    root = tmp_path / "j" / rep.metadata["journal"].rsplit("/", 1)[-1]
+    (root / KEY).unlink()
+    again, _ = make()
+    counting.update(n=0)
+    compress(again, calib, recipe("independent"), quiet=True, journal=tmp_path / "j")
+    assert counting["n"] == len(rep.layers)
+    assert all(torch.equal(again.state_dict()[k], v) for k, v in model.state_dict().items())
+
+    class GeluBlock(Block):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x + self.down(torch.nn.functional.gelu(self.up(x)))
+
+    gelu, _ = make()
+    for i, b in enumerate(gelu.layers):
+        g = GeluBlock(12)
+        g.load_state_dict(b.state_dict())
+        gelu.layers[i] = g
+    counting.update(n=0)
+    compress(gelu, calib, recipe("independent"), quiet=True, journal=tmp_path / "j")
+    assert counting["n"] == len(rep.layers)  # not the ReLU model's layers
 
 
 def test_damaged_layer_is_solved_again(tmp_path, counting):
     model, calib = make()
     compress(model, calib, recipe("independent"), quiet=True, journal=tmp_path / "j")
     ref = {k: v.clone() for k, v in model.state_dict().items()}
-    first = sorted((tmp_path / "j" / "layers").glob("*.safetensors"))[0]
+    first = layers_of(tmp_path / "j")[0].with_suffix(".safetensors")
     data = bytearray(first.read_bytes())
     data[-1] ^= 1
     first.write_bytes(bytes(data))
-    second = sorted((tmp_path / "j" / "layers").glob("*.json"))[1]
+    second = layers_of(tmp_path / "j")[1]
     second.write_text(second.read_text().replace('"sparsity"', '"sparsity_"', 1))
     again, _ = make()
     counting.update(n=0)
@@ -138,15 +184,15 @@ def test_damaged_layer_is_solved_again(tmp_path, counting):
     assert all(torch.equal(again.state_dict()[k], v) for k, v in ref.items())
 
 
-def test_journal_refuses_a_foreign_directory(tmp_path):
+def test_journal_in_a_directory_with_other_files_touches_nothing_else(tmp_path):
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "mine.txt").write_text("keep")
-    with pytest.raises(ValueError, match="holds no journal"):
-        Journal(tmp_path / "d", {"k": 1})
+    j = Journal(tmp_path / "d", {"k": 1})
+    j.discard()
+    assert [p.name for p in (tmp_path / "d").iterdir()] == ["mine.txt"]
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         Journal(tmp_path / "f", {"k": 1})
-    assert (tmp_path / "d" / "mine.txt").read_text() == "keep"
 
 
 def test_killed_at_12_random_moments_resumes_bit_identical(tmp_path):
@@ -178,8 +224,9 @@ def test_killed_at_12_random_moments_resumes_bit_identical(tmp_path):
         time.sleep(rng.uniform(0.0, 1.5 * full))
         os.kill(pid, signal.SIGKILL)
         os.waitpid(pid, 0)
-        if (root / KEY).is_file():
-            j = Journal(root, json.loads((root / KEY).read_text()))  # opened as a rerun would
+        keys = list(root.glob(f"*/{KEY}")) if root.is_dir() else []
+        if keys:  # opened as a rerun would
+            j = Journal(root, json.loads(keys[0].read_text()))
             partial += 0 < len(j.index) < 7
     assert partial > 0  # some kills landed mid-run
     for k in range(3):

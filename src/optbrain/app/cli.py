@@ -491,7 +491,7 @@ def _after_interrupt(args: argparse.Namespace) -> str:
     (``--offload``: the blocks; ``--target``: the layer database; else the journal of solved
     layers in the run directory); other commands write nothing until they finish."""
     if args.command == "compress":
-        return "rerun the same command to resume (finished work is kept)"
+        return "rerun the same command to resume (work finished so far is kept)"
     return "nothing was written"
 
 

@@ -399,6 +399,9 @@ def cmd_bench(args: argparse.Namespace) -> int:
     models = None if src is None else own_bench_models(args, run, src, args.batch)
     if src is None and args.model:
         run_model_name(run, args.model)  # a zoo run: --model must name its model
+    own = [f for f in ("calibration", "weights", "task") if src is None and getattr(args, f)]
+    if own:
+        raise ValueError(f"--{own[0]} is for runs of your own model; {run} is a zoo run")
     res = bench(
         run,
         args.runtime,

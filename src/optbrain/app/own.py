@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -103,6 +102,7 @@ def compress_own(
     Returns the report."""
     from ..api import compress, shrink
     from ..io import save
+    from ..pipeline.journal import discard
     from ..pipeline.shrink import structured_layers
     from .runs import JOURNAL, RUN_FILES
 
@@ -111,6 +111,7 @@ def compress_own(
         loaded.model, batches, recipe, quiet=quiet, name=loaded.name, executor=executor,
         journal=out / JOURNAL,
     )  # fmt: skip
+    journal = report.metadata.pop("journal", None)  # discarded once the run is saved
     if structured_layers(loaded.model):  # channels / heads: remove them for real
         report.metadata["shrink"] = shrink(loaded.model, batches[0]).to_dict()
     report.metadata["compress_seconds"] = time.perf_counter() - t0
@@ -126,7 +127,8 @@ def compress_own(
         atomic_write(out / fname, text)
     for fname in RUN_FILES - set(written):  # an earlier run's files in a reused --out
         (out / fname).unlink(missing_ok=True)
-    shutil.rmtree(out / JOURNAL, ignore_errors=True)  # the run is saved: not needed
+    if journal is not None:
+        discard(journal)
     return report
 
 

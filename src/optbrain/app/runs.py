@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import copy
 import json
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,6 +23,7 @@ from .._files import atomic_write
 from ..api import compress, shrink
 from ..io import save
 from ..pipeline.cost import compare_costs
+from ..pipeline.journal import discard
 from ..pipeline.shrink import structured_layers
 from ..recipe import Recipe
 from ..report import Report
@@ -74,6 +74,7 @@ def _run(
         batches = entry.calibration(*calib)
     t0 = time.perf_counter()
     report = run(model, batches)
+    journal = report.metadata.pop("journal", None)  # discarded once the run is saved
     example = example_input(batches[0], entry.inputs)
     if structured_layers(model):  # channels / heads: remove them for real
         report.metadata["shrink"] = shrink(model, example).to_dict()
@@ -98,7 +99,8 @@ def _run(
             atomic_write(out / fname, text)
         for fname in RUN_FILES - set(written):  # an earlier run's files in a reused --out
             (out / fname).unlink(missing_ok=True)
-        shutil.rmtree(out / JOURNAL, ignore_errors=True)  # the run is saved: not needed
+        if journal is not None:
+            discard(journal)
     return model, report
 
 

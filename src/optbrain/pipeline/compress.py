@@ -453,7 +453,8 @@ def compress(
     journal: a directory where each solved layer is kept as it finishes
       (``optbrain.pipeline.journal``): rerun the same call after a kill or an interrupt and
       the layers solved before are replayed, not solved again (same weights and report). It
-      is left in place afterwards (delete it when the result is saved).
+      is left in place: ``report.metadata["journal"]`` names it for ``journal.discard`` once
+      the result is saved.
     If anything fails (a calibration forward, a solver), no hook is left behind and the
     weights written so far are put back: the model is left as it was.
     """
@@ -472,7 +473,8 @@ def compress(
     progress = Progress(len(plans), "compress", enabled=not quiet)
     comp = LayerCompressor(plans, adapters, progress, model)
     if journal is not None:
-        comp.journal = Journal(journal, journal_key(model, batches, rec.to_dict(), inputs))
+        key = journal_key(model, batches, rec.to_dict(), inputs, forward)
+        comp.journal = Journal(journal, key)
         for line in comp.journal.notes:
             progress.note(line)
     slow = [n for n, p in comp.predicted.items() if p]
@@ -491,4 +493,7 @@ def compress(
     state = ModelState(
         recipe=rec.to_dict(), layers=comp.state, bn_recalibrated=bool(rec.bn_recalibration)
     )
-    return finish(model, records, rec, state, name, t0, len(batches))
+    report = finish(model, records, rec, state, name, t0, len(batches))
+    if comp.journal is not None:  # for the caller to discard once the result is saved
+        report.metadata["journal"] = str(comp.journal.root)
+    return report

@@ -1,15 +1,16 @@
 """The journal of a compress run: each solved layer kept on disk as it finishes, so that a
 killed or interrupted ``compress`` resumes where it stopped instead of starting over.
 
-Layout of a journal directory::
+Layout (``base``: the directory passed as ``journal=``; one subdirectory per run, named by
+its key, so an interrupted run of other settings keeps its own)::
 
-    journal.json                what the run is (its key): the recipe, the model's weights
-                                (SHA-256 of the state dict before compression), the
-                                calibration batches (SHA-256), the input convention; sealed
-    layers/NNNN.safetensors     one solved layer: the weight written per group
-                                ("{g}.weight") and its state's mask / scale / zero
-    layers/NNNN.json            its name, report records, plan and group manifests, and the
-                                SHA-256 of the tensors file; sealed
+    base/<key hash>/journal.json       what the run is (its key): the recipe, the model's
+                                       weights, module tree and code, the calibration batches
+                                       (SHA-256 each), the input convention, the versions; sealed
+    base/<key hash>/layers/NNNN.safetensors   one solved layer: the weight written per group
+                                       ("{g}.weight") and its state's mask / scale / zero
+    base/<key hash>/layers/NNNN.json   its name, report records, plan and group manifests, and
+                                       the SHA-256 of the tensors file; sealed
 
 A layer is whole or absent: its tensors are written first, then the record naming their
 checksum, each atomically (``optbrain._files.atomic_write``). ``compress(..., journal=DIR)``
@@ -17,13 +18,15 @@ replays the journaled layers of a run with the same key (their weights written, 
 state restored, no solve) and solves the others. In sequential mode the calibration passes
 still run, each later layer's H computed from the model with the replayed weights in place, so
 the result is bit-identical to an uninterrupted run; only the solves are saved. A layer whose
-files are damaged or edited is solved again. A journal with another key (other recipe, model or
-calibration) is deleted when opened, with a note: its layers do not belong to this run.
+files are damaged or edited is solved again. The key is written before any layer and deleted
+first by ``discard``, so a subdirectory without a valid key is a leftover and is cleared.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import inspect
 import shutil
 from pathlib import Path
 from typing import Any
@@ -52,11 +55,42 @@ FORMAT = "optbrain-journal"
 VERSION = 1
 KEY = "journal.json"
 
-__all__ = ["Journal", "journal_key", "replay_layer"]
+__all__ = ["Journal", "discard", "journal_key", "replay_layer"]
 
 
-def journal_key(model: nn.Module, batches: list[Any], recipe: dict[str, Any], inputs: str) -> dict:
-    """What a journal's layers depend on: two runs with equal keys solve equal layers."""
+def _source(obj: Any) -> bytes:
+    """The source text of a function (its qualified name when there is none, e.g. a builtin)."""
+    try:
+        return inspect.getsource(obj).encode()
+    except (OSError, TypeError):
+        name = getattr(obj, "__qualname__", repr(obj))
+        return f"{getattr(obj, '__module__', '')}.{name}".encode()
+
+
+def _code_sha256(model: nn.Module, forward: Any) -> str:
+    """What the model computes besides its weights: the module tree (``repr``: layer types and
+    their settings), the source of every module class's ``forward`` and of ``forward=``."""
+    h = hashlib.sha256(repr(model).encode())
+    for cls in sorted({type(m) for m in model.modules()}, key=lambda c: c.__qualname__):
+        h.update(f"{cls.__module__}.{cls.__qualname__}|".encode())
+        h.update(_source(cls.forward))
+    if forward is not None:
+        h.update(_source(forward))
+    return h.hexdigest()
+
+
+def journal_key(
+    model: nn.Module,
+    batches: list[Any],
+    recipe: dict[str, Any],
+    inputs: str,
+    forward: Any = None,
+) -> dict:
+    """What a journal's layers depend on: two runs with equal keys solve equal layers. The
+    model's weights, module tree and code, ``forward=``, the calibration batches, the input
+    convention, the recipe, and the optbrain and torch versions."""
+    from .._version import __version__
+
     h = hashlib.sha256()
     for name, t in model.state_dict().items():
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
@@ -66,38 +100,41 @@ def journal_key(model: nn.Module, batches: list[Any], recipe: dict[str, Any], in
         "version": VERSION,
         "recipe": recipe,
         "weights_sha256": h.hexdigest(),
+        "code_sha256": _code_sha256(model, forward),
         "calibration_sha256": batches_sha256(batches),
         "batches": len(batches),
         "inputs": inputs,
+        "optbrain": __version__,
+        "torch": torch.__version__,
     }
 
 
 class Journal:
-    """A journal directory (see the module docstring) opened for the run with ``key``.
+    """The journal of the run with ``key`` (see the module docstring) in directory ``base``:
+    ``base/<16 hex digits of the key's hash>/``. Interrupted runs of other settings keep their
+    own subdirectories (a rerun of their command resumes them); nothing else in ``base`` is
+    read, written or deleted.
 
-    ``notes``: what opening it found (layers kept from an interrupted run, or a journal of
-    another run deleted), for the progress line.
+    ``notes``: what opening it found (layers kept from an interrupted run, other runs'
+    journals), for the progress line. ``discard()`` deletes it once the result is saved.
     """
 
-    def __init__(self, root: str | Path, key: dict[str, Any]) -> None:
-        self.root = Path(root)
+    def __init__(self, base: str | Path, key: dict[str, Any]) -> None:
+        self.base = Path(base)
         self.notes: list[str] = []
-        if self.root.exists() and not self.root.is_dir():
-            raise ValueError(f"journal {self.root} is a file; pass a directory")
+        if self.base.exists() and not self.base.is_dir():
+            raise ValueError(f"journal {self.base} is a file; pass a directory")
         key = seal(key)
-        old = self._old_key()
-        same = old is not None and old.get(SEAL) == key[SEAL]
-        if old is not None and not same:
-            shutil.rmtree(self.root)
-            self.notes.append(
-                f"journal {self.root}: it held an interrupted run of another recipe, model or "
-                "calibration; deleted, starting over"
-            )
+        self.root = self.base / key[SEAL][:16]
+        if self._old_seal() != key[SEAL]:
+            # absent, or a leftover of this name without a valid key (a kill before the key
+            # was written, or during a discard): its layers cannot be trusted
+            shutil.rmtree(self.root, ignore_errors=True)
+            self.root.mkdir(parents=True)
+            atomic_json(self.root / KEY, key)  # the key first, then any layer
         self.layers = self.root / "layers"
-        self.layers.mkdir(parents=True, exist_ok=True)
+        self.layers.mkdir(exist_ok=True)
         clean_stale(self.layers)
-        if not same:
-            atomic_json(self.root / KEY, key)
         self.index = self._scan()
         used = [int(p.name.split(".")[0]) for p in self.layers.iterdir() if p.name[:4].isdigit()]
         self._next = max(used, default=-1) + 1
@@ -106,22 +143,27 @@ class Journal:
                 f"journal {self.root}: resuming, {len(self.index)} layer(s) solved before are "
                 "replayed (not solved again)"
             )
+        others = [d for d in self.base.iterdir() if d != self.root and (d / KEY).is_file()]
+        if others:
+            mb = sum(f.stat().st_size for d in others for f in d.rglob("*") if f.is_file()) / 1e6
+            self.notes.append(
+                f"journal {self.base}: also holds {len(others)} interrupted run(s) of other "
+                f"settings ({mb:.1f} MB); rerun their command to resume, or delete them"
+            )
 
-    def _old_key(self) -> dict[str, Any] | None:
+    def _old_seal(self) -> str | None:
         path = self.root / KEY
-        if not path.is_file():
-            if self.root.is_dir() and any(self.root.iterdir()):
-                raise ValueError(
-                    f"journal {self.root} is not empty and holds no journal ({KEY} missing); "
-                    "refusing to write into it"
-                )
-            return None
         try:
-            old = read_json(path)
-            unseal(old, str(path))
-        except (ValueError, UnsealError):
-            return {SEAL: "damaged"}  # not this run's: deleted and started over
-        return old
+            rec = read_json(path)
+            unseal(rec, str(path))
+        except (ValueError, UnsealError, OSError):
+            return None
+        return rec[SEAL]
+
+    def discard(self) -> None:
+        """Delete this run's journal: its key first (a deletion cut short leaves a directory
+        the next open clears as a leftover), then its layers; ``base`` too when empty."""
+        discard(self.root)
 
     def _scan(self) -> dict[str, Path]:
         """name -> record stem of every whole, unedited layer."""
@@ -212,3 +254,13 @@ def replay_layer(comp: Any, name: str) -> bool:
     comp.actual[name] = sum(r.seconds for r in records)
     comp.progress.update(f"{name} (solved before: replayed from the journal)")
     return True
+
+
+def discard(root: str | Path) -> None:
+    """Delete the journal directory ``root`` (``Journal.root``, e.g. a report's
+    ``metadata["journal"]``), key first, and its parent when nothing else is left in it."""
+    root = Path(root)
+    (root / KEY).unlink(missing_ok=True)
+    shutil.rmtree(root, ignore_errors=True)
+    with contextlib.suppress(OSError):
+        root.parent.rmdir()

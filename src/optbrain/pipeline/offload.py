@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import ctypes
 import gc
+import hashlib
 import json
 import os
 import shutil
@@ -156,11 +157,25 @@ def _fingerprint(source: Path, rec: Recipe, batches: list[Any], index: dict[str,
             "calibration_sha256": batches_sha256(batches), "samples": len(batches)}  # fmt: skip
 
 
-def _check_offload_dir(root: Path, fp: dict) -> None:
+def _legacy_calibration_sha256(batches: list[Any]) -> str:
+    """The calibration hash of offload directories written before ``batches_sha256`` (the
+    raw bytes of each batch's tensors): such a directory still resumes."""
+    h = hashlib.sha256()
+    for b in batches:
+        items = b.values() if isinstance(b, dict) else b if isinstance(b, tuple | list) else [b]
+        for t in items:
+            if isinstance(t, torch.Tensor):
+                h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_offload_dir(root: Path, fp: dict, batches: list[Any]) -> None:
     if root.exists() and not root.is_dir():
         raise ValueError(f"offload {root} is a file; pass a directory")
     if (root / STATE).is_file():
         old = read_json(root / STATE)
+        if old.get("calibration_sha256") == _legacy_calibration_sha256(batches):
+            old = {**old, "calibration_sha256": fp["calibration_sha256"]}
         if old != json.loads(json.dumps(fp)):
             diff = sorted(k for k in fp if old.get(k) != json.loads(json.dumps(fp[k])))
             raise ValueError(
@@ -204,7 +219,7 @@ def compress_offloaded(
     index = shard_index(source)
     batches = take_samples(calibration, rec.calibration.samples)
     fp = _fingerprint(source, rec, batches, index)
-    _check_offload_dir(root, fp)
+    _check_offload_dir(root, fp, batches)
     (root / "blocks").mkdir(parents=True, exist_ok=True)
     clean_stale(root / "blocks")
     atomic_json(root / STATE, fp)
