@@ -23,12 +23,8 @@ pytestmark = pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    # tiny convolutions: OpenMP threads only add contention (100x slower on a loaded machine)
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (``tests/conftest.py``)."""
 
 
 def _group_outputs(adapter, module, x):

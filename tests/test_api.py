@@ -23,11 +23,8 @@ NOTHING = "the recipe asks nothing of this layer"
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (``tests/conftest.py``)."""
 
 
 # ------------------------------------------------------------------------------ tiny models

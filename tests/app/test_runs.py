@@ -3,7 +3,6 @@ some layers, then rerun, solves only the rest, writes the same run as an uninter
 deletes the journal once the run is saved."""
 
 import pytest
-import torch
 
 import optbrain.pipeline.compress as pc
 from optbrain.app.cli import main
@@ -43,8 +42,5 @@ def test_interrupted_compress_resumes_from_the_journal(tmp_path, monkeypatch, ca
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (``tests/conftest.py``)."""

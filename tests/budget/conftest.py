@@ -37,11 +37,8 @@ def make_calibration(seed: int = 1, n: int = 96, batch: int = 32) -> list[torch.
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (``tests/conftest.py``)."""
 
 
 @pytest.fixture(scope="session")

@@ -23,11 +23,8 @@ from optbrain.io.checkpoint import MANIFEST, REPORT, TENSORS
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+def _one_thread(one_thread):
+    """Every test here runs on one torch thread (``tests/conftest.py``)."""
 
 
 def _images(seed: int, n: int) -> torch.Tensor:
