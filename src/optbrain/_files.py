@@ -44,6 +44,7 @@ __all__ = [
     "seal",
     "sha256_bytes",
     "sha256_file",
+    "state_sha256",
     "tensor_bytes",
     "unseal",
     "update_hash",
@@ -223,6 +224,16 @@ def update_hash(h: Any, obj: Any) -> None:
             update_hash(h, o)
     else:
         h.update(f"V{obj!r}".encode())
+
+
+def state_sha256(module: torch.nn.Module) -> str:
+    """Hex SHA-256 of a module's ``state_dict`` (name, dtype, shape and bytes of each tensor,
+    in order): its weights and buffers, for a fingerprint."""
+    h = hashlib.sha256()
+    for name, t in module.state_dict().items():
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(tensor_bytes(t))
+    return h.hexdigest()
 
 
 def batches_sha256(batches: Any) -> str:

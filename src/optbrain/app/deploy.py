@@ -301,11 +301,12 @@ def bench(
     seq_len: int | None = None,
     matmul_nbits: bool = False,
     accuracy_level: int | None = None,
-    models: tuple[Any, Any, Any, Any] | None = None,
+    models: Any = None,
 ) -> dict[str, Any]:
     """Dense fp32 vs the compressed run on ``runtime``, in one process, on ``batch`` inputs.
-    ``models``: ``(dense, compressed, input batch, () -> int8 calibration batches)`` of a run of
-    your own model (``own_export.own_bench_models``); None: the zoo run's.
+    ``models``: for a run of your own model, a function returning ``(dense, compressed, input
+    batch, () -> int8 calibration batches)`` (``own_export.own_bench_models``), called once
+    the options are checked; None: the zoo run's.
     ``activations="int8"`` (onnxruntime only): the compressed graph has static int8
     activations calibrated on ``samples`` calibration inputs, ``"int8-dynamic"``: int8
     activations quantized at run time (``optbrain.io.onnx_int8``); ``matmul_nbits``: linear
@@ -334,7 +335,7 @@ def bench(
         def calibrate() -> list[Any]:
             return calibration_args(entry, model, samples)
     else:
-        dense, model, x, batches = models
+        dense, model, x, batches = models()
 
         def calibrate() -> list[Any]:
             return [positional(model, b) for b in batches()]
@@ -396,7 +397,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from .own_export import own_bench_models, own_source
 
     src = own_source(run) if run.is_dir() else None
-    models = None if src is None else own_bench_models(args, run, src, args.batch)
+    models = None if src is None else (lambda: own_bench_models(args, run, src, args.batch))
     if src is None and args.model:
         run_model_name(run, args.model)  # a zoo run: --model must name its model
     own = [f for f in ("calibration", "weights", "task") if src is None and getattr(args, f)]

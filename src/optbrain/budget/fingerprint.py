@@ -6,7 +6,6 @@ and settings, hashed) and ``check_fingerprint`` (rejects a database built for so
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -14,7 +13,7 @@ from typing import Any
 
 from torch import nn
 
-from .._files import batches_sha256, tensor_bytes
+from .._files import batches_sha256, state_sha256
 from ..adapters import find_layers
 from ..core.methods.auto import DATABASE_TIME_BUDGET
 from ..core.spec import DEFAULT_DAMP
@@ -65,16 +64,12 @@ def fingerprint(
     inputs: str = "all",
 ) -> dict[str, Any]:
     """What a database depends on; two builds with equal fingerprints give equal databases."""
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(tensor_bytes(t))
     layers, _ = find_layers(model)
     return {
         "format": FORMAT,
         "version": VERSION,
         "model": {
-            "weights_sha256": h.hexdigest(),
+            "weights_sha256": state_sha256(model),
             "layers": {n: list(m.weight.shape) for n, m in layers.items()},
         },
         "calibration": {

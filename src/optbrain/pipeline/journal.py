@@ -45,7 +45,7 @@ from .._files import (
     safetensors_bytes,
     seal,
     sha256_bytes,
-    tensor_bytes,
+    state_sha256,
     unseal,
 )
 from ..report import LayerRecord
@@ -91,15 +91,11 @@ def journal_key(
     convention, the recipe, and the optbrain and torch versions."""
     from .._version import __version__
 
-    h = hashlib.sha256()
-    for name, t in model.state_dict().items():
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(tensor_bytes(t))
     return {
         "format": FORMAT,
         "version": VERSION,
         "recipe": recipe,
-        "weights_sha256": h.hexdigest(),
+        "weights_sha256": state_sha256(model),
         "code_sha256": _code_sha256(model, forward),
         "calibration_sha256": batches_sha256(batches),
         "batches": len(batches),

@@ -174,7 +174,8 @@ def _check_offload_dir(root: Path, fp: dict, batches: list[Any]) -> None:
         raise ValueError(f"offload {root} is a file; pass a directory")
     if (root / STATE).is_file():
         old = read_json(root / STATE)
-        if old.get("calibration_sha256") == _legacy_calibration_sha256(batches):
+        stored = old.get("calibration_sha256")
+        if stored != fp["calibration_sha256"] and stored == _legacy_calibration_sha256(batches):
             old = {**old, "calibration_sha256": fp["calibration_sha256"]}
         if old != json.loads(json.dumps(fp)):
             diff = sorted(k for k in fp if old.get(k) != json.loads(json.dumps(fp[k])))
