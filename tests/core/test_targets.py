@@ -90,3 +90,21 @@ def test_same_inputs_reduce_to_the_plain_problem():
     assert torch.allclose(res.weight, plain.weight, atol=1e-9)
     assert res.loss == pytest.approx(plain.loss, rel=1e-7, abs=1e-12)
     assert res.info["targets"]["residual_loss"] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_rank_deficient_without_damping_is_the_least_squares_optimum():
+    """λ = 0 and an input the compressed model never feeds: H̃ singular. The fallback must still
+    reach the optimum (LAPACK's gelsy least squares did not: its W* was worse than W)."""
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(200, 10, generator=g, dtype=torch.float64)
+    Xt = X + 0.3 * torch.randn(200, 10, generator=g, dtype=torch.float64)
+    Xt[:, 2] = 0
+    W = torch.randn(6, 10, generator=g, dtype=torch.float64)
+    acc = CrossAccumulator(10)
+    acc.add_pair(Xt, X)
+    Ht, C, H = acc.hessian(), acc.cross(), acc.dense_hessian()
+    Wstar, _ = dense_target(W, Ht, C, H, 0.0)
+    ref = torch.linalg.lstsq(Xt[:, [i for i in range(10) if i != 2]], X @ W.T).solution
+    got = target_loss(W, Wstar, Ht, C, H).sum()
+    best = ((Xt[:, [i for i in range(10) if i != 2]] @ ref - X @ W.T) ** 2).sum() / 200
+    assert float(got) == pytest.approx(float(best), rel=1e-8)

@@ -90,6 +90,17 @@ def target_damping(Ht: torch.Tensor, damp: float) -> float:
     return damp * (float(d[live].mean()) if bool(live.any()) else 1.0)
 
 
+def solve_spd(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """``A⁻¹ B`` for symmetric positive semidefinite ``A (…, k, k)`` and ``B (…, k, m)``:
+    Cholesky; where a factor fails (λ = 0 and a rank-deficient ``H̃``) the pseudo-inverse of
+    the symmetric ``A`` (eigendecomposition: the minimum-norm least-squares solution;
+    LAPACK's default ``gelsy`` least squares returned wrong values on such matrices)."""
+    L, info = torch.linalg.cholesky_ex(A)
+    if bool((info == 0).all()):
+        return torch.cholesky_solve(B, L)
+    return torch.linalg.pinv(A, hermitian=True) @ B
+
+
 def dense_target(
     W: torch.Tensor, Ht: torch.Tensor, C: torch.Tensor, H: torch.Tensor, damp: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -100,11 +111,7 @@ def dense_target(
     eye = torch.eye(W.shape[1], dtype=torch.float64, device=W.device)
     A = Ht.to(W.device).double() + lam * eye
     B = C.to(W.device).double() + lam * eye
-    L, info = torch.linalg.cholesky_ex(A)
-    if int(info) != 0:  # H̃ + λI singular in float64 (λ = 0 and a rank-deficient H̃)
-        Wstar = torch.linalg.lstsq(A, B @ Wd.T).solution.T
-    else:
-        Wstar = torch.cholesky_solve(B @ Wd.T, L).T  # (H̃+λI)⁻¹ (C+λI) w for every row
+    Wstar = solve_spd(A, B @ Wd.T).T  # (H̃+λI)⁻¹ (C+λI) w for every row
     Hd = H.to(W.device).double() + lam * eye
     r = 0.5 * ((Wd @ Hd) * Wd).sum(1) - 0.5 * ((Wstar @ A) * Wstar).sum(1)
     return Wstar.to(W.dtype), r.clamp_min(0).cpu()
