@@ -8,8 +8,10 @@ For every level and method (obc, magnitude, obd) one ``run_zoo`` with ``pattern:
 (and ``heads`` on the ``--heads`` layers), then ``optbrain.shrink``: the table gives the
 model's metrics, parameters, MACs and measured torch CPU latency (batch 1 and the throughput
 batch, median of repeats, warm-up excluded) as ratios to the dense model timed in the same
-run. Prints markdown. ``--mode sequential`` calibrates block by block on the already
-compressed model (``sequential+dense``: with dense targets); the default is independent.
+run. Prints markdown. ``--refit``: every layer then refitted to the dense outputs
+(``recipe.refit``, ``optbrain.pipeline.refit``). ``--mode sequential`` calibrates block by
+block on the already compressed model (``sequential+dense``: with dense targets); the
+default is independent.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from optbrain.app.runs import run_zoo  # noqa: E402
 
 
 def recipe(
-    method: str, level: float, targets: list[str], heads: list[str], samples: int, mode: str
+    method: str,
+    level: float,
+    targets: list[str],
+    heads: list[str],
+    samples: int,
+    mode: str,
+    refit: bool = False,
 ) -> dict:
     rules = [{"targets": targets, "ignore": heads, "method": method, "pattern": "channels",
               "sparsity": level}]  # fmt: skip
@@ -33,7 +41,7 @@ def recipe(
     calibration: dict = {"samples": samples, "mode": mode.split("+")[0]}
     if mode == "sequential+dense":
         calibration["targets"] = "dense"
-    return {"rules": rules, "calibration": calibration}
+    return {"rules": rules, "calibration": calibration, "refit": refit}
 
 
 def main() -> None:
@@ -51,6 +59,9 @@ def main() -> None:
         help="calibration mode (sequential+dense: dense targets, GPTAQ-style)",
     )
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
+    ap.add_argument(
+        "--refit", action="store_true", help="refit every layer to the dense outputs after"
+    )
     args = ap.parse_args()
     entry = zoo.get(args.model)
     dense = entry.load()
@@ -58,7 +69,7 @@ def main() -> None:
     rows = []
     for level in args.levels:
         for m in args.methods:
-            rec = recipe(m, level, args.targets, args.heads, args.samples, args.mode)
+            rec = recipe(m, level, args.targets, args.heads, args.samples, args.mode, args.refit)
             _, r = run_zoo(args.model, rec, None, quiet=True, dense=dense, dense_metrics=dm,
                            limit=args.limit)  # fmt: skip
             rows.append((level, m, r.metrics, r.metadata.get("shrink", {})))

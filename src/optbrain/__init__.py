@@ -19,6 +19,8 @@ _EXPORTS: dict[str, str] = {
     "calibration_from": ".pipeline.calibration",
     "shrink": ".api",
     "ShrinkReport": ".api",
+    "refit": ".api",
+    "RefitReport": ".api",
     "QuantGrid": ".core.grid",
     "fit_grid": ".core.grid",
     "HessianAccumulator": ".core.hessian",
@@ -40,7 +42,16 @@ _EXPORTS: dict[str, str] = {
 }
 
 if TYPE_CHECKING:  # for type checkers and IDEs; at run time ``__getattr__`` imports lazily
-    from .api import Executor, LocalExecutor, RayExecutor, ShrinkReport, compress, shrink
+    from .api import (
+        Executor,
+        LocalExecutor,
+        RayExecutor,
+        RefitReport,
+        ShrinkReport,
+        compress,
+        refit,
+        shrink,
+    )
     from .core.grid import QuantGrid, fit_grid
     from .core.hessian import HessianAccumulator, hessian_from_inputs, layer_loss, prepare_hessian
     from .core.layer import compress_layer, prune_layer, quantize_layer
@@ -93,6 +104,8 @@ __all__ = [
     "save",
     "shrink",
     "ShrinkReport",
+    "refit",
+    "RefitReport",
 ]
 
 from ._version import __version__  # noqa: E402,F401

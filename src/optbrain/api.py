@@ -12,6 +12,9 @@ to a fresh copy without recompressing. The traversal lives in ``optbrain.pipelin
 ``compress(..., executor="ray")`` runs the per-layer solves as Ray tasks
 (``optbrain.pipeline.executor``). ``shrink(model, example_inputs)`` then removes for real the
 channels / heads that a ``channels`` / ``heads`` pattern zeroed (``optbrain.pipeline.shrink``).
+``refit(model, dense, calibration)`` re-solves every layer of a compressed model against the
+dense model's outputs, zeros kept (``optbrain.pipeline.refit``; ``recipe.refit: true`` does it
+inside ``compress``).
 """
 
 from __future__ import annotations
@@ -25,6 +28,8 @@ from torch import nn
 from .pipeline.compress import compress as _compress
 from .pipeline.data import take_samples
 from .pipeline.executor import Executor, LocalExecutor, RayExecutor
+from .pipeline.refit import RefitReport
+from .pipeline.refit import refit_to_dense as refit
 from .pipeline.shrink import ShrinkReport, shrink
 from .pipeline.state import STATE_ATTR, compressed_state
 from .recipe import Recipe
@@ -35,9 +40,11 @@ __all__ = [
     "Executor",
     "LocalExecutor",
     "RayExecutor",
+    "RefitReport",
     "ShrinkReport",
     "compress",
     "compressed_state",
+    "refit",
     "shrink",
     "take_samples",
 ]

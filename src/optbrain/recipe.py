@@ -12,6 +12,7 @@ Full form::
     calibration: {mode: sequential, samples: 128, batch_size: 8}
     seed: 0
     bn_recalibration: false
+    refit: false                         # true: then refit every layer to the dense outputs
     allocation: uniform                  # or owl: per-block sparsity from activation outliers
     ignore: [classifier]                 # never compressed, whatever the rules say
     rules:
@@ -115,6 +116,7 @@ class Recipe:
     calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
     seed: int = 0
     bn_recalibration: bool = False
+    refit: bool = False
     allocation: SparsityAllocation = field(default_factory=SparsityAllocation)
 
     def __post_init__(self) -> None:
@@ -158,6 +160,8 @@ class Recipe:
             raise _fail((), "seed", "an integer", self.seed)
         if not isinstance(self.bn_recalibration, bool):
             raise _fail((), "bn_recalibration", "true or false", self.bn_recalibration)
+        if not isinstance(self.refit, bool):
+            raise _fail((), "refit", "true or false", self.refit)
         self.allocation = SparsityAllocation.from_value(self.allocation)
 
     # ---------------------------------------------------------------- construction / output
@@ -196,7 +200,7 @@ class Recipe:
         else:
             rules = []
         kw: dict[str, Any] = {"rules": rules}
-        for key in ("version", "seed", "bn_recalibration"):
+        for key in ("version", "seed", "bn_recalibration", "refit"):
             if d.get(key) is not None:
                 kw[key] = d[key]
         if d.get("ignore") is not None:
@@ -213,6 +217,8 @@ class Recipe:
             "seed": self.seed,
             "bn_recalibration": self.bn_recalibration,
         }
+        if self.refit:  # written only when set: older dicts (journal keys) stay equal
+            out["refit"] = True
         if self.allocation.method != "uniform":  # written only when set: older dicts stay equal
             out["allocation"] = self.allocation.to_value()
         if self.ignore:

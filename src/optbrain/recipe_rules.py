@@ -72,6 +72,7 @@ GLOBAL_KEYS = (
     "calibration",
     "seed",
     "bn_recalibration",
+    "refit",
     "allocation",
     "ignore",
     "rules",

@@ -4,9 +4,14 @@ import pytest
 import torch
 from torch import nn
 
-from optbrain.pipeline.compress import WeightBackup
 from optbrain.pipeline.data import StopForward, forward_batch, forward_batches
-from optbrain.pipeline.state import GroupState, LayerState, ModelState, compressed_state
+from optbrain.pipeline.state import (
+    GroupState,
+    LayerState,
+    ModelState,
+    WeightBackup,
+    compressed_state,
+)
 
 
 def test_group_state_round_trips_through_the_manifest_layout():

@@ -37,8 +37,9 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         }
         if args.asym:
             flags["asym"] = True
-        if getattr(args, "bn_recalibration", False):
-            flags["bn_recalibration"] = True
+        for k in ("bn_recalibration", "refit"):
+            if getattr(args, k, False):
+                flags[k] = True
         if flags:
             raise ValueError(
                 f"--recipe cannot be combined with {sorted(flags)}; put them in the recipe file"
@@ -79,8 +80,9 @@ def _recipe_from_args(args: argparse.Namespace) -> Any:
         d["ignore"] = args.ignore
     if getattr(args, "allocation", None):
         d["allocation"] = args.allocation
-    if getattr(args, "bn_recalibration", False):
-        d["bn_recalibration"] = True
+    for k in ("bn_recalibration", "refit"):
+        if getattr(args, k, False):
+            d[k] = True
     from ..recipe import RecipeError
 
     try:
@@ -205,6 +207,7 @@ def cmd_compress_budget(args: argparse.Namespace) -> int:
         sym=not getattr(args, "asym", False),
         levels=_levels_from_args(getattr(args, "levels", None)),
         bn_recalibration=bool(getattr(args, "bn_recalibration", False)),
+        refit=bool(getattr(args, "refit", False)),
         executor=getattr(args, "executor_obj", None),
     )
     print(allocation_table(report))
@@ -309,20 +312,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    """argparse type: an integer >= 1."""
-    try:
-        n = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text!r}") from None
-    if n < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {n}")
-    return n
-
-
 def build_parser() -> argparse.ArgumentParser:
-    from ..core.methods import METHODS
-    from ..core.spec import DEFAULT_DAMP
+    from .compress_args import add_compress_args, positive_int
     from .own_cmd import add_source_flags
 
     p = argparse.ArgumentParser(
@@ -336,89 +327,7 @@ def build_parser() -> argparse.ArgumentParser:
         "compress",
         help="compress a zoo model or your own (HF directory, module:factory) into a run dir",
     )
-    c.add_argument(
-        "--model",
-        required=True,
-        help="zoo name (see 'optbrain models'), a local Hugging Face directory, or "
-        "module:factory with --weights",
-    )
-    c.add_argument("--recipe", help="recipe YAML file (instead of the flags below)")
-    c.add_argument("--method", choices=sorted(METHODS), help="solver (default: auto)")
-    c.add_argument("--preset", help="w4a16, w8a16, 2:4, 2:4+w4 or N%% (e.g. 50%%)")
-    c.add_argument("--sparsity", type=float, help="fraction of weights to prune, in [0, 1)")
-    c.add_argument(
-        "--pattern",
-        help="'unstructured' (default), 'N:M' e.g. 2:4, 'blockB', or 'channels' / 'heads' "
-        "(whole input channels / attention heads; the model is then shrunk for real)",
-    )
-    c.add_argument("--bits", type=int, help="quantize to this many bits")
-    c.add_argument(
-        "--group-size",
-        type=int,
-        dest="group_size",
-        help="quantization group size (default: one grid per output channel)",
-    )
-    c.add_argument("--asym", action="store_true", help="asymmetric grid (default: symmetric)")
-    c.add_argument("--damp", type=float, help=f"relative damping of H (default {DEFAULT_DAMP})")
-    c.add_argument("--targets", nargs="+", help="module name patterns to compress (glob or re:)")
-    c.add_argument("--ignore", nargs="+", help="module name patterns to leave alone")
-    c.add_argument(
-        "--mode",
-        choices=["independent", "sequential"],
-        help="calibration mode (default: independent, as OBC)",
-    )
-    c.add_argument("--samples", type=int, help="calibration samples (default 128)")
-    c.add_argument(
-        "--allocation",
-        choices=["uniform", "owl"],
-        help="spread of --sparsity over the layers: uniform (default) or owl (per block, "
-        "from activation outliers)",
-    )
-    c.add_argument("--limit", type=_positive_int, help="evaluate on the first N examples only")
-    c.add_argument("--out", help="run directory (default: runs/MODEL)")
-    c.add_argument("--quiet", action="store_true", help="no progress line")
-    c.add_argument("--verbose", action="store_true", help="progress and details on stderr")
-    add_source_flags(c, data_flag=True)
-    c.add_argument(
-        "--target",
-        help="global budget instead of one setting for all layers, e.g. flops=0.25, "
-        "bops=1/12, size=0.3, latency=0.6 (torch latency timed on this machine, channel "
-        "levels, shrunk for real): a level per layer chosen by dynamic programming",
-    )
-    c.add_argument("--db", help="per-layer database directory for --target (default: OUT/db)")
-    c.add_argument(
-        "--levels",
-        nargs="+",
-        help="the level grid for --target: ids (s0.5, 2:4, b4, c0.25 = 25%% of the input "
-        "channels removed, c0.25+b8, ...), or 'structured' (the channel grid) / 'default'; "
-        "default: the default grid, the channel grid for latency=... (measured here)",
-    )
-    c.add_argument(
-        "--bn-recalibration",
-        action="store_true",
-        dest="bn_recalibration",
-        help="re-estimate the batch norms' running statistics on the calibration afterwards",
-    )
-    c.add_argument(
-        "--executor",
-        choices=["local", "ray"],
-        help="where the per-layer solves run: local (default) or ray (pip install optbrain[ray]; "
-        "a local Ray for the run, or the cluster at --ray-address / RAY_ADDRESS)",
-    )
-    c.add_argument("--ray-address", dest="ray_address", help="Ray cluster HOST:PORT")
-    c.add_argument(
-        "--ray-workers",
-        dest="ray_workers",
-        type=_positive_int,
-        help="CPUs of the local Ray started for the run (default: all cores)",
-    )
-    c.add_argument(
-        "--offload",
-        metavar="DIR",
-        help="a local HF causal LM larger than memory: read block by block from its safetensors "
-        "shards, each compressed block written to DIR (resumable), the model assembled in "
-        "DIR/model (sequential mode)",
-    )
+    add_compress_args(c)
     c.set_defaults(func=cmd_compress)
 
     e = sub.add_parser(
@@ -430,7 +339,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--verbose", action="store_true", help="progress lines also in logs")
     add_source_flags(e, data_flag=False)
     e.add_argument("--compressed", metavar="RUN_DIR", help="a run directory to evaluate")
-    e.add_argument("--limit", type=_positive_int, help="evaluate on the first N examples only")
+    e.add_argument("--limit", type=positive_int, help="evaluate on the first N examples only")
     e.add_argument("--json", action="store_true", help="print JSON instead of a table")
     e.add_argument(
         "--costs",

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
 from typing import Any
@@ -31,11 +30,14 @@ from ..adapters import adapter_for, find_layers
 from ..core.methods.auto import DATABASE_TIME_BUDGET
 from ..core.spec import DEFAULT_DAMP
 from ..pipeline.batchnorm import recalibrate_batchnorm
-from ..pipeline.compress import WeightBackup, sort_records
+from ..pipeline.compress import sort_records
 from ..pipeline.data import Forward, iter_batches, take_samples
 from ..pipeline.executor import Executor, make_executor
-from ..pipeline.state import GroupState, LayerState, ModelState
+from ..pipeline.refit import refit_to_dense
+from ..pipeline.state import GroupState, LayerState, ModelState, WeightBackup
+from ..pipeline.targets import dense_copy
 from ..report import LayerRecord, Report
+from .allocation import Allocation
 from .costs import METRICS, Target, level_cost, parse_target
 from .database import Database, DbSettings, build_database
 from .groups import apply_group, group_cost, group_records, is_group
@@ -54,49 +56,6 @@ __all__ = [
     "compress_to_budget",
     "plan_allocation",
 ]
-
-
-@dataclass
-class Allocation:
-    """The chosen level per layer and what it costs.
-
-    levels: ``{layer: level id}``. costs / errors: the chosen entries' cost and error per
-    layer. dense_cost, budget, cost: totals (exact rationals). error: summed objective.
-    """
-
-    target: Target
-    objective: str
-    levels: dict[str, str]
-    costs: dict[str, Fraction]
-    errors: dict[str, float]
-    dense_cost: Fraction
-    budget: Fraction
-    cost: Fraction
-    error: float
-    uniform: bool = False
-    exact: bool = True
-    resolution: int = DEFAULT_RESOLUTION
-    dense_costs: dict[str, Fraction] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "target": self.target.to_dict(),
-            "metric": self.target.metric,
-            "objective": self.objective,
-            "uniform": self.uniform,
-            "dense_cost": float(self.dense_cost),
-            "budget": float(self.budget),
-            "predicted_cost": float(self.cost),
-            "predicted_fraction": float(self.cost / self.dense_cost) if self.dense_cost else None,
-            "error": self.error,
-            "exact": self.exact,
-            "resolution": self.resolution,
-            "levels": dict(self.levels),
-            "layer_kinds": {k: Level.parse(v).kind for k, v in self.levels.items()},
-            "layer_costs": {k: float(v) for k, v in self.costs.items()},
-            "layer_dense_costs": {k: float(v) for k, v in self.dense_costs.items()},
-            "layer_errors": dict(self.errors),
-        }
 
 
 def _error(rec: dict[str, Any], entry: dict[str, Any], objective: str) -> float:
@@ -304,6 +263,7 @@ def compress_to_budget(
     latency_batch: int = 1,
     latency_cache: LatencyCache | None = None,
     bn_recalibration: bool = False,
+    refit: bool = False,
     resolution: int = DEFAULT_RESOLUTION,
     uniform: bool = False,
     quiet: bool = False,
@@ -328,6 +288,8 @@ def compress_to_budget(
       database settings (``DbSettings``). resolution: DP units. uniform: one level for all
       layers (the baseline). bn_recalibration: re-estimate the batch norms' running statistics
       on the calibration batches after the levels are written (``recalibrate_batchnorm``).
+      refit: then (before the batch norms) refit every layer to the dense outputs
+      (``optbrain.pipeline.refit``; ``metadata["refit"]``).
       executor: where the database's layers are solved (``"local"``, ``"ray"`` or an
       ``Executor``, ``optbrain.pipeline.executor``); the same database either way.
 
@@ -381,13 +343,21 @@ def compress_to_budget(
         alloc = plan_allocation(
             db, tgt, objective, timing=timing, resolution=resolution, uniform=uniform
         )
+        dense = dense_copy(model) if refit else None
         state = apply_allocation(model, db, alloc)
+        done = None
+        if dense is not None:
+            done = refit_to_dense(
+                model, dense, batches, forward=forward, inputs=inputs, state=state
+            )
         if bn_recalibration:
             recalibrate_batchnorm(model, batches, forward, inputs=inputs)
         report = _report(model, db, alloc, name, timing)
         if measure:
             report.metadata["allocation"]["latency_batch"] = latency_batch
         report.metadata["bn_recalibration"] = bn_recalibration
+        if done is not None:
+            report.metadata["refit"] = done.to_dict()
         report.metadata["database"] = None if db_dir is None else str(root)
         report.metadata["database_seconds"] = t_db
         report.metadata["database_layer_seconds"] = dict(db.seconds)  # the layers built now

@@ -22,8 +22,7 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -49,9 +48,10 @@ from .hessians import collect_hessians
 from .journal import Journal, journal_key, replay_layer
 from .owl import apply_owl, check_owl_plans
 from .progress import Progress, level, reporting, seconds_text
-from .sequential import find_blocks, sequential_compress
-from .state import GroupState, LayerState, ModelState
-from .targets import collect_paired, dense_copy
+from .refit import RefitReport, refit_to_dense
+from .state import GroupState, LayerState, ModelState, WeightBackup
+from .targets import dense_copy
+from .visit import visit_sequential
 
 Plans = dict[str, LayerPlan]
 #: modelled seconds of exact solving above which a run says so before it starts
@@ -68,34 +68,6 @@ def skip_record(name: str, module: nn.Module, reason: str) -> LayerRecord:
     )
 
 
-class WeightBackup:
-    """CPU copies of the dense weights written so far; ``restore`` puts them back."""
-
-    def __init__(self) -> None:
-        self.originals: list[tuple[torch.Tensor, torch.Tensor]] = []
-
-    def keep(self, weight: torch.Tensor) -> None:
-        """Copy ``weight`` before it is first overwritten."""
-        self.originals.append((weight, weight.detach().to("cpu", copy=True)))
-
-    def restore(self) -> None:
-        """Put back the dense weights kept so far (latest first)."""
-        with torch.no_grad():
-            for p, dense in reversed(self.originals):
-                p.copy_(dense.to(p.device))
-        self.originals.clear()
-
-    @contextmanager
-    def restoring(self) -> Iterator[WeightBackup]:
-        """On any failure inside, ``restore`` and re-raise: no half-compressed model."""
-        try:
-            yield self
-        except BaseException:
-            self.restore()
-            raise
-
-
-# ------------------------------------------------------------------------------ planning ----
 def layer_kwargs(model: nn.Module, adapter: LayerAdapter, plan: LayerPlan) -> dict[str, Any]:
     """``plan.spec_kwargs()`` plus what a ``channels`` / ``heads`` pattern needs to know of the
     layer: its kernel positions per input channel, its conv groups, and the head size (from
@@ -201,6 +173,7 @@ class LayerCompressor:
         # the cost model's seconds per layer (None: a fast solver), for ETAs
         self.predicted = {n: self._predict(n) for n in plans}
         self.actual: dict[str, float] = {}
+        self.refit: RefitReport | None = None  # the refit to the dense outputs, if asked
 
     def _kwargs(self, name: str) -> dict[str, Any]:
         """The solver's keyword arguments for layer ``name`` (``layer_kwargs``)."""
@@ -325,45 +298,11 @@ def _solve_sequential(
     independent pass (those outside the blocks). ``targets="dense"``: a dense copy of the
     model runs beside it and every layer (also those outside the blocks, one by one after
     them) is fitted to the dense outputs (``optbrain.core.targets``)."""
-    plans, adapters = comp.plans, comp.adapters
     dense = dense_copy(model) if targets == "dense" else None
-    try:
-        blocks = find_blocks(model)
-    except ValueError:  # no block list (an MLP, a plain CNN): layer by layer below
-        blocks = []
-    inside = {f"{b}.{n}" for b, blk in blocks for n, _ in blk.named_modules()}
-    in_blocks = [n for n in plans if n in inside]
-    if in_blocks:
-        prefix = {b: blk for b, blk in blocks}
-
-        def targets_in_block(block: nn.Module) -> dict[str, nn.Module]:
-            bname = next(b for b, blk in prefix.items() if blk is block)
-            return {
-                n[len(bname) + 1 :]: adapters[n].module
-                for n in in_blocks
-                if n.startswith(bname + ".")
-            }
-
-        sequential_compress(
-            model,
-            batches,
-            blocks,
-            targets_in_block,
-            comp,
-            forward=forward,
-            inputs=inputs,
-            dense=dense,
-        )
-    rest = [n for n in plans if n not in comp.state]
-    if blocks and dense is None:
-        return rest
-    for n in rest:  # each layer's H from the model with the layers before compressed
-        if dense is not None:
-            hess = collect_paired(model, dense, {n: adapters[n]}, batches, forward, inputs=inputs)
-        else:
-            hess = collect_hessians(model, {n: adapters[n]}, batches, forward, inputs=inputs)
-        comp(n, adapters[n].module, hess[n])
-    return []
+    adapters = {n: comp.adapters[n] for n in comp.plans}
+    return visit_sequential(
+        model, batches, adapters, comp, forward=forward, inputs=inputs, dense=dense
+    )
 
 
 def solve(
@@ -379,6 +318,7 @@ def solve(
     (the independent layers' units on ``executor``, default here), then re-estimate batch
     norms if ``rec.bn_recalibration``. The model is left as it was if anything fails."""
     with comp.backup.restoring():
+        dense = dense_copy(model) if rec.refit else None  # the refit's reference
         if rec.calibration.mode == "sequential":
             targets = rec.calibration.targets
             rest = _solve_sequential(model, batches, comp, forward, inputs, targets)
@@ -389,6 +329,11 @@ def solve(
                 model, {n: comp.adapters[n] for n in rest}, batches, forward, inputs=inputs
             )
             comp.run(hess, executor)
+        if dense is not None:
+            comp.refit = refit_to_dense(
+                model, dense, batches, forward=forward, inputs=inputs, state=comp.state
+            )
+            comp.progress.note(comp.refit.summary())
         if rec.bn_recalibration:
             recalibrate_batchnorm(model, batches, forward, inputs=inputs)
 
@@ -494,6 +439,8 @@ def compress(
         recipe=rec.to_dict(), layers=comp.state, bn_recalibrated=bool(rec.bn_recalibration)
     )
     report = finish(model, records, rec, state, name, t0, len(batches))
+    if comp.refit is not None:
+        report.metadata["refit"] = comp.refit.to_dict()
     if comp.journal is not None:  # for the caller to discard once the result is saved
         report.metadata["journal"] = str(comp.journal.root)
     return report

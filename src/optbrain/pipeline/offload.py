@@ -50,11 +50,12 @@ from .._files import atomic_json, atomic_write, batches_sha256, clean_stale, rea
 from ..adapters import planning_on_meta
 from ..recipe import Recipe
 from ..report import LayerRecord, Report, peak_memory_tracker
-from .compress import LayerCompressor, WeightBackup, plan_layers, skip_record, solve_layer
+from .compress import LayerCompressor, plan_layers, skip_record, solve_layer
 from .data import calibration_mode, take_samples
 from .hessians import HessianHooks, as_adapter
 from .progress import Progress, level, reporting
 from .sequential import _advance, _block_pass, _capture, _hidden_loc, _layer_groups, find_blocks
+from .state import WeightBackup
 
 STATE = "offload.json"
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -214,6 +215,11 @@ def compress_offloaded(
         raise ValueError(
             f"offload takes the recipe's own per-layer settings; allocation "
             f"{rec.allocation.method!r} needs the whole dense model (run it in memory)"
+        )
+    if rec.refit:
+        raise ValueError(
+            "offload keeps one block in memory; refit: true runs a dense copy of the whole "
+            "model beside it (run it in memory, or drop refit)"
         )
     if not (source / "config.json").is_file():
         raise ValueError(f"offload needs a local Hugging Face directory; {source} has no config")

@@ -17,6 +17,8 @@ before the state was typed still load.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -137,3 +139,33 @@ def compressed_state(model: nn.Module) -> ModelState:
     if state is None:
         raise ValueError("this model was not compressed by optbrain.compress (nothing to save)")
     return state
+
+
+class WeightBackup:
+    """CPU copies of the dense weights written so far; ``restore`` puts them back."""
+
+    def __init__(self) -> None:
+        self.originals: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def keep(self, weight: torch.Tensor) -> None:
+        """Copy ``weight`` before it is first overwritten."""
+        self.originals.append((weight, weight.detach().to("cpu", copy=True)))
+
+    def restore(self) -> None:
+        """Put back the dense weights kept so far (latest first)."""
+        with torch.no_grad():
+            for p, dense in reversed(self.originals):
+                p.copy_(dense.to(p.device))
+        self.originals.clear()
+
+    @contextmanager
+    def restoring(self) -> Iterator[WeightBackup]:
+        """On any failure inside, ``restore`` and re-raise: no half-compressed model."""
+        try:
+            yield self
+        except BaseException:
+            self.restore()
+            raise
+
+
+# ------------------------------------------------------------------------------ planning ----
