@@ -5,7 +5,8 @@
 For every target (and with / without batch-norm re-estimation, ``--bn``): ``run_zoo_budget``
 with the structured grid (``structured_levels()``, the default of a latency target), the
 latency table measured on this machine (``optbrain.budget.latency``, cached), model-level
-errors, then ``optbrain.shrink`` (``--out``: the runs kept, for ``deploy_zoo.py --run``). The
+errors, the refit to the dense outputs if asked (``--refit``), then ``optbrain.shrink``
+(``--out``: the runs kept, for ``deploy_zoo.py --run``). The
 dense and the shrunk model are then timed in the same process, call by call in turn
 (``--calls`` calls each, torch eager, one thread by default), so that load from other jobs hits
 both alike: the speedup as the ratio of the median call times and as the ratio of the fastest
@@ -102,6 +103,12 @@ def main() -> None:
     ap.add_argument("--limit", type=int, help="evaluate on the first N examples only")
     ap.add_argument("--profile", action="store_true", help="only time the dense model's layers")
     ap.add_argument("--out", help="keep the database (OUT/db) and each run (OUT/<target>-bn<0|1>)")
+    ap.add_argument(
+        "--refit",
+        choices=["off", "on", "both"],
+        default="off",
+        help="refit every layer to the dense outputs after stitching (recipe refit)",
+    )
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     entry = zoo.get(args.model)
@@ -112,42 +119,45 @@ def main() -> None:
     if args.profile:
         return profile(dense, x1, args.calls)
     bns = {"off": [False], "on": [True], "both": [False, True]}[args.bn]
+    refits = {"off": [False], "on": [True], "both": [False, True]}[args.refit]
     rows = []
     with tempfile.TemporaryDirectory(prefix="optbrain-latency-db-") as tmp:
         db = Path(args.out) / "db" if args.out else tmp
-        for target in args.targets:
-            for bn in bns:
-                out = Path(args.out) / f"{target}-bn{int(bn)}" if args.out else None
-                try:
-                    model, rep = run_zoo_budget(
-                        args.model, target, out, db_dir=db, samples=args.samples, quiet=True,
-                        limit=args.limit, dense=dense, dense_metrics=dm, bn_recalibration=bn,
-                    )  # fmt: skip
-                except BudgetError as e:
-                    print(target, bn, "infeasible:", e, flush=True)
-                    continue
-                a = rep.metadata["allocation"]
-                t1 = alternating_speedup(dense, model, x1, args.calls)
-                tb = alternating_speedup(dense, model, xb, max(10, args.calls // 10))
-                met = rep.metrics
-                rows.append((target, bn, met, a, t1, tb, rep.metadata.get("shrink", {})))
-                chosen = {k: v for k, v in a["levels"].items() if v != "dense"}
-                print(target, bn, {k: v["compressed"] for k, v in met.items()}, chosen, t1, tb,
-                      flush=True)  # fmt: skip
+        for target, bn, refit in ((t, b, r) for t in args.targets for b in bns for r in refits):
+            tag = f"{target}-bn{int(bn)}" + ("-refit" if refit else "")
+            out = Path(args.out) / tag if args.out else None
+            try:
+                model, rep = run_zoo_budget(
+                    args.model, target, out, db_dir=db, samples=args.samples, quiet=True,
+                    limit=args.limit, dense=dense, dense_metrics=dm, bn_recalibration=bn,
+                    refit=refit,
+                )  # fmt: skip
+            except BudgetError as e:
+                print(target, bn, "infeasible:", e, flush=True)
+                continue
+            a = rep.metadata["allocation"]
+            t1 = alternating_speedup(dense, model, x1, args.calls)
+            tb = alternating_speedup(dense, model, xb, max(10, args.calls // 10))
+            met = rep.metrics
+            rows.append((target, bn, refit, met, a, t1, tb))
+            chosen = {k: v for k, v in a["levels"].items() if v != "dense"}
+            got = {k: v["compressed"] for k, v in met.items()}
+            print(target, bn, refit, got, chosen, t1, tb, flush=True)
     q = entry.primary
     print(f"\n{args.model}, {torch.get_num_threads()} thread(s); dense {q} {dm[q]:.2f}\n")
-    head = ["target", "BN re-est.", q, "drop (pt)", "params", "MACs", "predicted layer latency",
-            "batch-1 speedup (median / min)", f"batch-{args.batch} speedup (median / min)",
-            "levels"]  # fmt: skip
+    head = ["target", "BN re-est.", "refit", q, "drop (pt)", "params", "MACs",
+            "predicted layer latency", "batch-1 speedup (median / min)",
+            f"batch-{args.batch} speedup (median / min)", "levels"]  # fmt: skip
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
-    for target, bn, met, a, t1, tb, _sh in rows:
+    for target, bn, refit, met, a, t1, tb in rows:
         acc = met[q]["compressed"]
         p = met["params"]["compressed"] / met["params"]["dense"]
         f = met["macs"]["compressed"] / met["macs"]["dense"]
         lv = ", ".join(f"{k} {v}" for k, v in a["levels"].items() if v != "dense")
         s1 = f"{t1[2]:.2f}× / {t1[3]:.2f}× ({t1[0]:.3f} → {t1[1]:.3f} ms)"
         sb = f"{tb[2]:.2f}× / {tb[3]:.2f}× ({tb[0]:.2f} → {tb[1]:.2f} ms)"
-        print(f"| {target} | {'yes' if bn else 'no'} | {acc:.2f} | {dm[q] - acc:+.2f} | {p:.3f} | "
+        yn = " | ".join("yes" if v else "no" for v in (bn, refit))
+        print(f"| {target} | {yn} | {acc:.2f} | {dm[q] - acc:+.2f} | {p:.3f} | "
               f"{f:.3f} | {a['predicted_fraction']:.3f} | {s1} | {sb} | {lv} |")  # fmt: skip
 
 

@@ -531,3 +531,30 @@ def test_flag_errors_name_the_flag(flags, message, tmp_path, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
     assert f"error: {message}" in err and "rules[0]" not in err, err
+
+
+def test_compress_channels_with_refit(tmp_path, capsys):
+    """``--refit``: every layer refitted to the dense outputs before shrink; the report says
+    what it did, eval reloads the same shrunk model, and --refit with --recipe is refused."""
+    out = tmp_path / "cnn-refit"
+    argv = ["compress", "--model", "digits-cnn", "--pattern", "channels", "--sparsity", "0.5",
+            "--refit", "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    assert "refit to the dense outputs:" in capsys.readouterr().out
+    report = json.loads((out / "report.json").read_text())
+    refit = report["metadata"]["refit"]
+    assert refit["layers"] and all(r["loss_after"] <= r["loss_before"] for r in refit["layers"])
+    assert report["recipe"]["refit"] is True
+    assert json.loads((out / "manifest.json").read_text())["shrink"]["ops"]
+    capsys.readouterr()
+    assert main(["eval", "--model", "digits-cnn", "--compressed", str(out), "--json"]) == 0
+    got = json.loads(capsys.readouterr().out)
+    assert got["compressed"]["accuracy"] == pytest.approx(
+        report["metrics"]["accuracy"]["compressed"]
+    )
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: obc\nsparsity: 0.5\n")
+    argv = ["compress", "--model", "digits-cnn", "--recipe", str(recipe), "--refit",
+            "--out", str(tmp_path / "x")]  # fmt: skip
+    assert main(argv) == 2
+    assert "--recipe cannot be combined with ['refit']" in capsys.readouterr().err

@@ -11,7 +11,17 @@ __all__ = ["allocation_table", "eval_table", "print_metrics"]
 
 
 def print_metrics(report: Report) -> None:
-    """Print the report's metrics (dense vs compressed) as a markdown table, if it has any."""
+    """Print the report's metrics (dense vs compressed) as a markdown table, if it has any,
+    and what the refit to the dense outputs did, if it ran."""
+    refit = report.metadata.get("refit")
+    if refit:
+        before = sum(r["loss_before"] for r in refit["layers"])
+        after = sum(r["loss_after"] for r in refit["layers"])
+        print(
+            f"\nrefit to the dense outputs: {len(refit['layers'])} layer(s), summed layer error "
+            f"{before:.4g} → {after:.4g} in {refit['seconds']:.1f} s; left alone: "
+            + (", ".join(f"{k} ({v})" for k, v in refit["skipped"].items()) or "none")
+        )
     if not report.metrics:
         return
     print("\n| metric | dense | compressed |\n|---|---:|---:|")
