@@ -14,7 +14,8 @@ sparsegpt, gptq, obc, auto;
 ``METHOD+owl`` OWL's non-uniform sparsity per block (``allocation: owl``), ``METHOD+dp`` the
 budget DP's sparsity per layer (``optbrain.budget.nonuniform.dp_sparsities``: a database of
 SparseGPT levels s ± 0.1, ± 0.2 with model-level errors on 16 samples, then the recipe run as
-usual; its time is included in the cell's); they combine.
+usual; its time is included in the cell's), ``METHOD+refit`` every layer's kept weights refitted
+to the dense outputs after the solvers (recipe ``refit: true``, ``optbrain.refit``); they combine.
 Calibration: the zoo entry's (smollm2: sequential, 128 × 128 tokens; minilm: its default);
 ``--samples N`` changes the number of samples (smollm2: windows of 128 tokens), ``--damp`` the
 relative damping of every layer's H, ``--calib-len L`` (smollm2) the calibration windows' length.
@@ -115,14 +116,18 @@ def main() -> None:
                 if args.samples:
                     calib["samples"] = args.samples
                 variants = set(variant.split("+")) - {""}
-                if variants - {"dense", "indep", "owl", "dp"}:
-                    raise SystemExit(f"unknown variant in {spec!r}: use +dense, +indep, +owl, +dp")
+                if variants - {"dense", "indep", "owl", "dp", "refit"}:
+                    raise SystemExit(
+                        f"unknown variant in {spec!r}: use +dense, +indep, +owl, +dp, +refit"
+                    )
                 if "dense" in variants:
                     calib.update(mode="sequential", targets="dense")
                 if "indep" in variants:
                     calib.update(mode="independent")
                     calib.pop("targets", None)
-                recipe = {"rules": [rule], "calibration": calib}
+                recipe: dict = {"rules": [rule], "calibration": calib}
+                if "refit" in variants:  # the fixed-mask refit to the dense outputs (#16)
+                    recipe["refit"] = True
                 if "owl" in variants:  # OWL's per-block sparsities (pipeline/owl.py)
                     recipe["allocation"] = "owl"
                 t_dp = 0.0
