@@ -116,15 +116,88 @@ def test_layers_option_and_hand_zeroed_columns():
     [
         (lambda d: d.__setitem__(2, nn.Linear(32, 23)), "in the dense model"),
         (lambda d: d.__delitem__(4), "no layer '4'"),
+        (lambda d: d.double(), "float64 on cpu in the dense model"),
     ],
 )
 def test_a_foreign_dense_model_is_refused_before_any_work(change, match, monkeypatch):
+    import optbrain.pipeline.refit as pr
+
     model, calib = _mlp(), [torch.randn(8, 12)]
     dense = copy.deepcopy(model)
     change(dense)
-    monkeypatch.setattr(core_refit, "masked_refit", None)  # any solve would fail loudly
+
+    def no_calibration(*a, **k):
+        raise AssertionError("calibration started before the dense model was checked")
+
+    monkeypatch.setattr(pr, "visit_sequential", no_calibration)
     with pytest.raises(ValueError, match=match):
         refit_to_dense(model, dense, calib)
+    with pytest.raises(ValueError, match="the model itself"):
+        refit_to_dense(model, model, calib)
+
+
+class _Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+
+    def forward(self, x):
+        return torch.relu(self.fc(x))
+
+
+class _Stacked(nn.Module):
+    """stem → blocks (a ModuleList: ``find_blocks``) → head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Linear(8, 16)
+        self.blocks = nn.ModuleList([_Block(), _Block()])
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x):
+        x = torch.relu(self.stem(x))
+        for b in self.blocks:
+            x = b(x)
+        return self.head(x)
+
+
+def test_a_stem_before_the_blocks_is_refitted_first():
+    """Forward order also outside the block list: the stem's refit changes what the blocks
+    see, so it must come before them (else the blocks are fitted to stale inputs)."""
+    torch.manual_seed(0)
+    model = _Stacked().eval()
+    dense = copy.deepcopy(model)
+    calib = [torch.randn(64, 8) for _ in range(4)]
+    optbrain.compress(model, calib, {"method": "magnitude", "sparsity": 0.6}, quiet=True)
+    before = _err(model, dense, calib)
+    rep = refit_to_dense(model, dense, calib)
+    assert [r.name for r in rep.layers] == ["stem", "blocks.0.fc", "blocks.1.fc", "head"]
+    assert _err(model, dense, calib) < 0.8 * before
+
+
+def test_recipe_ignore_is_never_refitted():
+    model, calib = _mlp(), [torch.randn(64, 12) for _ in range(4)]
+    rec = {**CHANNELS, "refit": True, "ignore": ["4"]}
+    w4 = model[4].weight.detach().clone()
+    report = optbrain.compress(model, calib, rec, quiet=True)
+    meta = report.metadata["refit"]
+    assert meta["skipped"]["4"].startswith("ignored")
+    assert [r["name"] for r in meta["layers"]] == ["0", "2"]
+    torch.testing.assert_close(model[4].weight, w4, rtol=0, atol=0)
+    assert "4" not in compressed_state(model).layers
+
+
+def test_hand_pruned_single_weights_stay_zero_without_a_state():
+    model, calib = _mlp(), [torch.randn(64, 12) for _ in range(4)]
+    dense = copy.deepcopy(model)
+    torch.manual_seed(1)
+    zeros = torch.rand_like(model[2].weight) < 0.3  # pruned by another tool: no ModelState
+    with torch.no_grad():
+        model[2].weight[zeros] = 0
+    rep = optbrain.refit(model, dense, calib)
+    assert {r.name: r.mask for r in rep.layers}["2"] == "rows"
+    assert model[2].weight.detach()[zeros].eq(0).all()
+    assert model[2].weight.detach()[~zeros].ne(0).all()
 
 
 def test_bad_options():
@@ -168,6 +241,37 @@ def test_a_failure_mid_refit_leaves_the_model_as_it_was(monkeypatch):
         torch.testing.assert_close(v, dense.state_dict()[k], rtol=0, atol=0)
 
 
+def test_a_failure_after_the_refit_puts_back_the_refitted_dense_layers(monkeypatch):
+    """The refit changes layers the recipe left dense; a later step failing (batch-norm
+    re-estimation here) must restore them too, not only the compressed ones."""
+    import optbrain.pipeline.compress as pc
+
+    model, calib = _mlp(), [torch.randn(16, 12) for _ in range(2)]
+    dense = copy.deepcopy(model)
+
+    def failing(*a, **k):
+        raise RuntimeError("bn failed")
+
+    monkeypatch.setattr(pc, "recalibrate_batchnorm", failing)
+    rec = {**CHANNELS, "refit": True, "bn_recalibration": True}
+    with pytest.raises(RuntimeError, match="bn failed"):
+        optbrain.compress(model, calib, rec, quiet=True)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, dense.state_dict()[k], rtol=0, atol=0)
+
+
+def test_dense_targets_and_refit_share_one_dense_copy(monkeypatch):
+    import optbrain.pipeline.compress as pc
+
+    copies = []
+    real = pc.dense_copy
+    monkeypatch.setattr(pc, "dense_copy", lambda m: copies.append(1) or real(m))
+    model, calib = _mlp(), [torch.randn(32, 12) for _ in range(2)]
+    rec = {**CHANNELS, "refit": True, "calibration": {"mode": "sequential", "targets": "dense"}}
+    optbrain.compress(model, calib, rec, quiet=True)
+    assert len(copies) == 1
+
+
 def test_offload_refuses_refit(tmp_path):
     from optbrain.pipeline.offload import compress_offloaded
 
@@ -204,3 +308,24 @@ def test_budget_refit_on_a_tiny_resnet():
             w1 = model.get_submodule(n).weight.detach()
             assert not w1.transpose(0, 1).reshape(w1.shape[1], -1)[~cols].any(), n
     assert _err(model, dense, calib) < _err(plain, dense, calib)
+
+
+def test_budget_failure_after_the_stitch_leaves_the_model_dense(monkeypatch):
+    import optbrain.budget.api as ba
+    from optbrain.budget import compress_to_budget
+    from tests.tiny_resnet import TinyResNet
+
+    torch.manual_seed(0)
+    model = TinyResNet().eval()
+    dense = copy.deepcopy(model)
+    calib = [torch.randn(8, 3, 8, 8) for _ in range(2)]
+
+    def failing(*a, **k):
+        raise RuntimeError("bn failed")
+
+    monkeypatch.setattr(ba, "recalibrate_batchnorm", failing)
+    with pytest.raises(RuntimeError, match="bn failed"):
+        compress_to_budget(model, calib, target="flops=0.6", levels=["c0.5"], refit=True,
+                           bn_recalibration=True, quiet=True)  # fmt: skip
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, dense.state_dict()[k], rtol=0, atol=0)

@@ -158,10 +158,13 @@ def plan_allocation(
     )
 
 
-def apply_allocation(model: nn.Module, db: Database, alloc: Allocation) -> dict[str, LayerState]:
+def apply_allocation(
+    model: nn.Module, db: Database, alloc: Allocation, backup: WeightBackup | None = None
+) -> dict[str, LayerState]:
     """Write the chosen levels' weights into ``model`` (in place); returns the per-layer state
     kept on ``model._optbrain.layers`` (masks, grids) for ``optbrain.save``. If a write
-    fails, the weights written so far are put back."""
+    fails, the weights written so far are put back. backup: the caller's ``WeightBackup`` to
+    keep the dense weights in (a caller with later steps restores them all if one fails)."""
     modules = dict(model.named_modules())
     state: dict[str, LayerState] = {}
     writes = []
@@ -190,7 +193,8 @@ def apply_allocation(model: nn.Module, db: Database, alloc: Allocation) -> dict[
                 )
             )
         state[name] = layer
-    with WeightBackup().restoring() as backup:  # leave the model as it was, not half stitched
+    backup = WeightBackup() if backup is None else backup
+    with backup.restoring():  # leave the model as it was, not half stitched
         for adapter, g, w in writes:
             if g == 0:
                 backup.keep(adapter.module.weight)
@@ -344,14 +348,21 @@ def compress_to_budget(
             db, tgt, objective, timing=timing, resolution=resolution, uniform=uniform
         )
         dense = dense_copy(model) if refit else None
-        state = apply_allocation(model, db, alloc)
         done = None
-        if dense is not None:
-            done = refit_to_dense(
-                model, dense, batches, forward=forward, inputs=inputs, state=state
-            )
-        if bn_recalibration:
-            recalibrate_batchnorm(model, batches, forward, inputs=inputs)
+        with WeightBackup().restoring() as backup:  # every step below, or none of them
+            state = apply_allocation(model, db, alloc, backup)
+            if dense is not None:
+                done = refit_to_dense(
+                    model,
+                    dense,
+                    batches,
+                    forward=forward,
+                    inputs=inputs,
+                    state=state,
+                    backup=backup,
+                )
+            if bn_recalibration:
+                recalibrate_batchnorm(model, batches, forward, inputs=inputs)
         report = _report(model, db, alloc, name, timing)
         if measure:
             report.metadata["allocation"]["latency_batch"] = latency_batch

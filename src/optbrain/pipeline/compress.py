@@ -292,13 +292,12 @@ def _solve_sequential(
     comp: LayerCompressor,
     forward: Forward | None,
     inputs: str,
-    targets: str = "compressed",
+    dense: nn.Module | None = None,
 ) -> list[str]:
     """Block by block (or layer by layer without blocks); returns the layers left for one
-    independent pass (those outside the blocks). ``targets="dense"``: a dense copy of the
-    model runs beside it and every layer (also those outside the blocks, one by one after
-    them) is fitted to the dense outputs (``optbrain.core.targets``)."""
-    dense = dense_copy(model) if targets == "dense" else None
+    independent pass (those outside the blocks). ``dense``: a dense copy of the model runs
+    beside it and every layer (also those outside the blocks, one by one) is fitted to the
+    dense outputs (``optbrain.core.targets``, recipe ``targets: dense``)."""
     adapters = {n: comp.adapters[n] for n in comp.plans}
     return visit_sequential(
         model, batches, adapters, comp, forward=forward, inputs=inputs, dense=dense
@@ -318,10 +317,13 @@ def solve(
     (the independent layers' units on ``executor``, default here), then re-estimate batch
     norms if ``rec.bn_recalibration``. The model is left as it was if anything fails."""
     with comp.backup.restoring():
-        dense = dense_copy(model) if rec.refit else None  # the refit's reference
-        if rec.calibration.mode == "sequential":
-            targets = rec.calibration.targets
-            rest = _solve_sequential(model, batches, comp, forward, inputs, targets)
+        sequential = rec.calibration.mode == "sequential"
+        dense_targets = sequential and rec.calibration.targets == "dense"
+        # the dense reference of dense targets and of the refit (one copy for both)
+        dense = dense_copy(model) if rec.refit or dense_targets else None
+        if sequential:
+            paired = dense if dense_targets else None
+            rest = _solve_sequential(model, batches, comp, forward, inputs, paired)
         else:
             rest = list(comp.plans)
         if rest:
@@ -329,9 +331,17 @@ def solve(
                 model, {n: comp.adapters[n] for n in rest}, batches, forward, inputs=inputs
             )
             comp.run(hess, executor)
-        if dense is not None:
+        if rec.refit:
+            assert dense is not None
             comp.refit = refit_to_dense(
-                model, dense, batches, forward=forward, inputs=inputs, state=comp.state
+                model,
+                dense,
+                batches,
+                forward=forward,
+                inputs=inputs,
+                state=comp.state,
+                ignore=rec.ignore,
+                backup=comp.backup,
             )
             comp.progress.note(comp.refit.summary())
         if rec.bn_recalibration:

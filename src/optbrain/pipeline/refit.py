@@ -11,13 +11,12 @@ compensate for what the layers before it changed. It runs the dense copy beside 
 from the model with the layers before it already refitted.
 
 Left alone (and reported with the reason): quantized layers (a refit would leave their grid),
-layers ``find_layers`` skips (tied weights, ...), and layers not named in ``layers``.
+layers ``find_layers`` skips (tied weights, ...), layers not named in ``layers`` and layers
+named in ``ignore`` (a recipe's top-level ``ignore``: never changed).
 """
 
 from __future__ import annotations
 
-import fnmatch
-import re
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -31,6 +30,7 @@ from ..core.hessian import HessianAccumulator
 from ..core.refit import masked_refit, refit_losses
 from ..core.spec import DEFAULT_DAMP, check_damp
 from ..core.targets import CrossAccumulator
+from ..recipe_rules import _check_patterns, _matches, class_names
 from .data import Forward
 from .state import STATE_ATTR, GroupState, LayerState, ModelState, WeightBackup
 from .visit import visit_sequential
@@ -77,15 +77,6 @@ class RefitReport:
         )
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
-    for p in patterns:
-        if p.startswith("re:") and re.fullmatch(p[3:], name):
-            return True
-        if not p.startswith("re:") and fnmatch.fnmatchcase(name, p):
-            return True
-    return False
-
-
 def _mask_kind(masks: list[torch.Tensor | None]) -> str:
     kinds = {
         "none" if m is None else "columns" if bool((m == m[:1]).all()) else "rows" for m in masks
@@ -96,12 +87,22 @@ def _mask_kind(masks: list[torch.Tensor | None]) -> str:
 def plan_refit(
     model: nn.Module,
     dense: nn.Module,
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str] | str | None = None,
     state: dict[str, LayerState] | None = None,
+    ignore: Sequence[str] | str = (),
 ) -> tuple[dict[str, LayerAdapter], dict[str, str]]:
     """The layers to refit ``{name: adapter}`` and those left alone ``{name: reason}``
-    (``state``: the compressed layers' states); raises ValueError when ``dense`` is not the
-    model's dense original (a layer missing or of another shape) — before any calibration."""
+    (``state``: the compressed layers' states; ``layers`` / ``ignore``: module-name patterns,
+    globs or ``re:``, or class names, as in a recipe); raises ValueError when ``dense`` is not
+    the model's dense original (the model itself, a layer missing, of another shape, device or
+    dtype) or a pattern is malformed — before any calibration."""
+    if dense is model:
+        raise ValueError(
+            "the dense model is the model itself: pass a dense copy made before compression"
+        )
+    if layers is not None:
+        layers = _check_patterns(layers, (), "layers", "refit", False)
+    ignore = _check_patterns(ignore, (), "ignore", "refit", True)
     targets, skipped = find_layers(model)
     dense_mods = dict(dense.named_modules())
     out: dict[str, LayerAdapter] = {}
@@ -115,8 +116,18 @@ def plan_refit(
                 f"{tuple(d.weight.shape)} in the dense model: refit before shrink, with the "
                 "model's dense original"
             )
-        if layers is not None and not _matches(name, layers):
+        if (d.weight.device, d.weight.dtype) != (module.weight.device, module.weight.dtype):
+            raise ValueError(
+                f"layer {name!r} is {module.weight.dtype} on {module.weight.device} here but "
+                f"{d.weight.dtype} on {d.weight.device} in the dense model: move the dense "
+                "model to the model's device and dtype"
+            )
+        classes = class_names(module)
+        if layers is not None and not _matches(name, layers, classes):
             skipped[name] = "not in the refit's layers"
+            continue
+        if _matches(name, ignore, classes):
+            skipped[name] = "ignored (never changed)"
             continue
         entry = None if state is None else state.get(name)
         if entry is not None and any(g.bits is not None for g in entry.groups):
@@ -124,7 +135,11 @@ def plan_refit(
             continue
         out[name] = adapter_for(module)
     if layers is not None:
-        unknown = [p for p in layers if not any(_matches(n, [p]) for n in targets)]
+        unknown = [
+            p
+            for p in layers
+            if not any(_matches(n, [p], class_names(m)) for n, m in targets.items())
+        ]
         if unknown:
             raise ValueError(f"refit layers {unknown} match no compressible layer of the model")
     return out, skipped
@@ -138,38 +153,43 @@ def refit_to_dense(
     forward: Forward | None = None,
     inputs: str = "all",
     damp: float = DEFAULT_DAMP,
-    layers: Sequence[str] | None = None,
+    layers: Sequence[str] | str | None = None,
     state: dict[str, LayerState] | None = None,
+    ignore: Sequence[str] | str = (),
+    backup: WeightBackup | None = None,
 ) -> RefitReport:
     """Refit ``model`` (compressed, not yet shrunk) in place to the outputs of ``dense`` (its
     dense original, same module names) on the ``calibration`` batches (the batch convention of
     ``optbrain.pipeline.data``). damp: λ relative to mean(diag H̃) (``core.refit``).
-    layers: names or patterns (glob, ``re:``) to refit (None: every layer that can be).
+    layers: names or patterns (glob, ``re:``, class names) to refit (None: every layer that
+    can be); ignore: patterns of layers never changed.
 
     state: the compressed layers' states (masks and grids; None: the model's ``ModelState``
     layers, when it has one); it gets the layers the refit changed that were not compressed
     (plan ``{"method": "refit"}``, no mask or grid) so ``optbrain.save`` keeps them. If
-    anything fails, the weights are put back: the model is left as it was.
+    anything fails, the weights are put back: the model is left as it was. backup: the
+    caller's ``WeightBackup`` to keep the original weights in (a caller with later steps that
+    may fail restores them all; default: one of its own).
     """
     check_damp(damp)
     t0 = time.perf_counter()
     if state is None:
         attached: ModelState | None = model.__dict__.get(STATE_ATTR)
         state = None if attached is None else attached.layers
-    adapters, skipped = plan_refit(model, dense, layers, state)
+    adapters, skipped = plan_refit(model, dense, layers, state, ignore)
     report = RefitReport(damp=damp, skipped=skipped)
     dense_adapters = {n: adapter_for(dense.get_submodule(n)) for n in adapters}
 
     def masks(name: str, a: LayerAdapter) -> list[torch.Tensor | None]:
-        """The recorded masks; a layer without one keeps the all-zero input columns it has
-        (removed by hand or by an earlier run: ``shrink`` must still find them zero)."""
+        """The recorded masks; a layer without one keeps the zeros it has (pruned by hand or by
+        another tool: whole input columns for ``shrink``, or single weights)."""
         entry = None if state is None else state.get(name)
         if entry is not None and any(g.mask is not None for g in entry.groups):
             return [g.mask for g in entry.groups]
         out: list[torch.Tensor | None] = []
         for g in range(a.groups):
-            live = a.weight(g).detach().ne(0).any(0)
-            out.append(None if bool(live.all()) else live.expand_as(a.weight(g)).clone())
+            live = a.weight(g).detach().ne(0)
+            out.append(None if bool(live.all()) else live)
         return out
 
     def visit(name: str, module: nn.Module, hessians: list[HessianAccumulator]) -> None:
@@ -193,7 +213,8 @@ def refit_to_dense(
         kind = _mask_kind(ms)
         report.layers.append(RefitLayer(name, before, after, hessians[0].tokens, kind, secs))
 
-    with WeightBackup().restoring() as backup:
+    backup = WeightBackup() if backup is None else backup
+    with backup.restoring():
         if adapters:
             visit_sequential(
                 model, calibration, adapters, visit, forward=forward, inputs=inputs, dense=dense

@@ -40,8 +40,9 @@ def visit_sequential(
 
     Layers inside the blocks (``find_blocks``) go block by block (``sequential_compress``);
     without a block list every layer goes one by one (a full forward per layer). Layers
-    outside the blocks: with ``dense`` each is visited one by one after the blocks; without,
-    they are returned unvisited (for one independent pass by the caller).
+    outside the blocks: with ``dense`` each is visited one by one — those registered before
+    the first block (a stem, a patch embedding) before the blocks, the others after them;
+    without ``dense``, they are returned unvisited (for one independent pass by the caller).
     """
     try:
         blocks = find_blocks(model)
@@ -50,6 +51,22 @@ def visit_sequential(
     inside = {f"{b}.{n}" for b, blk in blocks for n, _ in blk.named_modules()}
     in_blocks = [n for n in adapters if n in inside]
     done: set[str] = set()
+
+    def one_by_one(names: list[str]) -> None:
+        for n in names:  # each layer's H from the model with the layers before visited
+            if dense is not None:
+                hess = collect_paired(
+                    model, dense, {n: adapters[n]}, batches, forward, inputs=inputs
+                )
+            else:
+                hess = collect_hessians(model, {n: adapters[n]}, batches, forward, inputs=inputs)
+            visit(n, adapters[n].module, hess[n])
+            done.add(n)
+
+    if in_blocks and dense is not None:  # the stem first: the blocks see its visited outputs
+        order = {n: i for i, (n, _) in enumerate(model.named_modules())}
+        first = min(order[b] for b, _ in blocks)
+        one_by_one([n for n in adapters if n not in inside and order.get(n, first) < first])
     if in_blocks:
         prefix = {b: blk for b, blk in blocks}
 
@@ -76,10 +93,5 @@ def visit_sequential(
     rest = [n for n in adapters if n not in done]
     if blocks and dense is None:
         return rest
-    for n in rest:  # each layer's H from the model with the layers before visited
-        if dense is not None:
-            hess = collect_paired(model, dense, {n: adapters[n]}, batches, forward, inputs=inputs)
-        else:
-            hess = collect_hessians(model, {n: adapters[n]}, batches, forward, inputs=inputs)
-        visit(n, adapters[n].module, hess[n])
+    one_by_one(rest)
     return []
