@@ -32,6 +32,7 @@ from ..core.spec import DEFAULT_DAMP, check_damp
 from ..core.targets import CrossAccumulator
 from ..recipe_rules import _check_patterns, _matches, class_names
 from .data import Forward
+from .progress import phase
 from .state import STATE_ATTR, GroupState, LayerState, ModelState, WeightBackup
 from .visit import visit_sequential
 
@@ -212,13 +213,25 @@ def refit_to_dense(
         secs = time.perf_counter() - s0
         kind = _mask_kind(ms)
         report.layers.append(RefitLayer(name, before, after, hessians[0].tokens, kind, secs))
+        ratio = f"{after / before:.3f}×" if before > 0 else "–"
+        bar.update(f"{name}: error {ratio}")
 
     backup = WeightBackup() if backup is None else backup
+    bar = phase(len(adapters), "refit", unit="layer")  # one line per layer when verbose
     with backup.restoring():
         if adapters:
-            visit_sequential(
-                model, calibration, adapters, visit, forward=forward, inputs=inputs, dense=dense
-            )
+            try:
+                visit_sequential(
+                    model,
+                    calibration,
+                    adapters,
+                    visit,
+                    forward=forward,
+                    inputs=inputs,
+                    dense=dense,
+                )
+            finally:
+                bar.close()
     if state is not None:
         for r in report.layers:
             if r.name not in state:
