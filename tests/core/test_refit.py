@@ -53,10 +53,12 @@ def test_per_row_masks_match_least_squares(chunk, monkeypatch):
     X, Xt, Wd, acc = _problem(rows=7, seed=1)
     g = torch.Generator().manual_seed(3)
     mask = torch.rand(7, 10, generator=g) > 0.5
+    mask[0], mask[1] = False, True  # a row with nothing kept, a dense row
     W = Wd * mask
     got = masked_refit(W, Wd, acc.hessian(), acc.cross(), mask, damp=0.01)
     lam = target_damping(acc.hessian(), 0.01)
-    for r in range(7):
+    assert not got[0].any()
+    for r in range(1, 7):
         ref = _reference_row(Xt, X, Wd[r], W[r], mask[r], lam)
         torch.testing.assert_close(got[r], ref, rtol=1e-7, atol=1e-9)
     assert not got[~mask].any()

@@ -20,7 +20,8 @@ refitted too: they absorb the error the compressed layers before them introduced
 
 A mask shared by all rows (``channels`` / ``heads`` levels: whole input columns removed, or a
 dense layer) needs one Cholesky factor of ``H̃_LL + λI`` for the whole layer; per-row masks
-(unstructured, N:M) one per row, batched. Quantized weights are not refitted (a refit leaves
+(unstructured, N:M) one per row, batched, each gathered to its kept entries (``rows · k³/3``
+flops for ``k`` kept of a row). Quantized weights are not refitted (a refit leaves
 their grid); callers skip them.
 
 Tiny example (1 row, 2 columns, λ = 0, column 1 removed): ``X̃ = X``, ``H̃ = C = [[2, 1],
@@ -35,7 +36,8 @@ import torch
 from .spec import DEFAULT_DAMP
 from .targets import solve_spd, target_damping, target_loss
 
-#: Per-row systems are solved in chunks of at most this many float64 elements (rows · cols²).
+#: Per-row systems are solved in chunks of at most this many float64 elements (rows · k², k the
+#: most entries a row keeps).
 CHUNK_ELEMENTS = 1 << 25
 
 
@@ -80,14 +82,24 @@ def masked_refit(
             sol = solve_spd(A[idx][:, idx], rhs[:, idx].T)  # (k, rows)
             out[:, idx] = sol.T
         return out.to(W.dtype)
-    chunk = max(1, CHUNK_ELEMENTS // (cols * cols))
-    eye = torch.eye(cols, dtype=torch.float64, device=dev)
+    # per-row live sets: each row's system gathered to its kept entries, padded to the
+    # longest row's count ``k`` (padding: identity rows, zero right-hand side, result dropped)
+    counts = keep.sum(1)
+    k = int(counts.max())
+    if k == 0:
+        return out.to(W.dtype)
+    order = torch.argsort((~keep).to(torch.int8), dim=1, stable=True)[:, :k]  # kept first
+    valid = torch.arange(k, device=dev)[None, :] < counts[:, None]  # (rows, k)
+    idx = torch.where(valid, order, 0)
+    chunk = max(1, CHUNK_ELEMENTS // (k * k))
+    eye = torch.eye(k, dtype=torch.float64, device=dev)
     for s in range(0, rows, chunk):
-        m = keep[s : s + chunk].double()  # (r, cols)
-        # A_r = M A M on the kept entries, the identity on the removed ones (their ŵ is 0)
-        Ar = A * (m[:, :, None] * m[:, None, :]) + eye * (1 - m)[:, None, :]
-        sol = solve_spd(Ar, (rhs[s : s + chunk] * m)[:, :, None])[:, :, 0]
-        out[s : s + chunk] = sol * m
+        ix, v = idx[s : s + chunk], valid[s : s + chunk].double()  # (r, k)
+        Ar = A[ix[:, :, None], ix[:, None, :]] * (v[:, :, None] * v[:, None, :])
+        Ar = Ar + eye * (1 - v)[:, None, :]
+        b = torch.gather(rhs[s : s + chunk], 1, ix) * v
+        sol = solve_spd(Ar, b[:, :, None])[:, :, 0] * v
+        out[s : s + chunk].scatter_add_(1, ix, sol)  # padding adds 0 at column 0
     return out.to(W.dtype)
 
 

@@ -182,15 +182,20 @@ def refit_to_dense(
     dense_adapters = {n: adapter_for(dense.get_submodule(n)) for n in adapters}
 
     def masks(name: str, a: LayerAdapter) -> list[torch.Tensor | None]:
-        """The recorded masks; a layer without one keeps the zeros it has (pruned by hand or by
-        another tool: whole input columns for ``shrink``, or single weights)."""
+        """The recorded masks. A layer without one keeps the zeros it has: on a model from
+        optbrain (a state) the layer was not compressed, so only whole zero input columns
+        count (removed by hand or an earlier run: ``shrink`` must still find them zero; an
+        exact zero inside a dense layer is not a mask, and would cost a solve per row); on a
+        model pruned elsewhere (no state) every zero weight stays zero."""
         entry = None if state is None else state.get(name)
         if entry is not None and any(g.mask is not None for g in entry.groups):
             return [g.mask for g in entry.groups]
         out: list[torch.Tensor | None] = []
         for g in range(a.groups):
             live = a.weight(g).detach().ne(0)
-            out.append(None if bool(live.all()) else live)
+            if state is not None:
+                live = live.any(0).expand_as(live)
+            out.append(None if bool(live.all()) else live.clone())
         return out
 
     def visit(name: str, module: nn.Module, hessians: list[HessianAccumulator]) -> None:
