@@ -222,9 +222,9 @@ def refit_to_dense(
         bar.update(f"{name}: error {ratio}")
 
     backup = WeightBackup() if backup is None else backup
-    bar = phase(len(adapters), "refit", unit="layer")  # one line per layer when verbose
     with backup.restoring():
         if adapters:
+            bar = phase(len(adapters), "refit", unit="layer")  # a line per layer when verbose
             try:
                 visit_sequential(
                     model,
